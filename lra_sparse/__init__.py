@@ -1,0 +1,1 @@
+"""lra_sparse: Long Range Arena Transformers with pluggable dynamic sparse attention."""

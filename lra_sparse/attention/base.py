@@ -1,0 +1,346 @@
+"""The one attention interface every method implements.
+
+Every attention method is an ``nnx.Module`` subclass of :class:`Attention`. The shared encoder block
+calls it on the (layer-normalised) block input and gets back an :class:`AttentionOutput`:
+
+    out = attention(x, mask, carry, deterministic=..., rng=...)
+    out.y          # [batch, length, emb_dim] attention output (after the output projection)
+    out.carry      # LayerCarry for the next layer (token positions, method state, token selection)
+    out.stats      # {name: scalar} statistics (at least 'sparsity'), logged generically
+    out.aux_losses # {name: scalar} weighted auxiliary losses, summed into the training loss
+
+Methods own their Q/K/V/O projections (no bias, xavier-uniform, as in the reference LRA code), so a
+method that works on the block input before projection (DSA's predictor, CTA's hashing) or that
+projects only some heads (SpAtten head pruning) needs no special case in the encoder. All methods
+name those projections identically, so a dense checkpoint loads into any method
+(``eval_only`` and DSA fine-tuning rely on this).
+
+The carry is how a method acts across layers (SpAtten's cascade pruning): ``carry.select`` (if not
+None) lists, per example, the indices of the current tokens that survive this block; the encoder
+gathers the hidden states and the padding mask with it after the block. Methods that ignore the
+carry return it unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx, struct
+
+# A large negative finite score for masked entries: finite so that max-subtraction never gives NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class Buffer(nnx.Variable):
+    """A non-trainable variable that is part of the checkpoint (random projections, hash params)."""
+
+
+class LayerCarry(struct.PyTreeNode):
+    """State passed from one encoder layer to the next.
+
+    Attributes:
+      positions: int32 [batch, length] original input position of every current token (the encoder
+        starts with ``arange(length)``; methods that drop tokens keep it up to date).
+      select: int32 [batch, new_length] or None. Indices (into the current sequence) of the tokens
+        that survive this block; the encoder applies it to the hidden states and the mask after the
+        block and resets it to None. ``positions`` and ``state`` must already be in the new frame.
+      state: method-specific pytree carried across layers (e.g. cumulative importance scores).
+    """
+
+    positions: jax.Array
+    select: jax.Array | None = None
+    state: Mapping[str, Any] = struct.field(default_factory=dict)
+
+
+class AttentionOutput(NamedTuple):
+    """What every attention method returns (see the module docstring)."""
+
+    y: jax.Array
+    carry: LayerCarry
+    stats: dict[str, jax.Array]
+    aux_losses: dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionDims:
+    """Static shape facts an attention layer is built with.
+
+    Attributes:
+      emb_dim: model width E (input and output of the layer).
+      qkv_dim: total width of the Q/K/V projections (num_heads * head_dim).
+      num_heads: number of heads H.
+      max_len: longest sequence the layer sees, CLS token included.
+      layer_index: 0-based index of this layer in the encoder.
+      num_layers: number of layers in the encoder.
+      attention_dropout_rate: dropout on attention probabilities (training only).
+      dtype: computation dtype name ('float32' or 'bfloat16').
+    """
+
+    emb_dim: int
+    qkv_dim: int
+    num_heads: int
+    max_len: int
+    layer_index: int = 0
+    num_layers: int = 1
+    attention_dropout_rate: float = 0.0
+    dtype: str = 'float32'
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one head."""
+        return self.qkv_dim // self.num_heads
+
+
+def pair_mask(q_mask: jax.Array, kv_mask: jax.Array) -> jax.Array:
+    """Query-key validity mask.
+
+    Args:
+      q_mask: bool [batch, q_len], True for real tokens.
+      kv_mask: bool [batch, kv_len].
+
+    Returns:
+      bool [batch, 1, q_len, kv_len], True where both the query and the key are real tokens.
+    """
+    return (q_mask[:, :, None] & kv_mask[:, None, :])[:, None]
+
+
+def attention_scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    """Unscaled scores.
+
+    Args:
+      q: [batch, q_len, heads, head_dim].
+      k: [batch, kv_len, heads, head_dim].
+
+    Returns:
+      float32 [batch, heads, q_len, kv_len] = q·kᵀ (no 1/sqrt(d) scale).
+    """
+    return jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+
+
+def masked_softmax(scores: jax.Array, keep: jax.Array) -> jax.Array:
+    """Softmax over the kept entries of each row; rows with nothing kept are all zeros.
+
+    Args:
+      scores: float [..., q_len, kv_len] (already scaled).
+      keep: bool, broadcastable to ``scores``.
+
+    Returns:
+      float32 probabilities of the same shape; exactly 0 where ``keep`` is False.
+    """
+    keep = jnp.broadcast_to(keep, scores.shape)
+    probs = jax.nn.softmax(jnp.where(keep, scores.astype(jnp.float32), MASK_VALUE), axis=-1)
+    return jnp.where(keep, probs, 0.0)
+
+
+def weighted_values(probs: jax.Array, v: jax.Array) -> jax.Array:
+    """AV product.
+
+    Args:
+      probs: [batch, heads, q_len, kv_len].
+      v: [batch, kv_len, heads, head_dim].
+
+    Returns:
+      [batch, q_len, heads, head_dim] in v's dtype.
+    """
+    return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
+
+
+def masked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Obviously-correct softmax attention restricted to ``keep`` (the reference of every method).
+
+    Args:
+      q: [batch, q_len, heads, head_dim].
+      k, v: [batch, kv_len, heads, head_dim].
+      keep: bool broadcastable to [batch, heads, q_len, kv_len]; padding must already be False.
+
+    Returns:
+      (out [batch, q_len, heads, head_dim], probs float32 [batch, heads, q_len, kv_len]).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    probs = masked_softmax(attention_scores(q, k) * scale, keep)
+    return weighted_values(probs, v), probs
+
+
+def pair_sparsity(keep: jax.Array, valid: jax.Array) -> jax.Array:
+    """Fraction of valid query-key pairs that are NOT attended.
+
+    Args:
+      keep: bool broadcastable to [batch, heads, q_len, kv_len].
+      valid: bool broadcastable to the same shape (both tokens real).
+
+    Returns:
+      float32 scalar in [0, 1]; 0 when there are no valid pairs.
+    """
+    shape = jnp.broadcast_shapes(keep.shape, valid.shape)
+    valid = jnp.broadcast_to(valid, shape)
+    kept = jnp.sum(jnp.broadcast_to(keep, shape) & valid)
+    total = jnp.sum(valid)
+    return jnp.where(total > 0, 1.0 - kept / jnp.maximum(total, 1), 0.0).astype(jnp.float32)
+
+
+def _projection(in_dim: int, out_dim: int, rngs: nnx.Rngs, dtype: str) -> nnx.Linear:
+    return nnx.Linear(
+        in_dim,
+        out_dim,
+        use_bias=False,
+        kernel_init=nnx.initializers.xavier_uniform(),
+        dtype=jnp.dtype(dtype),
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """Base class: Q/K/V/O projections, dropout, the eval-only switch, the call contract.
+
+    Subclasses implement :meth:`attend` (the method proper). ``cfg`` is the ``config.attention``
+    ConfigDict (``name``, ``impl``, ``apply`` plus the method's own fields).
+    """
+
+    def __init__(self, dims: AttentionDims, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        self.dims = dims
+        self.cfg = cfg
+        e, d = dims.emb_dim, dims.qkv_dim
+        self.query = _projection(e, d, rngs, dims.dtype)
+        self.key = _projection(e, d, rngs, dims.dtype)
+        self.value = _projection(e, d, rngs, dims.dtype)
+        self.out = _projection(d, e, rngs, dims.dtype)
+        self.dropout = nnx.Dropout(dims.attention_dropout_rate, broadcast_dims=())
+
+    # -- helpers shared by methods -------------------------------------------------------------
+    def split_heads(self, x: jax.Array) -> jax.Array:
+        """[batch, length, qkv_dim] -> [batch, length, heads, head_dim]."""
+        return x.reshape(*x.shape[:-1], self.dims.num_heads, self.dims.head_dim)
+
+    def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Project the block input.
+
+        Args:
+          x: [batch, length, emb_dim].
+
+        Returns:
+          q, k, v, each [batch, length, heads, head_dim].
+        """
+        return (self.split_heads(self.query(x)), self.split_heads(self.key(x)),
+                self.split_heads(self.value(x)))
+
+    def project_out(self, o: jax.Array) -> jax.Array:
+        """[batch, length, heads, head_dim] -> [batch, length, emb_dim]."""
+        return self.out(o.reshape(*o.shape[:-2], self.dims.qkv_dim))
+
+    def drop_probs(self, probs: jax.Array, deterministic: bool, rng: jax.Array | None) -> jax.Array:
+        """Attention dropout on probabilities (no-op when deterministic or rate 0)."""
+        if deterministic or self.dims.attention_dropout_rate == 0.0:
+            return probs
+        return self.dropout(probs, deterministic=False, rngs=rng)
+
+    def dense(self, x: jax.Array, mask: jax.Array, deterministic: bool,
+              rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Full softmax attention with this layer's weights.
+
+        Args:
+          x: [batch, length, emb_dim]; mask: bool [batch, length].
+
+        Returns:
+          (y [batch, length, emb_dim], probs [batch, heads, length, length], valid pair mask).
+        """
+        q, k, v = self.project_qkv(x)
+        valid = pair_mask(mask, mask)
+        scale = 1.0 / math.sqrt(self.dims.head_dim)
+        probs = masked_softmax(attention_scores(q, k) * scale, valid)
+        o = weighted_values(self.drop_probs(probs, deterministic, rng), v)
+        return self.project_out(o), probs, valid
+
+    # -- the contract ------------------------------------------------------------------------
+    def __call__(self, x: jax.Array, mask: jax.Array, carry: LayerCarry, *,
+                 deterministic: bool = True, rng: jax.Array | None = None) -> AttentionOutput:
+        """Run the layer.
+
+        Args:
+          x: [batch, length, emb_dim] layer-normalised block input.
+          mask: bool [batch, length], True for real tokens.
+          carry: the LayerCarry from the previous layer.
+          deterministic: False while training (dropout on, eval-only methods fall back to dense).
+          rng: PRNG key for dropout and any training-time randomness.
+
+        Returns:
+          AttentionOutput.
+        """
+        if self.cfg.get('apply', 'train_and_eval') == 'eval_only' and not deterministic:
+            y, _, _ = self.dense(x, mask, deterministic, rng)
+            return AttentionOutput(y, carry, {'sparsity': jnp.zeros((), jnp.float32)}, {})
+        return self.attend(x, mask, carry, deterministic=deterministic, rng=rng)
+
+    def attend(self, x: jax.Array, mask: jax.Array, carry: LayerCarry, *,
+               deterministic: bool, rng: jax.Array | None) -> AttentionOutput:
+        """The method proper; same arguments and result as ``__call__``."""
+        raise NotImplementedError(f'{type(self).__name__} must implement attend()')
+
+
+# -- cost model (describe mode) ----------------------------------------------------------------
+def dense_layer_macs(dims: AttentionDims, seq_len: int, mlp_dim: int) -> dict[str, float]:
+    """Multiply-accumulates of one dense encoder layer for one example.
+
+    Args:
+      dims: the layer's dims.
+      seq_len: tokens entering the layer (CLS included).
+      mlp_dim: feed-forward width.
+
+    Returns:
+      {'qkv_proj', 'out_proj', 'scores', 'attention_values', 'ffn'} MAC counts.
+    """
+    n, e, d = seq_len, dims.emb_dim, dims.qkv_dim
+    return {
+        'qkv_proj': 3.0 * n * e * d,
+        'out_proj': 1.0 * n * d * e,
+        'scores': 1.0 * n * n * d,
+        'attention_values': 1.0 * n * n * d,
+        'ffn': 2.0 * n * e * mlp_dim,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMethod:
+    """A registry entry.
+
+    Attributes:
+      name: registry key (``config.attention.name``).
+      module: the Attention subclass.
+      default_config: returns the method's own config fields (each commented where defined).
+      validate: raises ``ConfigError`` for a bad ``config`` (full config) before any compute.
+      layer_macs: (dims, cfg, seq_len, mlp_dim) -> (MACs dict for one example, tokens leaving the
+        layer). Defaults to the dense count.
+      impls: implementations this method supports (``config.attention.impl``).
+      description: one line for --help and docs.
+    """
+
+    name: str
+    module: type[Attention]
+    default_config: Callable[[], ml_collections.ConfigDict]
+    validate: Callable[[ml_collections.ConfigDict], None] = lambda config: None
+    layer_macs: Callable[..., tuple[dict[str, float], int]] | None = None
+    impls: tuple[str, ...] = ('reference', 'xla')
+    description: str = ''
+
+    def macs(self, dims: AttentionDims, cfg: ml_collections.ConfigDict, seq_len: int,
+             mlp_dim: int) -> tuple[dict[str, float], int]:
+        """MACs of one layer for one example and the number of tokens leaving it."""
+        if self.layer_macs is None:
+            return dense_layer_macs(dims, seq_len, mlp_dim), seq_len
+        return self.layer_macs(dims, cfg, seq_len, mlp_dim)
+
+
+class ConfigError(ValueError):
+    """A config field holds a value that is not allowed. The message names field, value, allowed."""
+
+
+def config_error(field: str, value: Any, allowed: str) -> ConfigError:
+    """Builds the one-line error every validator raises."""
+    return ConfigError(f'config.{field}={value!r} is not allowed: {allowed}.')

@@ -1,0 +1,1 @@
+"""Models: the one LRA Transformer encoder, its classifier and dual-encoder heads."""
