@@ -319,6 +319,10 @@ class AttentionMethod:
         layer). Defaults to the dense count.
       impls: implementations this method supports (``config.attention.impl``).
       description: one line for --help and docs.
+      dense_equivalent: overrides of the method's fields under which it must equal dense attention
+        exactly (e.g. sparsity 0); the conformance suite checks it. None if no such setting.
+      sweeps: named sweeps of this method's knobs, {name: [{field: value}, ...]} (overrides of
+        ``config.attention``), used by the sweep tool and the configs.
     """
 
     name: str
@@ -328,6 +332,8 @@ class AttentionMethod:
     layer_macs: Callable[..., tuple[dict[str, float], int]] | None = None
     impls: tuple[str, ...] = ('reference', 'xla')
     description: str = ''
+    dense_equivalent: Mapping[str, Any] | None = None
+    sweeps: Mapping[str, tuple[Mapping[str, Any], ...]] = dataclasses.field(default_factory=dict)
 
     def macs(self, dims: AttentionDims, cfg: ml_collections.ConfigDict, seq_len: int,
              mlp_dim: int) -> tuple[dict[str, float], int]:

@@ -44,4 +44,5 @@ METHOD = base.AttentionMethod(
     default_config=default_config,
     impls=('reference', 'xla'),
     description='full softmax attention (baseline and test oracle)',
+    dense_equivalent={},
 )
