@@ -1,0 +1,71 @@
+"""Command line: train a config in a workdir, or describe the model it builds.
+
+  python -m lra_sparse.main --config=configs/listops.py:attention=dense,tiny --workdir=runs/x
+  python -m lra_sparse.main --config=configs/text.py:attention=dsa --mode=describe
+  python -m lra_sparse.main ... --config.attention.sparsity=0.95   # override any field
+
+Invalid configs and missing data stop before any compute with one line naming the field, the value
+and what is allowed (exit status 2).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from lra_sparse import config_lib, describe, train
+from lra_sparse.data import DataNotFoundError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file and options, e.g. configs/listops.py:attention=dsa,tiny.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (outputs, checkpoints; resumes).')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'describe'],
+                          'train: train and evaluate; describe: print params and MACs as JSON.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() first (multi-host launches).')
+
+USER_ERRORS = (config_lib.ConfigError, DataNotFoundError, FileNotFoundError)
+
+
+def run(argv) -> int:
+    """Entry point body; returns the exit status."""
+    del argv
+    config = _CONFIG.value
+    if config is None:
+        print('error: --config is required, e.g. --config=configs/listops.py:tiny', file=sys.stderr)
+        return 2
+    try:
+        config_lib.validate(config)
+        if _MODE.value == 'describe':
+            print(json.dumps(describe.describe(config), indent=2))
+            return 0
+        if not _WORKDIR.value:
+            print('error: --workdir is required in train mode (outputs and checkpoints go there)',
+                  file=sys.stderr)
+            return 2
+        if _DISTRIBUTED.value:
+            jax.distributed.initialize()
+        results = train.train_and_evaluate(config, _WORKDIR.value)
+    except USER_ERRORS as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        print(f'final validation accuracy {results["validation"]["accuracy"]:.4f}, '
+              f'test accuracy {results["test"]["accuracy"]:.4f} '
+              f'({config.task}, {config.attention.name}, {results["num_train_steps"]} steps, '
+              f'{results["wall_time_seconds"]:.0f} s); results in {_WORKDIR.value}/results.json')
+    return 0
+
+
+def main() -> None:
+    """Console entry point."""
+    app.run(lambda argv: sys.exit(run(argv)))
+
+
+if __name__ == '__main__':
+    main()
