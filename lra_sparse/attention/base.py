@@ -276,7 +276,21 @@ class Attention(nnx.Module):
         if self.cfg.get('apply', 'train_and_eval') == 'eval_only' and not deterministic:
             y, _, _ = self.dense(x, mask, deterministic, rng)
             return AttentionOutput(y, carry, {'sparsity': jnp.zeros((), jnp.float32)}, {})
+        if getattr(self, 'record_maps', False):
+            maps = {'dense_probs': self.dense(x, mask, True, None)[1], 'mask': mask,
+                    'positions': carry.positions, **self.inspect_maps(x, mask, carry)}
+            self.sow(nnx.Intermediate, 'maps', maps)
         return self.attend(x, mask, carry, deterministic=deterministic, rng=rng)
+
+    def inspect_maps(self, x: jax.Array, mask: jax.Array, carry: LayerCarry) -> dict:
+        """Method-specific maps for inspection (``lra_sparse.inspect``); default: none.
+
+        Called only when the inspector sets ``record_maps``; never inside training. Methods return
+        arrays with a leading batch axis, e.g. 'kept' bool [batch, heads, q_len, kv_len] (the
+        attended pairs), 'predicted' / 'oracle' masks, cluster ids, kept-token positions.
+        """
+        del x, mask, carry
+        return {}
 
     def attend(self, x: jax.Array, mask: jax.Array, carry: LayerCarry, *,
                deterministic: bool, rng: jax.Array | None) -> AttentionOutput:
