@@ -1,0 +1,132 @@
+"""Inspection: attention maps and each method's masks for a trained workdir and chosen inputs.
+
+  from lra_sparse import inspect
+  model, config, task = inspect.load_workdir('runs/listops_tiny')        # or inspect.train_tiny()
+  layers = inspect.attention_maps(model, inspect.examples(task, [0, 1]))
+  layers[0]['dense_probs']   # [batch, heads, q_len, kv_len] full attention of layer 0
+  layers[0]['kept']          # method's attended pairs (DSA/DFSS), when the method reports them
+
+Every layer's record holds the dense attention map of that layer's weights (``dense_probs``), the
+padding ``mask``, the original ``positions`` of the tokens entering the layer (SpAtten drops tokens;
+positions map them back to the input) and whatever the method's ``inspect_maps`` returns (see
+``lra_sparse/attention/base.py``). Arrays are numpy, with the batch axis first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from lra_sparse import data, train
+
+
+class InspectError(ValueError):
+    """The workdir cannot be inspected (missing, no checkpoint)."""
+
+
+def load_workdir(workdir: str):
+    """Model with the latest checkpoint's weights, its config and task data.
+
+    Returns:
+      (model, config, task) — model is an nnx.Module ready for ``attention_maps``.
+    """
+    config_path = os.path.join(workdir, 'config.json')
+    if not os.path.exists(config_path):
+        raise InspectError(f'{workdir!r} is not a run directory (no config.json); train one with '
+                           'python -m lra_sparse.main or call inspect.train_tiny()')
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    task = data.load_task(config)
+    graphdef, state, _ = train.init_state(config, task.info)
+    with train.checkpoint_manager(workdir, config) as mngr:
+        step = mngr.latest_step()
+        if step is None:
+            raise InspectError(f'no checkpoint in {workdir!r}/checkpoints')
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    return nnx.merge(graphdef, state.params, state.rest), config, task
+
+
+def train_tiny(workdir: str, task: str = 'listops', attention: str = 'dense', steps: int = 200,
+               **overrides) -> str:
+    """Trains a tiny model on the spot (CPU, about a minute) and returns its workdir."""
+    from lra_sparse import config_lib
+
+    config = config_lib.load(f'configs/{task}.py:attention={attention},tiny')
+    config.num_train_steps = steps
+    config.eval_every_steps = steps
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split('.')
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def examples(task, indices, split: str = 'validation') -> dict:
+    """A batch of chosen examples of a split (numpy, with 'weights')."""
+    arrays = task.splits[split]
+    idx = np.asarray(indices)
+    batch = {k: v[idx] for k, v in arrays.items()}
+    batch['weights'] = np.ones(len(idx), np.float32)
+    return batch
+
+
+def _attention_layers(model) -> list:
+    return [block.attention for block in model.encoder.blocks]
+
+
+def attention_maps(model, batch: dict) -> list[dict]:
+    """Per-layer maps for ``batch`` (first encoder input for the dual encoder).
+
+    Returns:
+      One dict per layer: 'dense_probs' [B, H, L, L], 'mask' [B, L], 'positions' [B, L], the
+      method's own maps, and 'stats' (the layer's statistics from the forward pass).
+    """
+    layers = _attention_layers(model)
+    for layer in layers:
+        layer.record_maps = True
+    try:
+        (_, aux), captured = nnx.capture(model, nnx.Intermediate)(batch, deterministic=True)
+    finally:
+        for layer in layers:
+            layer.record_maps = False
+    blocks = captured['encoder']['blocks']
+    records = []
+    for i in range(len(layers)):
+        sown = blocks[i]['attention']['maps']
+        maps = sown.get_value()[0] if hasattr(sown, 'get_value') else sown[0]
+        record = {k: np.asarray(v) for k, v in maps.items()}
+        record['stats'] = {k.split('/', 1)[1]: float(v) for k, v in aux['stats'].items()
+                           if k.startswith(f'layer{i}/')}
+        records.append(record)
+    return records
+
+
+def mask_sparsity(kept: np.ndarray, mask: np.ndarray) -> float:
+    """Fraction of valid query-key pairs not kept. kept: [B, H, L, L]; mask: [B, L]."""
+    valid = (mask[:, None, :, None] & mask[:, None, None, :])
+    valid = np.broadcast_to(valid, kept.shape)
+    return float(1.0 - (kept & valid).sum() / max(valid.sum(), 1))
+
+
+def kept_text(tokens: np.ndarray, positions: np.ndarray) -> str:
+    """Byte-level inputs (ids = byte + 1): the kept bytes as text, dropped ones as '·'.
+
+    Args:
+      tokens: int [L] one example's input ids.
+      positions: int [L'] original positions kept (CLS-shifted positions are handled by caller).
+    """
+    keep = np.zeros(len(tokens), bool)
+    keep[positions[(positions >= 0) & (positions < len(tokens))]] = True
+    chars = [chr(t - 1) if (k and 32 <= t - 1 < 127) else ('·' if t > 0 else '')
+             for t, k in zip(tokens, keep)]
+    return ''.join(chars)
