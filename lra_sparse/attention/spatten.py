@@ -1,0 +1,571 @@
+"""SpAtten: cascade token and head pruning, local value pruning, progressive quantization.
+
+SpAtten (Wang, Zhang, Han, HPCA 2021) as an attention method of the one LRA encoder.
+
+What one layer does (Algorithm 2 of the paper, plus Sections III-C and III-D):
+
+1. **Projections of the kept heads only.** ``head_keep`` (int32 [batch, H_l], ascending original
+   head ids, carried from the previous layer) selects per-example slices of the Q/K/V kernels
+   (``[emb, H, head_dim]``) and of the output kernel (``[H, head_dim, emb]``); pruned heads are
+   never computed. The layer's own weights are the usual ``query/key/value/out`` projections, so a
+   dense checkpoint loads unchanged (``eval_only``).
+2. **Scores and probabilities**, optionally with quantised Q and K (``quant``):
+   ``'static'`` rounds Q and K to ``msb_bits`` (linear symmetric); ``'progressive'`` first uses
+   the MSBs of an (msb+lsb)-bit code and recomputes, with all bits, every query row whose max
+   probability is below ``requant_threshold``.
+3. **Cumulative token importance**: ``s_t += sum over kept heads and valid query rows of probs``
+   (padded and pruned queries have all-zero probability rows, so they add nothing).
+4. **Local value pruning**: per example and head, only the ``ceil(value_keep_ratio * valid)`` V
+   vectors with the largest probability mass (column sum over that head's valid query rows) are
+   used in AV; the others are skipped for that head only.
+5. **Cumulative head importance**: ``s_h += sum over valid query rows and head_dim of |E|``
+   (E = the head's attention output before the output projection).
+6. **Cascade pruning for the following layers**: the top heads by ``s_h`` (among those still
+   kept) and the top tokens by ``s_t`` survive; ``carry.select`` lists the surviving tokens and
+   the encoder removes the others from the hidden states and the mask after this block.
+
+Token selection rules (static shapes). Each layer ``l`` processes a static number of tokens
+``n_l`` (the capacity) and, per example, ``k_l`` valid ones. Going from layer ``l`` to ``l+1``
+the capacity becomes ``n_{l+1} = ceil(n_l * r_{l+1} / r_l)`` where ``r`` is the token schedule
+(fraction of the input processed by each layer, :func:`token_keep_schedule`); this is Algorithm
+2's ``top-k(s_t, L_1 * (1 - p_t))`` with the per-layer pruning ratio ``p_t = 1 - r_{l+1}/r_l``
+and equals ``ceil(r_{l+1} * L)`` up to one token of rounding per layer. Per example:
+
+* ``length_adaptive=False``: keep ``ceil(k_l * r_{l+1}/r_l)`` of the example's valid tokens, so
+  every example keeps the scheduled fraction of its own length (the LTP/SpAtten rule
+  ``round(sentence_length * keep_rate)``, with ceil).
+* ``length_adaptive=True``: keep ``min(k_l, n_{l+1})`` valid tokens: the schedule fixes a token
+  *budget* (the capacity, a fraction of the padded length), so an example shorter than the budget
+  is not pruned and a longer one keeps ``n_{l+1}/k_l`` of its tokens -- the longer the input, the
+  more is pruned (Section I: "the longer, the more tokens are pruned away").
+
+The kept tokens are the top-k by cumulative score; index 0 (the CLS token, or the pooled first
+position of retrieval) is always kept, padded tokens are ranked last (padding goes first), ties
+go to the lowest index (the top-k engine keeps "exactly k, ties by arrival order"). ``select``
+lists the kept tokens plus padding positions to fill the capacity, in ascending original order,
+so the sequence stays in input order and the mask marks exactly the kept tokens valid.
+
+Implementations: ``impl='xla'`` (default path of the physical savings) really gathers: later
+layers run on shorter sequences, pruned heads' weight slices are not multiplied, pruned V vectors
+are not gathered. ``impl='reference'`` is the obviously-correct dense-masked twin: full-length
+sequences and all heads are computed, pruned tokens are masked as queries and keys (an ``alive``
+mask in the carry state, never a ``select``), pruned heads' outputs and pruned V vectors are
+zeroed. Both give the same logits (tested).
+
+Interpretations (the paper leaves these open):
+
+* Layer ``l``'s FFN still sees the tokens pruned after its attention (the encoder applies
+  ``select`` after the whole block); they are removed from every following layer. Their layer-l
+  FFN output is never used (CLS pooling), so applying ``select`` between attention and FFN would
+  save those MACs too; the cost model (:func:`layer_macs`) follows the encoder as it is.
+* The last layer never prunes tokens (no following layer); layer 0 processes every token and
+  every head (no cumulative score exists before it). So a 1-layer model (image) prunes neither.
+* Token scores use the final probabilities of the layer (after any LSB refetch), before local
+  value pruning and before dropout, as in Fig. 8 (softmax -> accumulator, in parallel with the
+  local-V top-k). Scores accumulate over kept heads only.
+* Local value pruning is per (example, head) by column mass over the valid query rows (the
+  paper's per-query dataflow of Section IV coincides with this in the generation stage); the
+  kept probabilities are NOT renormalised ("the remaining probabilities are multiplied with
+  fetched V", Section IV-A), so a pruned row sums to less than 1.
+* Quantisation is fake (simulated) and applies to Q and K only; V stays in model precision.
+  Scales are per example and head over the valid tokens (padding never changes a scale):
+  ``scale = max|x| / (2^(b-1) - 1)``, codes rounded to nearest. The progressive MSB value is
+  the (msb+lsb)-bit code with its low ``lsb`` bits dropped (two's-complement arithmetic shift,
+  i.e. floor), as when only the MSB half of the stored code is fetched; the refetch recomputes
+  with the full code. Gradients pass straight through the rounding.
+* ``average_bits`` = bits fetched per Q/K element on average: ``msb + lsb * refetch_fraction``
+  (progressive), ``msb`` (static). ``lsb_refetch_fraction`` = fraction of valid (query row,
+  kept head) pairs recomputed.
+* ``sparsity`` = fraction of the valid query-key pairs of the ORIGINAL full attention (all
+  heads, the example's original valid length) that this layer does not use in AV: pruned tokens,
+  pruned heads and pruned V vectors all count. ``tokens_kept`` = valid tokens processed by the
+  layer / original valid tokens; ``heads_kept`` = heads computed / heads; ``values_kept`` = V
+  vectors used per kept head / valid tokens of the layer; ``flop_reduction`` = 1 - (this layer's
+  MACs on its valid tokens) / (a dense layer's MACs on the original valid tokens), so its mean
+  over layers (the encoder's ``flop_reduction``) is the whole-encoder reduction (attention and
+  FFN). It needs the feed-forward width, read from ``dims.mlp_dim`` when the dims carry it (the
+  stat is omitted otherwise).
+* Progressive quantization is an accuracy emulation: the MSB and the full computation are both
+  evaluated and selected per row (no memory traffic is saved on CPU/GPU).
+
+Defaults (the released schedules of ``mit-han-lab/spatten`` workloads and the LTP rule, scaled to
+LRA's 4 layers): no token pruning in layer 0, then a linear decrease of the kept fraction to 0.5
+at the last layer (GPT-2 traces go to 0.3/0.1 at 12-24 layers; LRA models are 4 layers deep and
+trained from scratch, so we stop at 0.5); heads pruned only in the last ``round(N/3)`` layers,
+which keep ``round(0.75 H)`` heads (GPT-2-medium keeps 13/16 then 10/16 in its last third);
+local V keeps 30% (GPT-2-medium: 0.3); progressive 8+4 bits with threshold 0.05 (the GPT-2-small
+trace uses 6+4 at 0.05; 8 MSBs because these models are also trained with quantization on).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lra_sparse.attention import base
+
+QUANT_MODES = ('none', 'static', 'progressive')
+MSB_BITS = (4, 6, 8, 10, 12)
+LSB_BITS = (4,)
+_EPS = 1e-6
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """SpAtten's fields (see the module docstring for the rules they feed)."""
+    c = ml_collections.ConfigDict()
+    c.token_keep_ratios = ()  # fraction of tokens each layer processes, one per layer, first 1.0,
+    # non-increasing, each in (0, 1]; () = the rule of token_keep_final/token_prune_start_layer
+    c.token_keep_final = 0.5  # rule: fraction of tokens the last layer processes, in (0, 1]
+    c.token_prune_start_layer = 1  # rule: first layer that sees pruned tokens, 1..num_layers
+    # (num_layers = no token pruning); linear decrease from 1.0 to token_keep_final after it
+    c.length_adaptive = False  # True: the schedule is a token budget (fraction of the padded
+    # length), so longer inputs prune more; False: each example keeps the fraction of its length
+    c.head_keep_counts = ()  # heads each layer computes, one per layer, first = num_heads,
+    # non-increasing, >= 1; () = the rule: the last round(num_layers/3) layers keep head_keep_final
+    c.head_keep_final = 0.75  # rule: fraction of heads kept in the last third, in (0, 1]
+    c.value_keep_ratio = 0.3  # local value pruning: fraction of V vectors used per head, (0, 1]
+    c.quant = 'progressive'  # Q/K quantization: none | static (msb_bits) | progressive (msb+lsb)
+    c.msb_bits = 8  # MSB bits: 4 | 6 | 8 | 10 | 12 (static: the bit width)
+    c.lsb_bits = 4  # LSB bits fetched on a refetch (progressive): 4
+    c.requant_threshold = 0.05  # progressive: refetch rows whose max probability is below, [0, 1]
+    return c
+
+
+# -- schedules (static, Python) -------------------------------------------------------------------
+def token_keep_schedule(cfg, num_layers: int) -> tuple[float, ...]:
+    """Fraction of the input tokens processed by each layer.
+
+    Args:
+      cfg: the attention config.
+      num_layers: encoder depth N.
+
+    Returns:
+      N floats r_l, r_0 = 1, non-increasing. The rule: r_l = 1 for l < s (s =
+      token_prune_start_layer), then r_l = 1 - (1 - final) * (l - s + 1) / (N - s).
+    """
+    if cfg.token_keep_ratios:
+        return tuple(float(r) for r in cfg.token_keep_ratios)
+    start, final = max(1, int(cfg.token_prune_start_layer)), float(cfg.token_keep_final)
+    return tuple(1.0 if i < start else 1.0 - (1.0 - final) * (i - start + 1) / (num_layers - start)
+                 for i in range(num_layers))
+
+
+def head_keep_schedule(cfg, num_heads: int, num_layers: int) -> tuple[int, ...]:
+    """Number of heads each layer computes (head_keep_counts, or the last-third rule)."""
+    if cfg.head_keep_counts:
+        return tuple(int(h) for h in cfg.head_keep_counts)
+    start = max(1, num_layers - int(math.floor(num_layers / 3 + 0.5)))
+    kept = max(1, min(num_heads, int(math.floor(num_heads * float(cfg.head_keep_final) + 0.5))))
+    return tuple(num_heads if i < start else kept for i in range(num_layers))
+
+
+def next_capacity(n: int, ratio: float) -> int:
+    """Static token count after pruning n tokens by a per-layer keep ratio: ceil(n * ratio)."""
+    return max(1, min(n, math.ceil(n * ratio - 1e-9))) if n > 0 else 0
+
+
+def capacity_chain(length: int, ratios: Sequence[float], layer: int) -> int:
+    """Static token count entering ``layer`` for an input of ``length`` tokens."""
+    n = length
+    for i in range(layer):
+        n = next_capacity(n, ratios[i + 1] / ratios[i])
+    return n
+
+
+# -- validation ---------------------------------------------------------------------------------
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise base.config_error(f'attention.{field}', value, allowed)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_fields(cfg, num_layers: int, num_heads: int) -> None:
+    """Raises ConfigError for any bad SpAtten field (needs only the depth and head count)."""
+    ratios = cfg.token_keep_ratios
+    _check(isinstance(ratios, (tuple, list)), 'token_keep_ratios', ratios,
+           'a tuple of per-layer fractions or ()')
+    if ratios:
+        _check(len(ratios) == num_layers, 'token_keep_ratios', ratios,
+               f'one fraction per layer (model.num_layers={num_layers})')
+        _check(all(_is_number(r) and 0.0 < r <= 1.0 for r in ratios), 'token_keep_ratios',
+               ratios, 'fractions in (0, 1]')
+        _check(ratios[0] == 1.0, 'token_keep_ratios', ratios,
+               'first entry 1.0 (layer 0 sees every token: no importance score exists yet)')
+        _check(all(b <= a for a, b in zip(ratios, ratios[1:])), 'token_keep_ratios', ratios,
+               'non-increasing fractions (a pruned token never comes back)')
+    final = cfg.token_keep_final
+    _check(_is_number(final) and 0.0 < final <= 1.0, 'token_keep_final', final,
+           'a fraction in (0, 1]')
+    start = cfg.token_prune_start_layer
+    _check(isinstance(start, int) and not isinstance(start, bool) and 1 <= start <= num_layers,
+           'token_prune_start_layer', start,
+           f'an integer in [1, {num_layers}] (layer 0 sees every token; {num_layers} = never)')
+    _check(isinstance(cfg.length_adaptive, bool), 'length_adaptive', cfg.length_adaptive,
+           'True or False')
+    counts = cfg.head_keep_counts
+    _check(isinstance(counts, (tuple, list)), 'head_keep_counts', counts,
+           'a tuple of per-layer head counts or ()')
+    if counts:
+        _check(len(counts) == num_layers, 'head_keep_counts', counts,
+               f'one count per layer (model.num_layers={num_layers})')
+        _check(all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in counts),
+               'head_keep_counts', counts, 'positive integers')
+        _check(counts[0] == num_heads, 'head_keep_counts', counts,
+               f'first entry = model.num_heads={num_heads} (layer 0 computes every head)')
+        _check(all(b <= a for a, b in zip(counts, counts[1:])), 'head_keep_counts', counts,
+               'counts no larger than the heads left by the previous layer (non-increasing)')
+    hf = cfg.head_keep_final
+    _check(_is_number(hf) and 0.0 < hf <= 1.0, 'head_keep_final', hf, 'a fraction in (0, 1]')
+    vr = cfg.value_keep_ratio
+    _check(_is_number(vr) and 0.0 < vr <= 1.0, 'value_keep_ratio', vr, 'a fraction in (0, 1]')
+    _check(cfg.quant in QUANT_MODES, 'quant', cfg.quant, f'one of {", ".join(QUANT_MODES)}')
+    _check(cfg.msb_bits in MSB_BITS and not isinstance(cfg.msb_bits, bool), 'msb_bits',
+           cfg.msb_bits, f'one of {", ".join(map(str, MSB_BITS))} (settings 4+4 ... 12+4)')
+    _check(cfg.lsb_bits in LSB_BITS and not isinstance(cfg.lsb_bits, bool), 'lsb_bits',
+           cfg.lsb_bits, f'one of {", ".join(map(str, LSB_BITS))}')
+    thr = cfg.requant_threshold
+    _check(_is_number(thr) and 0.0 <= thr <= 1.0, 'requant_threshold', thr,
+           'a probability in [0, 1]')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks SpAtten's fields against the full config (depth, heads) before any compute."""
+    check_fields(config.attention, config.model.num_layers, config.model.num_heads)
+
+
+# -- selection and quantization helpers (pure functions, tested directly) -------------------------
+def select_tokens(scores: jax.Array, valid: jax.Array, keep: jax.Array,
+                  capacity: int) -> tuple[jax.Array, jax.Array]:
+    """Cascade token selection: top-``keep`` valid tokens by score, index 0 always, padding first.
+
+    Args:
+      scores: float [batch, n] cumulative importance.
+      valid: bool [batch, n] tokens currently valid.
+      keep: int32 [batch] valid tokens to keep (index 0 included when valid); the caller ensures
+        ``keep <= capacity - (index 0 invalid)`` and enough invalid positions to fill the rest.
+      capacity: static number of tokens leaving the layer.
+
+    Returns:
+      (select int32 [batch, capacity] ascending indices: the kept tokens, index 0 and padding
+      positions; kept bool [batch, n] the valid tokens that survive). Ties: lowest index first.
+    """
+    n = scores.shape[1]
+    key = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
+    key = key.at[:, 0].set(jnp.inf)
+    order = jnp.argsort(-key, axis=1, stable=True)
+    rank = jnp.argsort(order, axis=1, stable=True)
+    offset = (~valid[:, 0]).astype(jnp.int32)  # an invalid index 0 takes rank 0
+    kept = valid & (rank < (keep + offset)[:, None])
+    idx = jnp.arange(n, dtype=jnp.int32)[None]
+    tier = jnp.where(kept | (idx == 0), 0, jnp.where(valid, 2, 1))
+    chosen = jnp.argsort(tier * n + idx, axis=1, stable=True)[:, :capacity]
+    return jnp.sort(chosen, axis=1).astype(jnp.int32), kept
+
+
+def top_heads(head_scores: jax.Array, head_keep: jax.Array, count: int) -> jax.Array:
+    """Heads kept for the next layer: the ``count`` best of ``head_keep`` by cumulative score.
+
+    Args:
+      head_scores: float [batch, H] cumulative head importance (original head ids).
+      head_keep: int32 [batch, H_l] heads computed by this layer.
+      count: static number of heads for the next layer.
+
+    Returns:
+      int32 [batch, count] ascending head ids; ties go to the lowest id.
+    """
+    s = jnp.take_along_axis(head_scores, head_keep, axis=1)
+    order = jnp.argsort(-s, axis=1, stable=True)[:, :count]
+    return jnp.sort(jnp.take_along_axis(head_keep, order, axis=1), axis=1)
+
+
+def _straight_through(x: jax.Array, q: jax.Array) -> jax.Array:
+    return x + jax.lax.stop_gradient(q - x)
+
+
+def quant_codes(x: jax.Array, valid: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+    """Linear symmetric quantization codes, one scale per example and head over valid tokens.
+
+    Args:
+      x: [batch, n, heads, head_dim].
+      valid: bool [batch, n].
+      bits: bit width b; codes lie in [-(2^(b-1) - 1), 2^(b-1) - 1].
+
+    Returns:
+      (codes float32 [batch, n, heads, head_dim] integers, scale float32 [batch, 1, heads, 1]).
+    """
+    xf = jax.lax.stop_gradient(x.astype(jnp.float32))
+    amax = jnp.max(jnp.where(valid[:, :, None, None], jnp.abs(xf), 0.0), axis=(1, 3),
+                   keepdims=True)
+    qmax = 2.0 ** (bits - 1) - 1.0
+    scale = jnp.where(amax > 0, amax / qmax, 1.0)
+    return jnp.clip(jnp.round(xf / scale), -qmax, qmax), scale
+
+
+def fake_quant(x: jax.Array, valid: jax.Array, bits: int) -> jax.Array:
+    """Returns x rounded to ``bits`` (:func:`quant_codes`), straight-through gradient."""
+    codes, scale = quant_codes(x, valid, bits)
+    return _straight_through(x, (codes * scale).astype(x.dtype))
+
+
+def msb_lsb_quant(x: jax.Array, valid: jax.Array, msb: int,
+                  lsb: int) -> tuple[jax.Array, jax.Array]:
+    """(MSB-only value, full MSB+LSB value) of x's (msb+lsb)-bit code, straight-through.
+
+    The MSB-only value drops the low ``lsb`` bits of the code (arithmetic shift = floor), i.e.
+    what is seen when only the MSB half of the stored code is fetched.
+    """
+    codes, scale = quant_codes(x, valid, msb + lsb)
+    step = 2.0 ** lsb
+    msb_codes = jnp.floor(codes / step) * step
+    return (_straight_through(x, (msb_codes * scale).astype(x.dtype)),
+            _straight_through(x, (codes * scale).astype(x.dtype)))
+
+
+def _ceil_count(count: jax.Array, ratio: float) -> jax.Array:
+    return jnp.ceil(count.astype(jnp.float32) * ratio - 1e-4).astype(jnp.int32)
+
+
+# -- cost model -----------------------------------------------------------------------------------
+def _macs(n, kv, heads, emb_dim, head_dim, mlp_dim) -> dict:
+    """MACs of one layer: n tokens, kv V vectors per head, ``heads`` heads computed."""
+    d = heads * head_dim
+    return {
+        'qkv_proj': 3.0 * n * emb_dim * d,
+        'out_proj': 1.0 * n * d * emb_dim,
+        'scores': 1.0 * n * n * d,
+        'attention_values': 1.0 * n * kv * d,
+        'ffn': 2.0 * n * emb_dim * mlp_dim,
+    }
+
+
+def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
+               mlp_dim: int) -> tuple[dict[str, float], int]:
+    """MACs of one SpAtten layer for one example and the number of tokens leaving it.
+
+    Uses the static capacities: ``seq_len`` tokens enter, the layer computes its scheduled heads
+    and ``ceil(value_keep_ratio * seq_len)`` V vectors per head, and ``ceil(seq_len * r_{l+1} /
+    r_l)`` tokens leave (the last layer keeps all). Progressive quantization's recomputed rows are
+    data dependent and not counted; ``qk_bits`` reports the MSB width.
+    """
+    layer, n = dims.layer_index, seq_len
+    ratios = token_keep_schedule(cfg, dims.num_layers)
+    heads = head_keep_schedule(cfg, dims.num_heads, dims.num_layers)[layer]
+    kv = next_capacity(n, float(cfg.value_keep_ratio))
+    macs = _macs(n, kv, heads, dims.emb_dim, dims.head_dim, mlp_dim)
+    if cfg.quant != 'none':
+        macs['qk_bits'] = float(cfg.msb_bits)
+    last = layer + 1 >= dims.num_layers
+    leaving = n if last else next_capacity(n, ratios[layer + 1] / ratios[layer])
+    return macs, leaving
+
+
+# -- the layer ----------------------------------------------------------------------------------
+class SpAttenAttention(base.Attention):
+    """SpAtten attention layer; see the module docstring for what it computes and carries.
+
+    Carry state (in the frame of the tokens entering the next layer):
+      token_scores: float32 [batch, n] cumulative token importance s_t.
+      head_scores: float32 [batch, H] cumulative head importance s_h (original head ids).
+      head_keep: int32 [batch, H_next] heads the next layer computes (ascending).
+      valid0: int32 [batch] valid tokens of the original input (for the statistics).
+      alive: bool [batch, n] (reference impl only) tokens not pruned so far.
+    """
+
+    def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
+        super().__init__(dims, cfg, rngs=rngs)
+        check_fields(cfg, dims.num_layers, dims.num_heads)
+        self.token_ratios = token_keep_schedule(cfg, dims.num_layers)
+        self.head_counts = head_keep_schedule(cfg, dims.num_heads, dims.num_layers)
+
+    # -- projections -------------------------------------------------------------------------
+    def _kernel(self, proj) -> jax.Array:
+        return proj.kernel[...].astype(jnp.dtype(self.dims.dtype))
+
+    def _project_heads(self, x: jax.Array, head_keep: jax.Array):
+        """Q, K, V [batch, n, H_l, head_dim] of the kept heads only (per-example weight slices)."""
+        e, h, d = self.dims.emb_dim, self.dims.num_heads, self.dims.head_dim
+        x = x.astype(jnp.dtype(self.dims.dtype))
+        out = []
+        for proj in (self.query, self.key, self.value):
+            w = jnp.take(self._kernel(proj).reshape(e, h, d), head_keep, axis=1)  # [E, B, H_l, D]
+            out.append(jnp.einsum('ble,ebhd->blhd', x, w))
+        return tuple(out)
+
+    def _output_heads(self, o: jax.Array, head_keep: jax.Array) -> jax.Array:
+        """[batch, n, H_l, head_dim] -> [batch, n, emb] through the kept heads' output rows."""
+        e, h, d = self.dims.emb_dim, self.dims.num_heads, self.dims.head_dim
+        w = jnp.take(self._kernel(self.out).reshape(h, d, e), head_keep, axis=0)  # [B, H_l, D, E]
+        return jnp.einsum('blhd,bhde->ble', o.astype(w.dtype), w)
+
+    # -- probabilities ------------------------------------------------------------------------
+    def _probs(self, q, k, mask, row_ok):
+        """Probabilities [batch, heads, n, n] with the configured quantization, and quant stats."""
+        valid = base.pair_mask(mask, mask)
+        scale = 1.0 / math.sqrt(self.dims.head_dim)
+        cfg = self.cfg
+
+        def probs_of(qq, kk):
+            return base.masked_softmax(base.attention_scores(qq, kk) * scale, valid)
+
+        if cfg.quant == 'none':
+            return probs_of(q, k), {}
+        if cfg.quant == 'static':
+            probs = probs_of(fake_quant(q, mask, cfg.msb_bits), fake_quant(k, mask, cfg.msb_bits))
+            return probs, {'average_bits': jnp.asarray(float(cfg.msb_bits), jnp.float32),
+                           'lsb_refetch_fraction': jnp.zeros((), jnp.float32)}
+        q_msb, q_full = msb_lsb_quant(q, mask, cfg.msb_bits, cfg.lsb_bits)
+        k_msb, k_full = msb_lsb_quant(k, mask, cfg.msb_bits, cfg.lsb_bits)
+        p_msb = probs_of(q_msb, k_msb)
+        need = (jnp.max(p_msb, axis=-1) < cfg.requant_threshold) & row_ok  # [B, heads, n]
+        probs = jnp.where(need[..., None], probs_of(q_full, k_full), p_msb)
+        rows = jnp.sum(row_ok)
+        frac = jnp.where(rows > 0, jnp.sum(need) / jnp.maximum(rows, 1), 0.0).astype(jnp.float32)
+        return probs, {'lsb_refetch_fraction': frac,
+                       'average_bits': (cfg.msb_bits + cfg.lsb_bits * frac).astype(jnp.float32)}
+
+    # -- the method ----------------------------------------------------------------------------
+    def attend(self, x, mask, carry, *, deterministic, rng):
+        """SpAtten layer; see ``base.Attention.__call__`` and the module docstring."""
+        dims, cfg = self.dims, self.cfg
+        physical = cfg.impl != 'reference'
+        layer, num_layers, num_heads = dims.layer_index, dims.num_layers, dims.num_heads
+        batch, n = x.shape[0], x.shape[1]
+        state = dict(carry.state)
+        if not state:  # first layer: nothing pruned yet
+            state = {
+                'token_scores': jnp.zeros((batch, n), jnp.float32),
+                'head_scores': jnp.zeros((batch, num_heads), jnp.float32),
+                'head_keep': jnp.broadcast_to(jnp.arange(num_heads, dtype=jnp.int32),
+                                              (batch, num_heads)),
+                'valid0': jnp.sum(mask, axis=1).astype(jnp.int32),
+            }
+            if not physical:
+                state['alive'] = jnp.ones((batch, n), bool)
+        ratios, counts = self.token_ratios, self.head_counts
+        # Static token count of this layer (reference: sequences never shrink, chain the rule).
+        n_cur = n if physical else capacity_chain(n, ratios, layer)
+        eff_mask = mask if physical else mask & state['alive']
+        head_keep = state['head_keep']
+        h_cur = head_keep.shape[1]
+        pruned_heads = h_cur < num_heads
+
+        # Q/K/V of the computed heads.
+        if physical and pruned_heads:
+            q, k, v = self._project_heads(x, head_keep)
+            head_on = jnp.ones((batch, h_cur), bool)
+        else:
+            q, k, v = self.project_qkv(x)
+            head_on = (jnp.sum(jax.nn.one_hot(head_keep, num_heads, dtype=jnp.int32), axis=1) > 0
+                       if pruned_heads else jnp.ones((batch, num_heads), bool))
+        row_ok = eff_mask[:, None, :] & head_on[:, :, None]  # [B, heads, n] valid query rows
+        probs, stats = self._probs(q, k, eff_mask, row_ok)
+        probs = jnp.where(head_on[:, :, None, None], probs, 0.0)
+
+        # Cumulative token importance (Algorithm 2): sum over heads and query rows.
+        v_cur = jnp.sum(eff_mask, axis=1).astype(jnp.int32)  # [B] valid tokens now
+        token_scores = state['token_scores'] + jax.lax.stop_gradient(jnp.sum(probs, axis=(1, 2)))
+
+        # Local value pruning: per head, the V vectors with the largest probability mass.
+        ratio_v = float(cfg.value_keep_ratio)
+        if ratio_v < 1.0:
+            kv_cap = next_capacity(n_cur, ratio_v)  # static V vectors per head
+            kv_keep = jnp.minimum(jnp.minimum(_ceil_count(v_cur, ratio_v), v_cur), kv_cap)  # [B]
+            mass = jnp.where(eff_mask[:, None, :], jnp.sum(probs, axis=2), -jnp.inf)
+            order = jnp.argsort(-jax.lax.stop_gradient(mass), axis=-1, stable=True)
+            if physical:
+                idx = order[..., :kv_cap]  # [B, heads, kv_cap]
+                slot_ok = jnp.arange(kv_cap)[None, None] < kv_keep[:, None, None]
+                probs_v = jnp.take_along_axis(probs, idx[:, :, None, :], axis=-1)
+                probs_v = jnp.where(slot_ok[:, :, None, :], probs_v, 0.0)
+                v_used = jnp.take_along_axis(jnp.swapaxes(v, 1, 2), idx[..., None], axis=2)
+                v_used = jnp.swapaxes(v_used, 1, 2)  # [B, kv_cap, heads, D]
+            else:
+                rank = jnp.argsort(order, axis=-1, stable=True)
+                keep_v = rank < kv_keep[:, None, None]  # [B, heads, n]
+                probs_v, v_used = jnp.where(keep_v[:, :, None, :], probs, 0.0), v
+        else:
+            kv_keep, probs_v, v_used = v_cur, probs, v
+        o = base.weighted_values(self.drop_probs(probs_v, deterministic, rng), v_used)
+        o = jnp.where(head_on[:, None, :, None], o, 0).astype(v.dtype)  # [B, n, heads, D]
+        y = self._output_heads(o, head_keep) if physical and pruned_heads else self.project_out(o)
+
+        # Cumulative head importance: sum of |E| over valid query rows and head_dim.
+        head_part = jax.lax.stop_gradient(jnp.sum(jnp.abs(o.astype(jnp.float32)), axis=(1, 3)))
+        if physical and pruned_heads:
+            head_part = jnp.einsum('bk,bkh->bh', head_part,
+                                   jax.nn.one_hot(head_keep, num_heads, dtype=jnp.float32))
+        head_scores = state['head_scores'] + head_part
+
+        stats.update(self._stats(v_cur, kv_keep, h_cur, state['valid0']))
+        new_state = dict(state, token_scores=token_scores, head_scores=head_scores)
+        select, positions = None, carry.positions
+        if layer + 1 < num_layers:
+            if counts[layer + 1] < h_cur:
+                new_state['head_keep'] = top_heads(head_scores, head_keep, counts[layer + 1])
+            rho = ratios[layer + 1] / ratios[layer]
+            if rho < 1.0:
+                n_next = next_capacity(n_cur, rho)
+                if cfg.length_adaptive:
+                    keep = jnp.minimum(v_cur, n_next)
+                else:
+                    keep = _ceil_count(v_cur, rho)
+                first_invalid = (~eff_mask[:, 0]).astype(jnp.int32)
+                keep = jnp.clip(keep, n_next - (n_cur - v_cur), n_next - first_invalid)
+                keep = jnp.clip(keep, 0, v_cur)
+                if physical:
+                    select, _ = select_tokens(token_scores, eff_mask, keep, n_next)
+                    positions = jnp.take_along_axis(carry.positions, select, axis=1)
+                    new_state['token_scores'] = jnp.take_along_axis(token_scores, select, axis=1)
+                else:
+                    _, kept = select_tokens(token_scores, eff_mask, keep, n_next)
+                    new_state['alive'] = state['alive'] & (kept | ~mask)
+        new_carry = carry.replace(positions=positions, select=select, state=new_state)
+        return base.AttentionOutput(y, new_carry, stats, {})
+
+    def _stats(self, v_cur, kv_keep, h_cur, valid0) -> dict[str, jax.Array]:
+        """Pooled-over-batch statistics (see the module docstring for the definitions)."""
+        dims = self.dims
+        f32 = jnp.float32
+        v, kv, v0 = v_cur.astype(f32), kv_keep.astype(f32), valid0.astype(f32)
+
+        def frac(num, den):
+            return jnp.where(den > 0, num / jnp.maximum(den, 1e-30), 0.0).astype(f32)
+
+        dense_pairs = jnp.sum(dims.num_heads * v0 * v0)
+        attended = frac(jnp.sum(h_cur * v * kv), dense_pairs)
+        stats = {
+            'sparsity': jnp.where(dense_pairs > 0, 1.0 - attended, 0.0).astype(f32),
+            'tokens_kept': frac(jnp.sum(v), jnp.sum(v0)),
+            'heads_kept': jnp.asarray(h_cur / dims.num_heads, f32),
+            'values_kept': frac(jnp.sum(kv), jnp.sum(v)),
+        }
+        mlp_dim = getattr(dims, 'mlp_dim', None)
+        if mlp_dim:
+            kept = _macs(v, kv, h_cur, dims.emb_dim, dims.head_dim, mlp_dim)
+            full = _macs(v0, v0, dims.num_heads, dims.emb_dim, dims.head_dim, mlp_dim)
+            stats['flop_reduction'] = 1.0 - frac(jnp.sum(sum(kept.values())),
+                                                 jnp.sum(sum(full.values())))
+        return stats
+
+
+METHOD = base.AttentionMethod(
+    name='spatten',
+    module=SpAttenAttention,
+    default_config=default_config,
+    validate=validate,
+    layer_macs=layer_macs,
+    impls=('reference', 'xla'),
+    description='cascade token and head pruning, local value pruning, progressive quantization '
+                '(SpAtten)',
+    dense_equivalent={'token_keep_ratios': (), 'token_keep_final': 1.0,
+                      'length_adaptive': False, 'head_keep_counts': (), 'head_keep_final': 1.0,
+                      'value_keep_ratio': 1.0, 'quant': 'none'},
+    sweeps={'token_keep': tuple({'token_keep_final': r} for r in (1.0, 0.5, 0.25, 0.1))},
+)
