@@ -28,3 +28,9 @@ TINY = {
 def get_config(arg: str | None = None):
     """ListOps config; ``arg`` options are documented in ``lra_sparse.config_lib``."""
     return config_lib.make_config('listops', REFERENCE, TINY, arg)
+
+
+def sweep_learning_rate(add):
+    """Base learning rate of the rsqrt schedule (the reference uses 0.05)."""
+    for lr in (0.05, 0.1):
+        add(learning_rate=lr)

@@ -75,7 +75,7 @@ def examples(task, indices, split: str = 'validation') -> dict:
     """A batch of chosen examples of a split (numpy, with 'weights')."""
     arrays = task.splits[split]
     idx = np.asarray(indices)
-    batch = {k: v[idx] for k, v in arrays.items()}
+    batch = {k: np.asarray(v[idx], np.int32) for k, v in arrays.items()}
     batch['weights'] = np.ones(len(idx), np.float32)
     return batch
 
@@ -130,3 +130,40 @@ def kept_text(tokens: np.ndarray, positions: np.ndarray) -> str:
     chars = [chr(t - 1) if (k and 32 <= t - 1 < 127) else ('·' if t > 0 else '')
              for t, k in zip(tokens, keep)]
     return ''.join(chars)
+
+
+def square_maps(record: dict) -> dict[str, np.ndarray]:
+    """The [batch, heads, L, L] maps of a layer record (dense_probs, kept, predicted, ...)."""
+    probs = record['dense_probs']
+    return {k: v for k, v in record.items()
+            if isinstance(v, np.ndarray) and v.ndim == 4 and v.shape[:1] == probs.shape[:1]
+            and v.shape[-2:] == probs.shape[-2:]}
+
+
+def plot_layer_maps(records: list[dict], example: int = 0, max_heads: int = 4, title: str = ''):
+    """Grid of images: one row per (layer, map), one column per head, valid tokens only.
+
+    Returns:
+      The matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    rows = [(i, name, m) for i, r in enumerate(records) for name, m in square_maps(r).items()]
+    heads = min(max_heads, max(m.shape[1] for _, _, m in rows))
+    fig, axes = plt.subplots(len(rows), heads, figsize=(2.4 * heads, 2.3 * len(rows)),
+                             squeeze=False)
+    for (layer, name, m), row_axes in zip(rows, axes):
+        valid = records[layer]['mask'][example].astype(bool)
+        for h, ax in enumerate(row_axes):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if h >= m.shape[1]:
+                ax.axis('off')
+                continue
+            img = m[example, h][np.ix_(valid, valid)].astype(np.float32)
+            ax.imshow(img, cmap='viridis' if name == 'dense_probs' else 'Greys',
+                      interpolation='nearest')
+            ax.set_title(f'L{layer} {name} h{h}', fontsize=7)
+    fig.suptitle(title or 'attention maps (rows: layer and map; columns: heads)', fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -20,7 +20,7 @@ def private_cache(tmp_path_factory):
         os.environ['XDG_CACHE_HOME'] = old
 
 
-def tiny_config(task='listops', arg='', **overrides):
+def tiny_config(task='listops', arg='', /, **overrides):
     """A tiny config for `task` with dotted-key overrides (e.g. {'model.num_layers': 1})."""
     from lra_sparse import config_lib
 

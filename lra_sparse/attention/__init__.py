@@ -19,7 +19,7 @@ from lra_sparse.attention.base import (
 )
 
 # Order = the order methods appear in tables and plots.
-_MODULES = ('dense', 'spatten')
+_MODULES = ('dense', 'dsa', 'spatten', 'dfss', 'cta')
 
 REGISTRY: types.MappingProxyType[str, AttentionMethod] = types.MappingProxyType({
     name: importlib.import_module(f'lra_sparse.attention.{name}').METHOD for name in _MODULES

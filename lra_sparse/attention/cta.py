@@ -1,0 +1,566 @@
+"""CTA: compressed token attention (LSH clustering, attention among centroids, aggregation).
+
+CTA (Wang, Xu, Wang, Han, HPCA 2023, Section III) as an attention method of the one LRA encoder.
+Tokens that encode similar features are clustered and attention is computed among the cluster
+centroids only; every token's output is recovered by probability aggregation.
+
+What one layer does (``n`` = padded length, ``X`` = the layer-normalised block input, before the
+Q/K/V projections):
+
+1. **E2LSH hashing** (eq. 1): ``h(x) = floor((A x + b) / w)`` with ``A`` [l, emb] ~ N(0, I) and
+   ``b`` [l] ~ U(0, w). Three independent families with their own widths: LSH_0 (queries,
+   ``query_bucket_width``), LSH_1 (keys/values, ``key_bucket_width``) and LSH_2 (residuals,
+   ``residual_bucket_width``). ``A`` and ``b`` are drawn once at init and stored as
+   :class:`base.Buffer` (``lsh_a`` [3, l, emb], ``lsh_b`` [3, l]), so checkpoints reproduce them.
+2. **Clusters** = tokens with equal codes (the paper's cluster tree); padding belongs to no
+   cluster. Centroid = mean of its members (Fig. 4 b).
+3. **Two-level key/value compression** (eq. 2): ``X ~ C0[CT0]`` for queries, and
+   ``X ~ C1[CT1] + C2[CT2]`` for keys/values, where C2 clusters the residuals ``X - C1[CT1]``.
+4. **Attention among compressed tokens** (eqs. 3-8), per head: ``Qb = C0 W_Q``,
+   ``Kb = [C1; C2] W_K``, ``Vb = [C1; C2] W_V``, ``Sb = Qb Kb^T / sqrt(d)``. For every query
+   cluster i and valid key token j, ``p_ij = exp(Sb[i, CT1[j]] + Sb[i, k1 + CT2[j]] - m_i)``
+   (``m_i`` = the row max over valid j: the usual max-subtraction) is added to both AP[i, CT1[j]]
+   and AP[i, k1 + CT2[j]] (Fig. 6); ``Ob = AP Vb / (sum(AP) / 2)`` and each query token gets its
+   cluster's row. This equals exact softmax attention of the approximated tokens of eq. (2).
+
+Static shapes (the paper's cluster counts are data dependent). Each family has a static
+**capacity** ``cap = ceil(fraction * n)`` clusters per sequence (``query_capacity``,
+``key_capacity``, ``residual_capacity``; always in [1, n]). If a sequence has more distinct codes
+than the capacity (the overflow rule):
+
+* clusters are ranked by size (valid members, descending), ties by first occurrence (lowest token
+  index); the first ``cap`` are kept and get slots 0..cap-1 in that order;
+* every token of a dropped cluster is merged into the kept cluster whose centroid is nearest in
+  the family's l-dimensional LSH projection space ``(A x + b) / w`` (an l-dim random projection of
+  the L2 distance, cheap: n * cap * l MACs); ties go to the lower slot (the larger cluster);
+* centroids are then the means of all members, merged ones included;
+* ``overflow`` counts the merged tokens (per example, summed over the three families).
+
+With ``capacity = 1.0`` no overflow can happen and the merge is skipped at trace time.
+
+Implementations: ``impl='xla'`` is the compressed computation of the paper: sort-based cluster
+ids, ``segment_sum`` centroids, scores among centroids only [k0, k1 + k2] per head, the k0 x n
+probability aggregation by gather + ``segment_sum``, the output projection on the k0 query
+centroids, and a gather back to tokens. ``impl='reference'`` is the obviously-correct dense twin:
+cluster ids from a dense pairwise code-equality matrix, centroids and approximated tokens by
+explicit one-hot assignment matrices, then :func:`base.masked_attention`-style full softmax
+attention of the approximated tokens. Both agree to float tolerance (tested). The Pallas kernel
+(a later issue) plugs in at :func:`compressed_attention` (scores, aggregation and AV among the
+centroids); hashing and clustering stay in XLA.
+
+Interpretations (the paper leaves these open):
+
+* Hashing and clustering see ``stop_gradient(X)``: codes are piecewise constant, so no gradient
+  is lost; gradients flow through the centroids into X and into the projections.
+* Each family has its own bucket width (the paper names one w); residuals are smaller than
+  tokens, so LSH_2 usually wants a smaller width. The sweep scales the three together.
+* Attention dropout (training) is applied to the normalised per-(query cluster, key token)
+  probabilities p_ij / sum_j p_ij (xla) or to the per-token probabilities (reference), so the two
+  implementations agree exactly only without dropout.
+* ``rl`` = (k0 + 2 k1 + 2 k2) / 3n (linear MACs kept, eq. 3, Section III-D); ``ra`` =
+  k0 (k1 + k2) / n^2 (score and AV MACs kept, eqs. 5 and 8); both pooled over the batch with n
+  = valid tokens of each example and k = realised (non-empty) clusters. ``sparsity`` = 1 - ra,
+  clipped at 0 (poor compression can make CTA do more attention work than dense: k2 adds to k1).
+  Hashing, aggregation and the overflow merge are overheads not in RL/RA (as in the paper); the
+  cost model :func:`layer_macs` does count hashing and merging.
+* ``k0``, ``k1``, ``k2`` and ``overflow`` are means over the examples that have a valid token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lra_sparse.attention import base
+
+NUM_FAMILIES = 3  # LSH_0 (queries), LSH_1 (keys/values), LSH_2 (residuals)
+_HIGHEST = jax.lax.Precision.HIGHEST
+_WIDTH_FIELDS = ('query_bucket_width', 'key_bucket_width', 'residual_bucket_width')
+_CAPACITY_FIELDS = ('query_capacity', 'key_capacity', 'residual_capacity')
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """CTA's fields (see the module docstring for the rules they feed)."""
+    c = ml_collections.ConfigDict()
+    c.hash_length = 6  # l: hash functions per LSH family (paper: 6), an integer >= 1
+    c.query_bucket_width = 16.0  # w of LSH_0 (queries), in units of the LN'd block input X
+    # (|x| ~ sqrt(emb_dim), so a.x ~ N(0, emb_dim)); a number > 0; larger = fewer clusters
+    c.key_bucket_width = 16.0  # w of LSH_1 (keys/values), a number > 0
+    c.residual_bucket_width = 8.0  # w of LSH_2 (residuals X - C1[CT1]), a number > 0
+    c.query_capacity = 0.5  # static max query clusters k0 = ceil(fraction * n), in (0, 1]
+    c.key_capacity = 0.5  # static max key/value clusters k1 = ceil(fraction * n), in (0, 1]
+    c.residual_capacity = 0.25  # static max residual clusters k2 = ceil(fraction * n), in (0, 1]
+    c.diagnostics = False  # True: also run exact attention with the same weights and report
+    # 'rel_error' = |y_cta - y_dense| / |y_dense| over valid tokens (costs a dense pass)
+    return c
+
+
+# -- validation ---------------------------------------------------------------------------------
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise base.config_error(f'attention.{field}', value, allowed)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_fields(cfg) -> None:
+    """Raises ConfigError for any bad CTA field."""
+    length = cfg.hash_length
+    _check(isinstance(length, int) and not isinstance(length, bool) and length >= 1,
+           'hash_length', length,
+           'an integer >= 1 (the paper uses 6)')
+    for field in _WIDTH_FIELDS:
+        w = cfg[field]
+        _check(_is_number(w) and math.isfinite(w) and w > 0, field, w,
+               'a finite number > 0 (bucket width w)')
+    for field in _CAPACITY_FIELDS:
+        f = cfg[field]
+        _check(_is_number(f) and 0.0 < f <= 1.0, field, f,
+               'a fraction of the sequence length in (0, 1] (clusters = ceil(fraction * n), '
+               'always between 1 and n)')
+    _check(isinstance(cfg.diagnostics, bool), 'diagnostics', cfg.diagnostics, 'True or False')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks CTA's fields before any compute."""
+    check_fields(config.attention)
+
+
+def capacity(fraction: float, length: int) -> int:
+    """Static cluster capacity: ceil(fraction * length), clipped to [1, length]."""
+    return max(1, min(length, math.ceil(float(fraction) * length - 1e-9)))
+
+
+def capacities(cfg, length: int) -> tuple[int, int, int]:
+    """(cap0, cap1, cap2) for a sequence of ``length`` tokens."""
+    return tuple(capacity(cfg[f], length) for f in _CAPACITY_FIELDS)
+
+
+def widths(cfg) -> tuple[float, float, float]:
+    """Bucket widths of LSH_0, LSH_1, LSH_2."""
+    return tuple(float(cfg[f]) for f in _WIDTH_FIELDS)
+
+
+# -- hashing and clustering (pure functions, tested directly) -----------------------------------
+def lsh_project(x: jax.Array, a: jax.Array, b: jax.Array, width: float) -> jax.Array:
+    """Continuous E2LSH coordinates ``(A x + b) / w``; the hash code is their floor.
+
+    Args:
+      x: [batch, n, emb].
+      a: [l, emb] directions.
+      b: [l] offsets in [0, w).
+      width: bucket width w > 0.
+
+    Returns:
+      float32 [batch, n, l].
+    """
+    proj = jnp.einsum('bne,le->bnl', x.astype(jnp.float32), a.astype(jnp.float32),
+                      precision=_HIGHEST)
+    return (proj + b.astype(jnp.float32)) / width
+
+
+def hash_codes(x: jax.Array, a: jax.Array, b: jax.Array, width: float) -> jax.Array:
+    """E2LSH codes (eq. 1): float32 [batch, n, l] of integers floor((A x + b) / w)."""
+    return jnp.floor(lsh_project(x, a, b, width))
+
+
+def assign_clusters(codes: jax.Array, valid: jax.Array, cap: int) -> jax.Array:
+    """Cluster slots from hash codes, sort based (the xla path).
+
+    Args:
+      codes: [batch, n, l] hash codes (any dtype with exact equality).
+      valid: bool [batch, n].
+      cap: static number of slots.
+
+    Returns:
+      int32 [batch, n]: the slot in [0, cap) of a token whose cluster is kept, -1 for a valid
+      token whose cluster overflowed the capacity, ``cap`` for padding. Clusters are ranked by
+      size (descending), ties by first occurrence; the first ``cap`` are kept.
+    """
+    batch, n, hash_len = codes.shape
+    idx = jnp.arange(n, dtype=jnp.int32)
+    codes = jnp.where(codes == 0, jnp.zeros_like(codes), codes)  # -0.0 sorts apart from 0.0
+    # lexsort: the last key is primary; padding goes last, equal codes end up adjacent.
+    keys = [codes[..., i] for i in reversed(range(hash_len))] + [(~valid).astype(jnp.int32)]
+    order = jnp.lexsort(keys, axis=-1)
+    s_codes = jnp.take_along_axis(codes, order[..., None], axis=1)
+    s_valid = jnp.take_along_axis(valid, order, axis=1)
+    change = jnp.any(s_codes[:, 1:] != s_codes[:, :-1], axis=-1) | (s_valid[:, 1:]
+                                                                      != s_valid[:, :-1])
+    new = jnp.concatenate([jnp.ones((batch, 1), bool), change], axis=1)
+    s_group = jnp.cumsum(new, axis=1, dtype=jnp.int32) - 1  # [batch, n] in [0, n)
+    group = jnp.zeros((batch, n), jnp.int32).at[jnp.arange(batch)[:, None], order].set(s_group)
+    size = jax.vmap(lambda v, g: jax.ops.segment_sum(v, g, n))(valid.astype(jnp.int32), group)
+    first = jax.vmap(lambda v, g: jax.ops.segment_min(v, g, n))(
+        jnp.where(valid, idx[None], n), group)
+    g_order = jnp.lexsort((first, -size), axis=-1)  # groups by size desc, first occurrence asc
+    rank = jnp.zeros((batch, n), jnp.int32).at[jnp.arange(batch)[:, None], g_order].set(
+        jnp.broadcast_to(idx, (batch, n)))
+    t_rank = jnp.take_along_axis(rank, group, axis=1)
+    return jnp.where(valid, jnp.where(t_rank < cap, t_rank, -1), cap).astype(jnp.int32)
+
+
+def assign_clusters_reference(codes: jax.Array, valid: jax.Array, cap: int) -> jax.Array:
+    """Same contract as :func:`assign_clusters`, from a dense pairwise code-equality matrix."""
+    n = codes.shape[1]
+    idx = jnp.arange(n, dtype=jnp.int32)
+    same = valid[:, :, None] & valid[:, None, :]
+    for i in range(codes.shape[-1]):
+        same = same & (codes[:, :, None, i] == codes[:, None, :, i])  # [batch, n, n]
+    size = jnp.sum(same, axis=2)  # members of my cluster
+    first = jnp.min(jnp.where(same, idx[None, None], n), axis=2)  # its first member
+    leader = valid & (first == idx[None])
+    # Rank of my cluster = number of clusters (leaders j) ahead of it.
+    ahead = leader[:, None, :] & ((size[:, None, :] > size[:, :, None])
+                                  | ((size[:, None, :] == size[:, :, None])
+                                     & (idx[None, None, :] < first[:, :, None])))
+    rank = jnp.sum(ahead, axis=2)
+    return jnp.where(valid, jnp.where(rank < cap, rank, -1), cap).astype(jnp.int32)
+
+
+def segment_mean(values: jax.Array, ids: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
+    """Cluster means by ``segment_sum`` (Fig. 4 b); ids outside [0, cap) belong to no cluster.
+
+    Args:
+      values: [batch, n, dim].
+      ids: int32 [batch, n].
+      cap: number of clusters.
+
+    Returns:
+      (means float32 [batch, cap, dim] (zeros for empty clusters), counts float32 [batch, cap]).
+    """
+    ok = (ids >= 0) & (ids < cap)
+    ids = jnp.where(ok, ids, cap)  # out of range: dropped by segment_sum
+    sums = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, cap))(values.astype(jnp.float32), ids)
+    counts = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, cap))(ok.astype(jnp.float32), ids)
+    return sums / jnp.maximum(counts, 1.0)[..., None], counts
+
+
+def one_hot_mean(values: jax.Array, ids: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
+    """Same contract as :func:`segment_mean` with an explicit one-hot assignment matrix."""
+    assign = jax.nn.one_hot(ids, cap, dtype=jnp.float32)  # out-of-range ids: all-zero rows
+    counts = jnp.sum(assign, axis=1)
+    sums = jnp.einsum('bnc,bnd->bcd', assign, values.astype(jnp.float32), precision=_HIGHEST)
+    return sums / jnp.maximum(counts, 1.0)[..., None], counts
+
+
+def merge_overflow(proj: jax.Array, slots: jax.Array, cap: int, mean_fn=segment_mean) -> jax.Array:
+    """Overflow rule: tokens with slot -1 join the kept cluster nearest in projection space.
+
+    Args:
+      proj: float32 [batch, n, l] LSH coordinates (:func:`lsh_project`).
+      slots: int32 [batch, n] from :func:`assign_clusters` (-1 = overflow, cap = padding).
+      cap: number of slots.
+      mean_fn: :func:`segment_mean` or :func:`one_hot_mean`.
+
+    Returns:
+      int32 [batch, n]: slots with every -1 replaced by the slot of the kept centroid (mean of
+      the kept members' coordinates) at the smallest squared distance; ties: the lower slot.
+    """
+    proj = jax.lax.stop_gradient(proj)
+    centre, counts = mean_fn(proj, slots, cap)  # [batch, cap, l]
+    d2 = (jnp.sum(proj * proj, axis=-1)[:, :, None]
+          - 2.0 * jnp.einsum('bnl,bcl->bnc', proj, centre, precision=_HIGHEST)
+          + jnp.sum(centre * centre, axis=-1)[:, None, :])
+    d2 = jnp.where(counts[:, None, :] > 0, d2, jnp.inf)
+    nearest = jnp.argmin(d2, axis=-1).astype(jnp.int32)
+    return jnp.where(slots == -1, nearest, slots)
+
+
+def cluster_tokens(x: jax.Array, valid: jax.Array, a: jax.Array, b: jax.Array, width: float,
+                   cap: int, reference: bool = False) -> dict[str, jax.Array]:
+    """One LSH family: hash, cluster (with the overflow rule), centroids.
+
+    Args:
+      x: [batch, n, emb] tokens to cluster (hashed through ``stop_gradient``).
+      valid: bool [batch, n].
+      a, b, width: the family's hash parameters.
+      cap: static capacity.
+      reference: dense pairwise / one-hot implementation instead of sort / segment_sum.
+
+    Returns:
+      {'ids': int32 [batch, n] cluster of each token (``cap`` for padding),
+       'centroids': float32 [batch, cap, emb] (differentiable in x),
+       'counts': float32 [batch, cap] members per cluster,
+       'overflow': int32 [batch] tokens merged because of the capacity}.
+    """
+    proj = lsh_project(jax.lax.stop_gradient(x), a, b, width)
+    codes = jnp.floor(proj)
+    assign = assign_clusters_reference if reference else assign_clusters
+    mean_fn = one_hot_mean if reference else segment_mean
+    slots = assign(codes, valid, cap)
+    overflow = jnp.sum(slots == -1, axis=1).astype(jnp.int32)
+    ids = merge_overflow(proj, slots, cap, mean_fn) if cap < x.shape[1] else slots
+    centroids, counts = mean_fn(x, ids, cap)
+    return {'ids': ids, 'centroids': centroids, 'counts': counts, 'overflow': overflow}
+
+
+def compress(x: jax.Array, valid: jax.Array, a: jax.Array, b: jax.Array,
+             widths_: tuple[float, float, float], caps: tuple[int, int, int],
+             reference: bool = False) -> tuple[dict, dict, dict]:
+    """Token compression (Section III-B): LSH_0 on queries, LSH_1 then LSH_2 on residuals.
+
+    Args:
+      x: [batch, n, emb] block input.
+      valid: bool [batch, n].
+      a: [3, l, emb], b: [3, l] hash parameters of the three families.
+      widths_: bucket widths (w0, w1, w2).
+      caps: capacities (cap0, cap1, cap2).
+      reference: use the dense/one-hot clustering.
+
+    Returns:
+      Three :func:`cluster_tokens` dicts (queries, keys/values, residuals).
+    """
+    x = x.astype(jnp.float32)
+    fam0 = cluster_tokens(x, valid, a[0], b[0], widths_[0], caps[0], reference)
+    fam1 = cluster_tokens(x, valid, a[1], b[1], widths_[1], caps[1], reference)
+    c1 = jnp.take_along_axis(fam1['centroids'], jnp.clip(fam1['ids'], 0, caps[1] - 1)[..., None],
+                             axis=1)
+    residual = jnp.where(valid[..., None], x - c1, 0.0)
+    fam2 = cluster_tokens(residual, valid, a[2], b[2], widths_[2], caps[2], reference)
+    return fam0, fam1, fam2
+
+
+# -- attention among compressed tokens ----------------------------------------------------------
+def token_probabilities(s_bar: jax.Array, ct1: jax.Array, ct2: jax.Array, kv_valid: jax.Array,
+                        cap1: int) -> jax.Array:
+    """Unnormalised probabilities of every query cluster on every key token (eq. 6, Fig. 6).
+
+    Args:
+      s_bar: float [batch, heads, k0, cap1 + cap2] scaled compressed scores (eq. 5).
+      ct1, ct2: int32 [batch, n] key clusters of LSH_1 and LSH_2 (any value on padding).
+      kv_valid: bool [batch, n].
+      cap1: number of LSH_1 slots (column offset of the C2 block).
+
+    Returns:
+      float32 [batch, heads, k0, n]: exp(Sb[i, CT1[j]] + Sb[i, cap1 + CT2[j]] - m_i), 0 on
+      padding, with m_i the max over valid j (so each row with a valid key has max 1).
+    """
+    s_bar = s_bar.astype(jnp.float32)
+    cap2 = s_bar.shape[-1] - cap1
+    i1 = jnp.clip(ct1, 0, cap1 - 1)[:, None, None, :]
+    i2 = jnp.clip(ct2, 0, cap2 - 1)[:, None, None, :]
+    shape = s_bar.shape[:3] + (ct1.shape[1],)
+    g = (jnp.take_along_axis(s_bar[..., :cap1], jnp.broadcast_to(i1, shape), axis=-1)
+         + jnp.take_along_axis(s_bar[..., cap1:], jnp.broadcast_to(i2, shape), axis=-1))
+    keep = kv_valid[:, None, None, :]
+    g = jnp.where(keep, g, base.MASK_VALUE)
+    m = jax.lax.stop_gradient(jnp.max(g, axis=-1, keepdims=True))
+    return jnp.where(keep, jnp.exp(g - m), 0.0)
+
+
+def _segment_sum_last(p: jax.Array, ids: jax.Array, num: int) -> jax.Array:
+    """[batch, h, q, n] summed over n into ``num`` segments by ids [batch, n] (others dropped)."""
+    ids = jnp.where((ids >= 0) & (ids < num), ids, num)
+
+    def one(pb, ib):  # pb [h, q, n]
+        return jnp.moveaxis(jax.ops.segment_sum(jnp.moveaxis(pb, -1, 0), ib, num), 0, -1)
+
+    return jax.vmap(one)(p, ids)
+
+
+def aggregate_probabilities(p: jax.Array, ct1: jax.Array, ct2: jax.Array, cap1: int,
+                            cap2: int) -> jax.Array:
+    """Aggregated attention probabilities AP (Fig. 6): p_ij added to both of j's centroids.
+
+    Args:
+      p: float32 [batch, heads, k0, n] from :func:`token_probabilities` (0 on padding).
+      ct1, ct2: int32 [batch, n] key clusters (padding: out of range or with p = 0).
+      cap1, cap2: slots of LSH_1 and LSH_2.
+
+    Returns:
+      float32 [batch, heads, k0, cap1 + cap2]; each row sums to 2 * sum_j p_ij.
+    """
+    return jnp.concatenate([_segment_sum_last(p, ct1, cap1), _segment_sum_last(p, ct2, cap2)],
+                           axis=-1)
+
+
+def compressed_attention(q_bar: jax.Array, k_bar: jax.Array, v_bar: jax.Array, ct1: jax.Array,
+                         ct2: jax.Array, kv_valid: jax.Array, cap1: int,
+                         drop=None) -> jax.Array:
+    """Eqs. 5-8 per head: scores among centroids, AP aggregation, Ob = AP Vb / (sum AP / 2).
+
+    This is where the Pallas kernel (later issue) plugs in: it takes the centroid projections
+    and the cluster tables and returns Ob; everything before (hashing, clustering) stays in XLA.
+
+    Args:
+      q_bar: [batch, k0, heads, head_dim] compressed queries.
+      k_bar, v_bar: [batch, cap1 + cap2, heads, head_dim] compressed keys / values.
+      ct1, ct2: int32 [batch, n] key clusters; kv_valid: bool [batch, n].
+      cap1: LSH_1 slots.
+      drop: optional function applied to the normalised token probabilities (dropout).
+
+    Returns:
+      [batch, k0, heads, head_dim] in v_bar's dtype; rows of a sequence without valid keys are 0.
+    """
+    scale = 1.0 / math.sqrt(q_bar.shape[-1])
+    s_bar = base.attention_scores(q_bar, k_bar) * scale  # [batch, heads, k0, cap1 + cap2]
+    p = token_probabilities(s_bar, ct1, ct2, kv_valid, cap1)
+    denom = jnp.sum(p, axis=-1, keepdims=True)  # = sum(AP) / 2
+    p = p * jnp.where(denom > 0, 1.0 / jnp.maximum(denom, 1e-30), 0.0)
+    if drop is not None:
+        p = drop(p)
+    ap = aggregate_probabilities(p, ct1, ct2, cap1, k_bar.shape[1] - cap1)
+    return base.weighted_values(ap, v_bar)
+
+
+# -- cost model -----------------------------------------------------------------------------------
+def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
+               mlp_dim: int) -> tuple[dict[str, float], int]:
+    """MACs of one CTA layer for one example (no token leaves it).
+
+    The cluster counts are data dependent; this uses the static capacities (k0, k1, k2 =
+    ceil(capacity * n)) as their upper bound, which is also what the xla path computes. Linears:
+    (k0 + 2 k1 + 2 k2) emb d (eq. 3) plus the output projection on k0 rows; scores and AV:
+    k0 (k1 + k2) d each (eqs. 5, 8). ``lsh_hash`` = 3 l n emb (eq. 1); ``overflow_merge`` = n cap l
+    per family whose capacity is below n. Probability aggregation (k0 n exps and additions per
+    head) and centroid sums are additions, not MACs.
+    """
+    n, e, d = seq_len, dims.emb_dim, dims.qkv_dim
+    k0, k1, k2 = capacities(cfg, n)
+    hash_len = int(cfg.hash_length)
+    macs = {
+        'lsh_hash': 3.0 * hash_len * n * e,
+        'overflow_merge': float(sum(n * k * hash_len for k in (k0, k1, k2) if k < n)),
+        'qkv_proj': (k0 + 2.0 * (k1 + k2)) * e * d,
+        'out_proj': 1.0 * k0 * d * e,
+        'scores': 1.0 * k0 * (k1 + k2) * d,
+        'attention_values': 1.0 * k0 * (k1 + k2) * d,
+        'ffn': 2.0 * n * e * mlp_dim,
+    }
+    return macs, n
+
+
+# -- the layer ----------------------------------------------------------------------------------
+class CTAAttention(base.Attention):
+    """CTA attention layer; see the module docstring for what it computes.
+
+    Extra state: ``lsh_a`` Buffer float32 [3, l, emb] (directions ~ N(0, I)) and ``lsh_b`` Buffer
+    float32 [3, l] (offsets ~ U(0, w) of each family's width).
+    """
+
+    def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
+        super().__init__(dims, cfg, rngs=rngs)
+        check_fields(cfg)
+        hash_len = int(cfg.hash_length)
+        key_a, key_b = jax.random.split(rngs.params())
+        self.lsh_a = base.Buffer(
+            jax.random.normal(key_a, (NUM_FAMILIES, hash_len, dims.emb_dim), jnp.float32))
+        w = jnp.asarray(widths(cfg), jnp.float32)
+        self.lsh_b = base.Buffer(
+            jax.random.uniform(key_b, (NUM_FAMILIES, hash_len), jnp.float32) * w[:, None])
+
+    def clusters(self, x: jax.Array, mask: jax.Array) -> tuple[dict, dict, dict]:
+        """The three families' :func:`cluster_tokens` results for x [batch, n, emb]."""
+        return compress(x, mask, self.lsh_a[...], self.lsh_b[...], widths(self.cfg),
+                        capacities(self.cfg, x.shape[1]),
+                        reference=self.cfg.impl == 'reference')
+
+    def attend(self, x, mask, carry, *, deterministic, rng):
+        """CTA layer; see ``base.Attention.__call__`` and the module docstring."""
+        fam0, fam1, fam2 = self.clusters(x, mask)
+        drop = None
+        if not deterministic and self.dims.attention_dropout_rate > 0.0:
+            def drop(p):
+                return self.drop_probs(p, deterministic, rng)
+        if self.cfg.impl == 'reference':
+            y = self._reference(mask, fam0, fam1, fam2, drop)
+        else:
+            y = self._compressed(mask, fam0, fam1, fam2, drop)
+        stats = self._stats(mask, fam0, fam1, fam2)
+        if self.cfg.diagnostics:
+            y_dense = self.dense(x, mask, True, None)[0].astype(jnp.float32)
+            err = jnp.where(mask[..., None], y.astype(jnp.float32) - y_dense, 0.0)
+            ref = jnp.where(mask[..., None], y_dense, 0.0)
+            num, den = jnp.sqrt(jnp.sum(err * err)), jnp.sqrt(jnp.sum(ref * ref))
+            stats['rel_error'] = jax.lax.stop_gradient(
+                jnp.where(den > 0, num / jnp.maximum(den, 1e-30), 0.0)).astype(jnp.float32)
+        return base.AttentionOutput(y, carry, stats, {})
+
+    def _cast(self, c: jax.Array) -> jax.Array:
+        return c.astype(jnp.dtype(self.dims.dtype))
+
+    def _compressed(self, mask, fam0, fam1, fam2, drop) -> jax.Array:
+        """The xla path: projections, scores and AV among centroids only."""
+        cap0, cap1 = fam0['centroids'].shape[1], fam1['centroids'].shape[1]
+        q_bar = self.split_heads(self.query(self._cast(fam0['centroids'])))
+        cat = self._cast(jnp.concatenate([fam1['centroids'], fam2['centroids']], axis=1))
+        k_bar, v_bar = self.split_heads(self.key(cat)), self.split_heads(self.value(cat))
+        o_bar = compressed_attention(q_bar, k_bar, v_bar, fam1['ids'], fam2['ids'], mask, cap1,
+                                     drop)
+        y_bar = self.project_out(o_bar)  # [batch, k0, emb]: output projection on centroids
+        y = jnp.take_along_axis(y_bar, jnp.clip(fam0['ids'], 0, cap0 - 1)[..., None], axis=1)
+        return jnp.where(mask[..., None], y, 0).astype(y_bar.dtype)
+
+    def _reference(self, mask, fam0, fam1, fam2, drop) -> jax.Array:
+        """The reference path: approximated tokens by one-hot matrices, full softmax attention."""
+        def expand(fam):  # [batch, n, emb] = one_hot(ids) @ centroids
+            cap = fam['centroids'].shape[1]
+            return jnp.einsum('bnc,bce->bne', jax.nn.one_hot(fam['ids'], cap, dtype=jnp.float32),
+                              fam['centroids'], precision=_HIGHEST)
+
+        x_q = self._cast(expand(fam0))
+        x_kv = self._cast(expand(fam1) + expand(fam2))
+        q = self.split_heads(self.query(x_q))
+        k, v = self.split_heads(self.key(x_kv)), self.split_heads(self.value(x_kv))
+        scale = 1.0 / math.sqrt(self.dims.head_dim)
+        probs = base.masked_softmax(base.attention_scores(q, k) * scale, base.pair_mask(mask, mask))
+        if drop is not None:
+            probs = drop(probs)
+        return self.project_out(base.weighted_values(probs, v))
+
+    def _stats(self, mask, fam0, fam1, fam2) -> dict[str, jax.Array]:
+        """Pooled-over-batch statistics (see the module docstring for the definitions)."""
+        f32 = jnp.float32
+        n = jnp.sum(mask, axis=1).astype(f32)  # [batch]
+        k0, k1, k2 = (jnp.sum(f['counts'] > 0, axis=1).astype(f32) for f in (fam0, fam1, fam2))
+        examples = jnp.maximum(jnp.sum(n > 0).astype(f32), 1.0)
+
+        def frac(num, den):
+            return jnp.where(den > 0, num / jnp.maximum(den, 1e-30), 0.0).astype(f32)
+
+        ra = frac(jnp.sum(k0 * (k1 + k2)), jnp.sum(n * n))
+        overflow = sum(f['overflow'] for f in (fam0, fam1, fam2)).astype(f32)
+        stats = {
+            'sparsity': jnp.where(jnp.sum(n) > 0, jnp.clip(1.0 - ra, 0.0, 1.0), 0.0).astype(f32),
+            'ra': ra,
+            'rl': frac(jnp.sum(k0 + 2.0 * (k1 + k2)), jnp.sum(3.0 * n)),
+            'k0': jnp.sum(k0) / examples,
+            'k1': jnp.sum(k1) / examples,
+            'k2': jnp.sum(k2) / examples,
+            'overflow': jnp.sum(overflow) / examples,
+        }
+        return {k: jax.lax.stop_gradient(v).astype(f32) for k, v in stats.items()}
+
+    def inspect_maps(self, x, mask, carry):
+        """Cluster ids per token: int32 [batch, n] each, -1 on padding."""
+        del carry
+        fams = self.clusters(x, mask)
+        names = ('query_clusters', 'key_clusters', 'residual_clusters')
+        return {name: jnp.where(mask, f['ids'], -1) for name, f in zip(names, fams)}
+
+
+def _widths(w: float) -> dict[str, float]:
+    return {'query_bucket_width': w, 'key_bucket_width': w, 'residual_bucket_width': w / 2}
+
+
+METHOD = base.AttentionMethod(
+    name='cta',
+    module=CTAAttention,
+    default_config=default_config,
+    validate=validate,
+    layer_macs=layer_macs,
+    impls=('reference', 'xla'),
+    description='LSH clustering of tokens, attention among centroids, probability aggregation '
+                '(CTA)',
+    # Tiny widths and full capacity: every distinct token is its own cluster (residuals are then
+    # exactly 0, one LSH_2 cluster), so CTA is exact attention up to float rounding.
+    dense_equivalent={**_widths(1e-4), 'query_capacity': 1.0, 'key_capacity': 1.0,
+                      'residual_capacity': 1.0},
+    sweeps={'bucket_width': tuple(_widths(w) for w in (4.0, 8.0, 16.0, 32.0, 64.0))},
+)

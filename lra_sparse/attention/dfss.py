@@ -1,0 +1,370 @@
+"""DFSS: dynamic fine-grained structured (N:M) sparse attention.
+
+DFSS (Chen et al., "Dynamic N:M Fine-grained Structured Sparse Attention Mechanism", PPoPP'23;
+``papers/dfss.txt`` sections 2.3-3) prunes the score matrix on the fly to the pattern that sparse
+tensor cores accept: in every row of ``QKᵀ``, in each group of M consecutive keys, only the N
+largest scores are kept (``1:2`` or ``2:4``, both 50% sparsity). There is no predictor and no
+hyperparameter besides the pattern, so it is a drop-in replacement of full attention and can also
+be applied to a dense-trained model at evaluation (``apply='eval_only'``, the paper's "w/o
+finetune" columns).
+
+What one layer does (the order of operations of the released code, ``apuaaChen/DFSS``
+``BertSelfAttentionDFSS``):
+
+1. ``s = q·kᵀ`` (float32 accumulators, also for bfloat16 Q/K, like the GEMM epilogue that prunes).
+2. Padding mask applied **before** selection: padded keys (and every key of a padded query row)
+   score ``-inf`` for the selection, so a group never keeps padding over a valid key.
+3. Selection (:func:`nm_keep`): per row and group of M consecutive keys keep the N largest;
+   ties go to the lowest index (the released epilogue's strict ``>`` over pairs in index order).
+4. Scaling by ``1/sqrt(head_dim)`` **after** selection (selection is scale-invariant).
+5. Softmax over the kept entries only; AV over the kept entries only.
+
+Compressed form (the paper's ``dspattn.bmm`` / ``dspattn.spmv`` API, ``sddmm``/``spmm`` in the
+released package): :func:`sddmm_nm` returns ``(values, indices)``, both ``[.., Lq, Lp·N/M]``
+where ``Lp = ceil(Lk / M) · M``: the key axis is padded internally to a multiple of M with masked
+keys, so any length works (tiny ListOps has 201 tokens with CLS). ``values`` are the kept raw
+(unscaled) scores, N per group in ascending key order, float32; a slot whose key is not valid
+(a group with fewer than N valid keys) holds :data:`base.MASK_VALUE`, as the released code's
+additive mask leaves it. ``indices`` are the in-group positions (uint8 in ``[0, M)``, the
+metadata). :func:`softmax_nm` is the softmax over the compressed values; :func:`spmm_nm` is AV.
+:func:`compressed_footprint` gives the memory the paper states (half the values plus 4 bits of
+metadata per group).
+
+Implementations:
+
+* ``reference``: dense scores, the N:M keep mask of :func:`nm_keep` and
+  :func:`base.masked_attention` (the oracle of the tests).
+* ``xla``: :func:`sddmm_nm` -> :func:`softmax_nm` (on the compressed ``[.., L, L·N/M]`` values)
+  -> :func:`spmm_nm`. JAX has no sparse-tensor-core path on current GPUs (see
+  ``reference/METHODS.md``), so the SDDMM computes the dense scores and compresses them, and the
+  SpMM decompresses the probabilities through the metadata (a select over the M in-group
+  positions, no scatter) and runs one dense matmul; a literal per-entry gather of V would
+  materialise ``[.., L, L·N/M, head_dim]``. This is an emulation of the dataflow, exact to the
+  reference, not a speed-up. The fused kernel that never writes the dense score matrix plugs in at
+  ``DFSSAttention._compressed_attention`` (see the PALLAS HOOK comment there).
+
+Statistics: ``sparsity`` = fraction of valid query-key pairs not attended (exactly ``1 - N/M``
+when every valid length is a multiple of M; a group with fewer than N valid keys keeps all of
+them, so it is lower otherwise); ``kept_mass`` = mean over valid query rows (and heads) of the
+probability mass of the full softmax (same scores, padding masked) that the kept entries carry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lra_sparse.attention import base
+
+PATTERNS = {'1:2': (1, 2), '2:4': (2, 4)}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """DFSS's one field (the computation dtype is ``config.model.dtype``)."""
+    c = ml_collections.ConfigDict()
+    c.pattern = '2:4'  # N:M pruning of every score row: '1:2' (the larger of each pair) | '2:4'
+    # (the 2 largest of each group of 4 consecutive keys); both 50% sparsity
+    return c
+
+
+def parse_pattern(pattern) -> tuple[int, int]:
+    """'2:4' -> (2, 4); raises ConfigError naming ``attention.pattern`` for anything else."""
+    if not isinstance(pattern, str) or pattern not in PATTERNS:
+        raise base.config_error('attention.pattern', pattern,
+                                f'one of {", ".join(repr(p) for p in PATTERNS)} (N:M, a string)')
+    return PATTERNS[pattern]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for a bad DFSS field (before any compute)."""
+    parse_pattern(config.attention.pattern)
+
+
+def padded_length(length: int, m: int) -> int:
+    """Key length padded to a multiple of the group size M."""
+    return -(-length // m) * m
+
+
+# -- selection ----------------------------------------------------------------------------------
+def _group_keep(key: jax.Array, n: int) -> jax.Array:
+    """Top-N of each group with lowest-index tie-break.
+
+    Args:
+      key: float [..., groups, M] selection keys (-inf for padding).
+      n: kept per group.
+
+    Returns:
+      bool [..., groups, M] with exactly N True per group: entry i is kept iff fewer than N
+      entries j beat it (``key_j > key_i``, or ``key_j == key_i`` and ``j < i``).
+    """
+    m = key.shape[-1]
+    pos = jnp.arange(m)
+    rank = jnp.zeros(key.shape, jnp.int32)
+    for j in range(m):  # M <= 4 compares, fused by XLA; no [.., M, M] intermediate
+        other = key[..., j:j + 1]
+        rank = rank + ((other > key) | ((other == key) & (j < pos))).astype(jnp.int32)
+    return rank < n
+
+
+def _kept_positions(keep: jax.Array, n: int) -> jax.Array:
+    """Kept positions: bool [..., groups, M] (N True each) -> int32 [..., groups, N] ascending."""
+    m = keep.shape[-1]
+    cum = jnp.cumsum(keep.astype(jnp.int32), axis=-1)
+    pos = jnp.arange(m, dtype=jnp.int32)
+    return jnp.stack([jnp.sum(jnp.where(keep & (cum == s + 1), pos, 0), axis=-1)
+                      for s in range(n)], axis=-1)
+
+
+def _grouped_keys(scores: jax.Array, valid: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+    """Mask padding (-inf), pad the key axis to a multiple of M, split it into groups.
+
+    Returns:
+      (key float32 [..., Lp/M, M], valid bool [..., Lp/M, M]); pad keys are invalid.
+    """
+    lk = scores.shape[-1]
+    pad = padded_length(lk, m) - lk
+    valid = jnp.broadcast_to(valid, scores.shape)
+    key = jnp.where(valid, jax.lax.stop_gradient(scores).astype(jnp.float32), -jnp.inf)
+    widths = [(0, 0)] * (scores.ndim - 1) + [(0, pad)]
+    key = jnp.pad(key, widths, constant_values=-jnp.inf)
+    valid = jnp.pad(valid, widths, constant_values=False)
+    shape = (*key.shape[:-1], key.shape[-1] // m, m)
+    return key.reshape(shape), valid.reshape(shape)
+
+
+def nm_keep(scores: jax.Array, valid: jax.Array, n: int, m: int) -> jax.Array:
+    """The N:M keep mask of DFSS (dense form).
+
+    Args:
+      scores: float [..., q_len, kv_len] raw scores (any positive scale gives the same mask).
+      valid: bool broadcastable to ``scores``, True for valid query-key pairs; invalid keys are
+        never kept (a group keeps fewer than N when it has fewer than N valid keys).
+      n, m: the pattern (keep N of every M consecutive keys).
+
+    Returns:
+      bool [..., q_len, kv_len]; kv_len need not be a multiple of M (the last group is short).
+    """
+    lk = scores.shape[-1]
+    key, valid_g = _grouped_keys(scores, valid, m)
+    keep = _group_keep(key, n) & valid_g
+    return keep.reshape(*keep.shape[:-2], -1)[..., :lk]
+
+
+# -- compressed form ----------------------------------------------------------------------------
+def _sddmm(q, k, mask, n, m):
+    """sddmm_nm plus the dense float32 scores it computed (for the kept-mass statistic)."""
+    scores = base.attention_scores(q, k)  # [B, H, Lq, Lk] float32
+    if mask is None:
+        mask = jnp.ones((), bool)
+    key, valid_g = _grouped_keys(scores, mask, m)
+    idx = _kept_positions(_group_keep(key, n), n)  # [B, H, Lq, G, N]
+    pad = key.shape[-2] * m - scores.shape[-1]
+    grouped = jnp.pad(scores, [(0, 0)] * 3 + [(0, pad)]).reshape(key.shape)
+    values = jnp.take_along_axis(grouped, idx, axis=-1)
+    values = jnp.where(jnp.take_along_axis(valid_g, idx, axis=-1), values, base.MASK_VALUE)
+    flat = (*values.shape[:-2], -1)
+    return values.reshape(flat), idx.astype(jnp.uint8).reshape(flat), scores
+
+
+def sddmm_nm(q: jax.Array, k: jax.Array, mask: jax.Array | None, n: int,
+              m: int) -> tuple[jax.Array, jax.Array]:
+    """Scores q·kᵀ pruned to N:M and compressed (the paper's SDDMM with the pruning epilogue).
+
+    Args:
+      q: [batch, q_len, heads, head_dim].
+      k: [batch, kv_len, heads, head_dim].
+      mask: bool broadcastable to [batch, heads, q_len, kv_len], True for valid pairs (e.g.
+        ``base.pair_mask(mask, mask)``), applied before selection; None = all valid.
+      n, m: the pattern.
+
+    Returns:
+      (values float32 [batch, heads, q_len, Lp·N/M], indices uint8 [batch, heads, q_len, Lp·N/M])
+      with ``Lp = ceil(kv_len / M) · M``. Slot ``g·N + s`` holds the s-th kept key (ascending) of
+      group g: key ``g·M + indices``, raw (unscaled) score ``values``; slots of invalid keys hold
+      ``base.MASK_VALUE``.
+    """
+    values, indices, _ = _sddmm(q, k, mask, n, m)
+    return values, indices
+
+
+def softmax_nm(values: jax.Array, scale: float) -> jax.Array:
+    """Softmax over the compressed kept scores of each row.
+
+    Args:
+      values: float32 [..., q_len, K] from :func:`sddmm_nm` (``base.MASK_VALUE`` = not kept).
+      scale: score scale applied before the softmax (``1/sqrt(head_dim)``).
+
+    Returns:
+      float32 [..., q_len, K] probabilities; 0 at ``MASK_VALUE`` slots; rows with no kept entry
+      (padded queries) are all zeros.
+    """
+    return base.masked_softmax(values * scale, values > base.MASK_VALUE)
+
+
+def decompress_nm(values: jax.Array, indices: jax.Array, n: int, m: int, kv_len: int,
+                  fill: float = 0.0) -> jax.Array:
+    """Scatter-free decompression of an N:M matrix.
+
+    Args:
+      values: [..., q_len, G·N] compressed entries.
+      indices: int [..., q_len, G·N] in-group positions (metadata).
+      n, m: the pattern.
+      kv_len: dense length to return (at most G·M; the internal padding is cut off).
+      fill: value of the pruned entries.
+
+    Returns:
+      [..., q_len, kv_len] dense matrix in ``values``' dtype.
+    """
+    groups = values.shape[-1] // n
+    vals = values.reshape(*values.shape[:-1], groups, n)
+    idx = indices.astype(jnp.int32).reshape(vals.shape)
+    cols = []
+    for j in range(m):  # select over the M in-group positions: what the sparse MMA's mux does
+        hit = idx == j
+        col = jnp.sum(jnp.where(hit, vals, jnp.zeros((), vals.dtype)), axis=-1)
+        cols.append(jnp.where(jnp.any(hit, axis=-1), col, jnp.asarray(fill, vals.dtype)))
+    dense = jnp.stack(cols, axis=-1)
+    return dense.reshape(*dense.shape[:-2], groups * m)[..., :kv_len]
+
+
+def spmm_nm(probs: jax.Array, indices: jax.Array, v: jax.Array, n: int, m: int) -> jax.Array:
+    """AV with an N:M compressed probability matrix (the paper's SpMM).
+
+    Emulated: the probabilities are decompressed through the metadata (:func:`decompress_nm`)
+    and multiplied with V in one dense matmul (no JAX sparse tensor-core path exists).
+
+    Args:
+      probs: [batch, heads, q_len, Lp·N/M] compressed probabilities (e.g. :func:`softmax_nm`).
+      indices: uint8 [batch, heads, q_len, Lp·N/M] metadata from :func:`sddmm_nm`.
+      v: [batch, kv_len, heads, head_dim]; ``Lp = ceil(kv_len / M) · M``.
+      n, m: the pattern.
+
+    Returns:
+      [batch, q_len, heads, head_dim] in v's dtype.
+    """
+    dense = decompress_nm(probs, indices, n, m, v.shape[1])
+    return base.weighted_values(dense, v)
+
+
+def compressed_footprint(q_len: int, kv_len: int, n: int, m: int,
+                         value_bytes: int = 4) -> dict[str, int]:
+    """Bytes of one [q_len, kv_len] attention matrix, dense and compressed.
+
+    Args:
+      q_len, kv_len: matrix shape (kv_len is padded to a multiple of M).
+      n, m: the pattern.
+      value_bytes: bytes per value (4 float32, 2 bfloat16).
+
+    Returns:
+      {'dense': dense values, 'values': kept values (N/M of the padded row), 'metadata': the
+      uint8 indices as stored here (1 byte per kept value), 'packed_metadata': the sparse
+      tensor-core encoding (4 bits per group; the paper's ``n²/16 · 32 bit`` for 1:2 float32)}.
+    """
+    lp = padded_length(kv_len, m)
+    kept = q_len * lp * n // m
+    return {'dense': q_len * kv_len * value_bytes, 'values': kept * value_bytes,
+            'metadata': kept, 'packed_metadata': q_len * (lp // m) * 4 // 8}
+
+
+# -- cost model ---------------------------------------------------------------------------------
+def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
+               mlp_dim: int) -> tuple[dict[str, float], int]:
+    """MACs of one DFSS layer for one example and the number of tokens leaving it.
+
+    Scores are dense (the SDDMM computes them all before pruning); AV runs over the kept
+    ``ceil(seq_len / M) · N`` entries per row; every token leaves the layer.
+    """
+    n, m = parse_pattern(cfg.pattern)
+    macs = base.dense_layer_macs(dims, seq_len, mlp_dim)
+    macs['attention_values'] = float(seq_len * (padded_length(seq_len, m) * n // m)
+                                     * dims.qkv_dim)
+    return macs, seq_len
+
+
+# -- the layer ----------------------------------------------------------------------------------
+def _mean_over_rows(per_row: jax.Array, rows: jax.Array) -> jax.Array:
+    total = jnp.sum(rows)
+    return jnp.where(total > 0, jnp.sum(jnp.where(rows, per_row, 0.0)) / jnp.maximum(total, 1),
+                     0.0).astype(jnp.float32)
+
+
+class DFSSAttention(base.Attention):
+    """N:M structured sparse attention; see the module docstring.
+
+    ``impl='reference'``: dense scores + :func:`nm_keep` + :func:`base.masked_attention`.
+    ``impl='xla'``: :func:`sddmm_nm` -> :func:`softmax_nm` -> :func:`spmm_nm` (attention dropout
+    acts on the compressed probabilities, as in the released code).
+    """
+
+    def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
+        super().__init__(dims, cfg, rngs=rngs)
+        self.n, self.m = parse_pattern(cfg.pattern)
+
+    def attend(self, x, mask, carry, *, deterministic, rng):
+        """DFSS layer; see ``base.Attention.__call__``."""
+        q, k, v = self.project_qkv(x)
+        valid = base.pair_mask(mask, mask)  # [B, 1, L, L]
+        if self.cfg.impl == 'reference':
+            o, stats = self._reference(q, k, v, valid, deterministic, rng)
+        else:
+            o, stats = self._compressed_attention(q, k, v, valid, deterministic, rng)
+        return base.AttentionOutput(self.project_out(o), carry, stats, {})
+
+    def _reference(self, q, k, v, valid, deterministic, rng):
+        scale = 1.0 / math.sqrt(self.dims.head_dim)
+        scores = base.attention_scores(q, k)
+        keep = nm_keep(scores, valid, self.n, self.m)  # padding masked before selection
+        o, probs = base.masked_attention(q, k, v, keep)  # scale after selection
+        if not deterministic and self.dims.attention_dropout_rate > 0.0:
+            o = base.weighted_values(self.drop_probs(probs, deterministic, rng), v)
+        full = jax.lax.stop_gradient(base.masked_softmax(scores * scale, valid))
+        rows = jnp.broadcast_to(jnp.any(valid, axis=-1), full.shape[:-1])
+        stats = {'sparsity': base.pair_sparsity(keep, valid),
+                 'kept_mass': _mean_over_rows(jnp.sum(jnp.where(keep, full, 0.0), -1), rows)}
+        return o, stats
+
+    def _compressed_attention(self, q, k, v, valid, deterministic, rng):
+        # PALLAS HOOK: the N:M Pallas kernel issue replaces the three steps below (which write the
+        # dense float32 scores inside _sddmm) with one fused kernel that prunes in the QKᵀ
+        # epilogue and never materialises the dense matrix; add 'pallas' to METHOD.impls and
+        # dispatch on self.cfg.impl here. The reference stays the oracle.
+        n, m = self.n, self.m
+        scale = 1.0 / math.sqrt(self.dims.head_dim)
+        values, indices, scores = _sddmm(q, k, valid, n, m)
+        probs = softmax_nm(values, scale)
+        o = spmm_nm(self.drop_probs(probs, deterministic, rng), indices, v, n, m)
+        # Statistics from the compressed values and the dense scores (no gradient).
+        values, scores = jax.lax.stop_gradient(values), jax.lax.stop_gradient(scores)
+        kept = values > base.MASK_VALUE
+        full_valid = jnp.broadcast_to(valid, scores.shape)
+        n_valid = jnp.sum(full_valid)
+        sparsity = jnp.where(n_valid > 0, 1.0 - jnp.sum(kept) / jnp.maximum(n_valid, 1), 0.0)
+        lse_kept = jax.nn.logsumexp(jnp.where(kept, values * scale, base.MASK_VALUE), axis=-1)
+        lse_all = jax.nn.logsumexp(jnp.where(full_valid, scores * scale, base.MASK_VALUE), -1)
+        rows = jnp.any(full_valid, axis=-1)
+        stats = {'sparsity': sparsity.astype(jnp.float32),
+                 'kept_mass': _mean_over_rows(jnp.exp(lse_kept - lse_all), rows)}
+        return o, stats
+
+    def inspect_maps(self, x, mask, carry):
+        """{'kept': bool [batch, heads, L, L]} the attended pairs."""
+        del carry
+        q, k, _ = self.project_qkv(x)
+        return {'kept': nm_keep(base.attention_scores(q, k), base.pair_mask(mask, mask),
+                                self.n, self.m)}
+
+
+METHOD = base.AttentionMethod(
+    name='dfss',
+    module=DFSSAttention,
+    default_config=default_config,
+    validate=validate,
+    layer_macs=layer_macs,
+    impls=('reference', 'xla'),
+    description='on-the-fly N:M (1:2, 2:4) structured pruning of every score row (DFSS)',
+    dense_equivalent=None,
+    sweeps={'pattern': tuple({'pattern': p} for p in PATTERNS)},
+)

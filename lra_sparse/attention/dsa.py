@@ -1,0 +1,722 @@
+"""DSA: dynamic sparse attention with a trainable low-rank, low-precision prediction path.
+
+DSA (Liu et al., "Dynamic Sparse Attention for Scalable Transformer Acceleration", IEEE TC 2022;
+``papers/dsa.txt`` sections 3-5) computes only the attention weights a cheap predictor marks as
+important. What one layer does:
+
+1. **Prediction path** (Eq. 5), per head ``h``: ``Q̃ʰ = X Pʰ W̃_Qʰ``, ``K̃ʰ = X Pʰ W̃_Kʰ`` and
+   ``S̃ʰ = Q̃ʰ K̃ʰᵀ / sqrt(k)``. ``Pʰ ∈ sqrt(2/k)·{-1, 0, 1}^{emb_dim × k}`` (entries -1/0/+1 with
+   probabilities 1/4, 1/2, 1/4) is drawn once at init, shared by the query and key paths, never
+   trained and stored as a :class:`base.Buffer` (so checkpoints reproduce it); ``W̃_Qʰ, W̃_Kʰ ∈
+   R^{k×k}`` are trainable. ``k = round(sigma * head_dim)``.
+2. **Precision** of the prediction path: ``fp32``; ``bf16`` (values rounded to bfloat16);
+   ``int8`` / ``int4`` / ``int2``: symmetric linear fake quantization (:func:`fake_quant`,
+   ``scale = max|x| / (2^(b-1) - 1)``, codes rounded to nearest, straight-through gradient) of the
+   projected input ``XP``, of the predictor weights ``W̃`` and of ``Q̃, K̃`` before the score GEMM
+   (the paper's pipeline, Fig. 9: quantized input × low-precision weights, then a low-precision
+   GEMM for ``S̃``). ``random``: no predictor, a random mask of the same sparsity (the paper's
+   control, Table 2). ``oracle``: no predictor, the top-k of the true scores.
+3. **Mask selection** from the selection scores (``S̃``, the true scores for ``oracle``, uniform
+   noise for ``random``): ``topk`` keeps, per row, the ``ceil((1 - sparsity) * n)`` best valid keys
+   (``n`` = the example's valid length; ties go to the lowest key index); ``threshold`` keeps the
+   valid keys with score ``>= threshold`` plus each row's best key (so no valid row is empty).
+   Granularity: ``element`` (per query row); ``vector`` (``vector_size`` consecutive query rows
+   share one selection, made on the mean of their valid rows' scores: the paper's column-vector
+   encoding); ``block`` (``block_q × block_k`` tiles, per query block the ``ceil((1 - sparsity) *
+   valid key blocks)`` tiles with the best mean score; the layout of a block-sparse kernel).
+   Padding keys are never selected; fully padded rows give zeros.
+4. **Sparse attention** with the mask: softmax over the kept scores (scaled by
+   ``1/sqrt(head_dim)``), AV over the kept keys.
+5. **Loss** (Eq. 6-7): ``aux_losses['dsa_mse'] = mse_weight * MSE``, ``MSE`` = mean over heads and
+   valid query-key pairs of ``(S - S̃)²`` with ``S = QKᵀ/sqrt(head_dim)`` the scores that enter the
+   softmax; gradients reach both the predictor and the Q/K projections (the selection itself is
+   not differentiable and carries no gradient).
+
+Implementations:
+
+* ``reference``: dense ``S̃`` and dense scores, the boolean keep mask, :func:`base.masked_attention`
+  (the test oracle for every granularity and selection).
+* ``xla``: for ``topk`` with ``element``/``vector`` granularity, ``lax.top_k`` over ``S̃`` gives
+  per row group the indices of the kept keys; K and V are gathered (``[.., groups, k_max,
+  head_dim]``) and scores, softmax and AV are computed on the kept keys only, so no ``L×L``
+  *attention* score matrix is formed (``S̃`` itself is ``L×L`` at width ``k``). The MSE uses Gram
+  matrices, ``||S - S̃||² = <QᵀQ, KᵀK> - 2<QᵀQ̃, KᵀK̃> + <Q̃ᵀQ̃, K̃ᵀK̃>`` (all ``head_dim × k``
+  sized), also without ``L×L``. The gathered K/V hold ``L/vector_size · k_max · head_dim`` values
+  per head, which is smaller than ``L×L`` only when ``k_max·head_dim < vector_size·L``: memory
+  savings at scale need the fused kernel. ``threshold`` selection (data-dependent row counts, no
+  static capacity) and ``block`` granularity run the reference computation; the block-sparse
+  Pallas kernel plugs in at :meth:`DSAAttention._block_attention` (PALLAS HOOK), which already
+  receives the block index table it will consume.
+
+Statistics (float32 scalars): ``sparsity`` (fraction of valid query-key pairs not attended),
+``mse`` (the raw MSE, when a predictor exists), ``prediction_accuracy`` (when
+``accuracy_stat``: over valid rows, |predicted ∩ oracle| / |predicted|, the oracle being the
+``|predicted|`` largest true scores of the row: the paper's Fig. 6 definition; needs the full score
+matrix).
+
+Interpretations the paper leaves open (see ``docs/methods/dsa.md``):
+
+* ``d`` in ``k = sigma·d`` is the head width (the ``d_k`` of ``S = QKᵀ`` that the predictor
+  approximates) and each head has its own sketch ``Pʰ`` and ``W̃ʰ``: every predictor cost is then
+  ``sigma`` times the dense cost it mirrors (``XP``: sigma × the Q projection; ``S̃``: sigma × the
+  scores), matching the paper's ``O(βld_k + βl²k)``. With one head and ``qkv_dim = emb_dim`` this
+  is exactly Eq. 5.
+* ``S̃`` carries a ``1/sqrt(k)`` factor and ``W̃`` starts from N(0, 1/emb_dim) so that ``S̃`` starts
+  at the scale of ``S`` (the MSE then starts near 1, not near ``1/sigma``).
+* Quantization scales: per token and head for the activations ``XP``, ``Q̃``, ``K̃`` (the usual
+  per-token activation scaling: padding never changes a scale, and a token rarely loses all its
+  codes, which one scale per example does to most tokens at int2); per output column for ``W̃``
+  (per-channel weight scaling; one scale per head zeroes most int2 weights). ``int2`` is
+  symmetric, i.e. ternary codes {-1, 0, 1}. The codes of ``Q̃``/``K̃`` come from the exact integer
+  product of the input and weight codes, and the selection scores are the exact integer code dot
+  times the scales: an integer pipeline simulated in float32 (exact for these code ranges, so the
+  selection is identical eager and under jit), with no integer dot instruction.
+* ``random`` draws a fresh mask every training step (from the layer's rng) and a fixed mask at
+  evaluation (a constant key folded with the layer index: reproducible, no state); it always
+  uses top-k counts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from lra_sparse.attention import base
+
+PRECISIONS = ('fp32', 'bf16', 'int8', 'int4', 'int2', 'random', 'oracle')
+PRECISION_BITS = {'fp32': 32, 'bf16': 16, 'int8': 8, 'int4': 4, 'int2': 2}
+SELECTIONS = ('topk', 'threshold')
+GRANULARITIES = ('element', 'vector', 'block')
+VECTOR_SIZES = (2, 4, 8)
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """DSA's fields (see the module docstring for what they feed)."""
+    c = ml_collections.ConfigDict()
+    c.sparsity = 0.9  # fraction of each row's valid keys NOT attended (top-k), in [0, 1)
+    c.sigma = 0.25  # predictor width k = round(sigma * head_dim) per head, in (0, 1], k >= 1
+    c.precision = 'int4'  # prediction path: fp32 | bf16 | int8 | int4 | int2 | random | oracle
+    c.selection = 'topk'  # topk (ceil((1 - sparsity) * valid) keys per row) | threshold
+    c.threshold = 0.0  # selection='threshold': keep keys with predicted score >= this (any float)
+    c.granularity = 'element'  # element | vector (rows share keys) | block (tiles)
+    c.vector_size = 4  # granularity='vector': consecutive query rows per group: 2 | 4 | 8
+    c.block_q = 16  # granularity='block': query rows per tile, a positive integer
+    c.block_k = 16  # granularity='block': keys per tile, a positive integer
+    c.mse_weight = 0.1  # lambda of L = L_model + lambda * MSE(S, S~), a number >= 0
+    c.accuracy_stat = True  # log 'prediction_accuracy' (needs the full L x L score matrix)
+    return c
+
+
+# -- validation ---------------------------------------------------------------------------------
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise base.config_error(f'attention.{field}', value, allowed)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_pos_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def predictor_width(sigma: float, head_dim: int) -> int:
+    """Predictor width per head: round(sigma * head_dim), halves rounded up."""
+    return int(math.floor(sigma * head_dim + 0.5))
+
+
+def check_fields(cfg, head_dim: int) -> None:
+    """Raises ConfigError for any bad DSA field (needs only the head width)."""
+    s = cfg.sparsity
+    _check(_is_number(s) and 0.0 <= s < 1.0, 'sparsity', s, 'a fraction in [0, 1)')
+    sigma = cfg.sigma
+    _check(_is_number(sigma) and 0.0 < sigma <= 1.0, 'sigma', sigma, 'a number in (0, 1]')
+    _check(predictor_width(sigma, head_dim) >= 1, 'sigma', sigma,
+           f'a value with k = round(sigma * head_dim) >= 1 (head_dim={head_dim}: sigma >= '
+           f'{0.5 / head_dim:.3g})')
+    _check(cfg.precision in PRECISIONS, 'precision', cfg.precision,
+           f'one of {", ".join(PRECISIONS)}')
+    _check(cfg.selection in SELECTIONS, 'selection', cfg.selection,
+           f'one of {", ".join(SELECTIONS)}')
+    _check(not (cfg.precision == 'random' and cfg.selection != 'topk'), 'selection',
+           cfg.selection, "topk when precision='random' (a random mask has no score scale)")
+    thr = cfg.threshold
+    _check(_is_number(thr) and math.isfinite(thr), 'threshold', thr, 'a finite number')
+    _check(cfg.granularity in GRANULARITIES, 'granularity', cfg.granularity,
+           f'one of {", ".join(GRANULARITIES)}')
+    _check(cfg.vector_size in VECTOR_SIZES and not isinstance(cfg.vector_size, bool),
+           'vector_size', cfg.vector_size, f'one of {", ".join(map(str, VECTOR_SIZES))}')
+    for field in ('block_q', 'block_k'):
+        _check(_is_pos_int(cfg[field]), field, cfg[field], 'a positive integer')
+    lam = cfg.mse_weight
+    _check(_is_number(lam) and math.isfinite(lam) and lam >= 0, 'mse_weight', lam,
+           'a finite number >= 0')
+    _check(isinstance(cfg.accuracy_stat, bool), 'accuracy_stat', cfg.accuracy_stat,
+           'True or False')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks DSA's fields against the full config (head width) before any compute."""
+    m = config.model
+    check_fields(config.attention, max(1, m.qkv_dim // max(1, m.num_heads)))
+
+
+# -- counts, quantization, projection (pure functions, tested directly) ---------------------------
+def static_keep_count(n: int, sparsity: float) -> int:
+    """Keys kept per row out of ``n``: ceil((1 - sparsity) * n), at least 1 when n >= 1."""
+    if n <= 0:
+        return 0
+    return max(1, min(n, math.ceil(n * (1.0 - sparsity) - 1e-4)))
+
+
+def keep_count(n: jax.Array, sparsity: float) -> jax.Array:
+    """Traced twin of :func:`static_keep_count`: int32 [...] counts for int [...] ``n``."""
+    c = jnp.ceil(n.astype(jnp.float32) * (1.0 - sparsity) - 1e-4).astype(jnp.int32)
+    return jnp.minimum(jnp.maximum(c, 1), n.astype(jnp.int32))
+
+
+def sparse_projection(key: jax.Array, emb_dim: int, num_heads: int, k: int) -> jax.Array:
+    """Sparse random projections, one per head.
+
+    Returns:
+      float32 [emb_dim, heads, k]; entries sqrt(2/k)·{-1, 0, +1} with probabilities 1/4, 1/2, 1/4
+      (so E[P²] = 1/k and ||xPʰ|| ≈ ||x||).
+    """
+    u = jax.random.randint(key, (emb_dim, num_heads, k), 0, 4)
+    sign = jnp.where(u == 0, -1.0, jnp.where(u == 1, 1.0, 0.0))
+    return (sign * math.sqrt(2.0 / k)).astype(jnp.float32)
+
+
+def _straight_through(x: jax.Array, q: jax.Array) -> jax.Array:
+    """Forward value exactly ``q``, gradient identity w.r.t. ``x``."""
+    return (x - jax.lax.stop_gradient(x)) + jax.lax.stop_gradient(q).astype(x.dtype)
+
+
+def quant_codes(x: jax.Array, bits: int, axes: tuple[int, ...],
+                valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Symmetric linear quantization codes.
+
+    Args:
+      x: float array.
+      bits: bit width b >= 2; codes lie in [-(2^(b-1) - 1), 2^(b-1) - 1].
+      axes: axes one scale is shared over (the others get their own scale).
+      valid: optional bool, broadcastable to ``x``; invalid entries do not set the scale.
+
+    Returns:
+      (codes float32 integers shaped like x, scale float32 with ``axes`` kept as size 1):
+      ``scale = max|x| / (2^(b-1) - 1)`` (1 where x is all zero), ``codes = clip(round(x/scale))``.
+    """
+    xf = jax.lax.stop_gradient(x).astype(jnp.float32)
+    a = jnp.abs(xf) if valid is None else jnp.where(valid, jnp.abs(xf), 0.0)
+    amax = jnp.max(a, axis=axes, keepdims=True)
+    qmax = 2.0 ** (bits - 1) - 1.0
+    safe = jnp.where(amax > 0, amax, qmax)
+    # x * qmax / amax (not x / scale): exact for hand-checkable ratios such as 0.5 * 7 / 1.
+    return jnp.clip(jnp.round(xf * qmax / safe), -qmax, qmax), safe / qmax
+
+
+def fake_quant(x: jax.Array, bits: int, axes: tuple[int, ...],
+               valid: jax.Array | None = None) -> jax.Array:
+    """``codes * scale`` of :func:`quant_codes`, with a straight-through (identity) gradient."""
+    codes, scale = quant_codes(x, bits, axes, valid)
+    return _straight_through(x, codes * scale)
+
+
+def round_precision(x: jax.Array, precision: str, axes: tuple[int, ...],
+                    valid: jax.Array | None = None) -> jax.Array:
+    """Rounds x to the prediction path's precision (fp32: unchanged), straight-through."""
+    if precision == 'fp32':
+        return x
+    if precision == 'bf16':
+        return _straight_through(x, x.astype(jnp.bfloat16).astype(jnp.float32))
+    return fake_quant(x, PRECISION_BITS[precision], axes, valid)
+
+
+# -- selection (pure functions, tested directly) --------------------------------------------------
+def _masked_key(scores: jax.Array, key_valid: jax.Array) -> jax.Array:
+    """float32 scores with invalid keys at -inf. scores [B, H, R, L]; key_valid bool [B, L]."""
+    return jnp.where(key_valid[:, None, None, :], scores.astype(jnp.float32), -jnp.inf)
+
+
+def topk_keep(scores: jax.Array, key_valid: jax.Array, count: jax.Array) -> jax.Array:
+    """Per-row top-``count`` mask by explicit ranking (the reference selection).
+
+    Args:
+      scores: float [batch, heads, rows, L] selection scores.
+      key_valid: bool [batch, L].
+      count: int [batch] keys to keep per row (<= the example's valid keys).
+
+    Returns:
+      bool [batch, heads, rows, L]: the ``count`` highest-scoring valid keys of every row; ties go
+      to the lowest key index; invalid keys never.
+    """
+    order = jnp.argsort(-_masked_key(scores, key_valid), axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1, stable=True)
+    return (rank < count[:, None, None, None]) & key_valid[:, None, None, :]
+
+
+def topk_indices(scores: jax.Array, key_valid: jax.Array, count: jax.Array,
+                 k_max: int) -> tuple[jax.Array, jax.Array]:
+    """The same selection as :func:`topk_keep`, as index lists (the xla path).
+
+    Args:
+      scores: float [batch, heads, rows, L]; key_valid: bool [batch, L]; count: int [batch].
+      k_max: static slots per row (>= every count).
+
+    Returns:
+      (idx int32 [batch, heads, rows, k_max] key indices, best first; ok bool [..., k_max]: the
+      slot holds a kept key).
+    """
+    _, idx = jax.lax.top_k(_masked_key(scores, key_valid), k_max)
+    slot = jnp.arange(k_max, dtype=jnp.int32)
+    ok = slot[None, None, None, :] < count[:, None, None, None]
+    ok = ok & jnp.take_along_axis(
+        jnp.broadcast_to(key_valid[:, None, None, :], scores.shape), idx, axis=-1)
+    return idx.astype(jnp.int32), ok
+
+
+def threshold_keep(scores: jax.Array, key_valid: jax.Array, threshold: float) -> jax.Array:
+    """Valid keys with score >= threshold, plus each row's best valid key.
+
+    Args:
+      scores: float [batch, heads, rows, L]; key_valid: bool [batch, L].
+
+    Returns:
+      bool [batch, heads, rows, L].
+    """
+    s = _masked_key(scores, key_valid)
+    best = jax.nn.one_hot(jnp.argmax(s, axis=-1), s.shape[-1], dtype=bool)
+    return ((s >= threshold) | best) & key_valid[:, None, None, :]
+
+
+def group_scores(scores: jax.Array, row_valid: jax.Array, size: int) -> jax.Array:
+    """Mean selection score over the valid rows of each group of ``size`` consecutive rows.
+
+    Args:
+      scores: float [batch, heads, L_q, L]; row_valid: bool [batch, L_q].
+      size: rows per group (the last group may be partial: L_q need not be a multiple).
+
+    Returns:
+      float32 [batch, heads, ceil(L_q / size), L] (0 for a group with no valid row).
+    """
+    b, h, lq, lk = scores.shape
+    g = -(-lq // size)
+    pad = g * size - lq
+    s = jnp.where(row_valid[:, None, :, None], scores.astype(jnp.float32), 0.0)
+    s = jnp.pad(s, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, h, g, size, lk)
+    n = jnp.pad(row_valid, ((0, 0), (0, pad))).reshape(b, g, size).sum(-1)
+    return s.sum(3) / jnp.maximum(n, 1)[:, None, :, None].astype(jnp.float32)
+
+
+def expand_groups(keep_g: jax.Array, size: int, length: int) -> jax.Array:
+    """[batch, heads, groups, L] -> [batch, heads, length, L]: each group's row repeated."""
+    return jnp.repeat(keep_g, size, axis=2)[:, :, :length]
+
+
+def block_select(scores: jax.Array, q_valid: jax.Array, k_valid: jax.Array, block_q: int,
+                 block_k: int, sparsity: float, selection: str,
+                 threshold: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Tile selection for the block granularity.
+
+    A tile's score is the mean selection score over its valid pairs; per query block the
+    ``ceil((1 - sparsity) * valid key blocks)`` best tiles are kept (``topk``), or the tiles with
+    mean >= threshold plus the best one (``threshold``). Tiles without a valid pair never.
+
+    Args:
+      scores: float [batch, heads, L_q, L_k].
+      q_valid: bool [batch, L_q]; k_valid: bool [batch, L_k].
+      block_q, block_k: tile size (the lengths need not be multiples: edge tiles are partial).
+
+    Returns:
+      (block_idx int32 [batch, heads, q_blocks, kb] key-block indices, best first; block_ok bool
+      [same]: the slot holds a kept tile; keep bool [batch, heads, L_q, L_k] the pairs of the kept
+      tiles that are valid). ``kb`` = the static top-k slot count (all key blocks for threshold).
+    """
+    b, h, lq, lk = scores.shape
+    nqb, nkb = -(-lq // block_q), -(-lk // block_k)
+    pq, pk = nqb * block_q - lq, nkb * block_k - lk
+    qv = jnp.pad(q_valid, ((0, 0), (0, pq)))
+    kv = jnp.pad(k_valid, ((0, 0), (0, pk)))
+    pair = (qv[:, :, None] & kv[:, None, :]).reshape(b, nqb, block_q, nkb, block_k)
+    s = jnp.pad(scores.astype(jnp.float32), ((0, 0), (0, 0), (0, pq), (0, pk)))
+    s = s.reshape(b, h, nqb, block_q, nkb, block_k)
+    tot = jnp.sum(jnp.where(pair[:, None], s, 0.0), axis=(3, 5))  # [B, H, nqb, nkb]
+    cnt = jnp.sum(pair, axis=(2, 4))[:, None]  # [B, 1, nqb, nkb]
+    tile_valid = cnt > 0
+    mean = jnp.where(tile_valid, tot / jnp.maximum(cnt, 1), -jnp.inf)
+    kblock_valid = jnp.any(kv.reshape(b, nkb, block_k), axis=-1)  # [B, nkb]
+    if selection == 'topk':
+        kb = static_keep_count(nkb, sparsity)
+        count = keep_count(jnp.sum(kblock_valid, axis=-1), sparsity)  # [B]
+        _, idx = jax.lax.top_k(mean, kb)
+        ok = jnp.arange(kb)[None, None, None] < count[:, None, None, None]
+    else:
+        best = jnp.argmax(mean, axis=-1)
+        chosen = (mean >= threshold) | jax.nn.one_hot(best, nkb, dtype=bool)
+        idx = jnp.argsort(jnp.where(chosen, -mean, jnp.inf), axis=-1, stable=True)
+        ok = jnp.take_along_axis(chosen, idx, axis=-1)
+    ok = ok & jnp.take_along_axis(jnp.broadcast_to(tile_valid, mean.shape), idx, axis=-1)
+    tiles = jnp.sum(jax.nn.one_hot(idx, nkb, dtype=jnp.int32) * ok[..., None], axis=-2) > 0
+    keep = jnp.repeat(jnp.repeat(tiles, block_q, axis=2), block_k, axis=3)[:, :, :lq, :lk]
+    keep = keep & (q_valid[:, :, None] & k_valid[:, None, :])[:, None]
+    return idx.astype(jnp.int32), ok, keep
+
+
+def prediction_accuracy(scores: jax.Array, keep: jax.Array, valid: jax.Array) -> jax.Array:
+    """Fig. 6 metric: |predicted ∩ oracle| / |predicted| pooled over valid rows and heads.
+
+    Args:
+      scores: float [batch, heads, L, L] true scores S.
+      keep: bool [batch, heads, L, L] predicted (attended) pairs.
+      valid: bool [batch, 1, L, L] valid pairs.
+
+    Returns:
+      float32 scalar in [0, 1] (0 when nothing is predicted). The oracle of a row holds its
+      ``|predicted row|`` largest valid true scores (ties all count as oracle).
+    """
+    count = jnp.sum(keep, axis=-1)  # [B, H, L]
+    s = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
+    hits = jnp.sum(keep & (s >= _kth_largest(s, count)[..., None]), axis=-1)
+    total = jnp.sum(count)
+    return jnp.where(total > 0, jnp.sum(hits) / jnp.maximum(total, 1), 0.0).astype(jnp.float32)
+
+
+def gathered_accuracy(scores: jax.Array, idx: jax.Array, live: jax.Array,
+                      valid: jax.Array) -> jax.Array:
+    """:func:`prediction_accuracy` of an index-list selection (the xla path), same value.
+
+    Args:
+      scores: float [batch, heads, L, L] true scores; valid: bool [batch, 1, L, L].
+      idx: int32 [batch, heads, groups, k_max] kept keys of each group of ``size`` rows.
+      live: bool [batch, heads, groups, size, k_max] attended (row, slot) pairs.
+
+    Returns:
+      float32 scalar.
+    """
+    b, h, length, lk = scores.shape
+    g, size, k_max = live.shape[2:]
+    s = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
+    s = jnp.pad(s, ((0, 0), (0, 0), (0, g * size - length), (0, 0)),
+                constant_values=-jnp.inf).reshape(b, h, g, size, lk)
+    count = jnp.sum(live, axis=-1)  # [B, H, G, size]
+    picked = jnp.take_along_axis(
+        s, jnp.broadcast_to(idx[:, :, :, None, :], (b, h, g, size, k_max)), axis=-1)
+    hits = jnp.sum(live & (picked >= _kth_largest(s, count)[..., None]))
+    total = jnp.sum(count)
+    return jnp.where(total > 0, hits / jnp.maximum(total, 1), 0.0).astype(jnp.float32)
+
+
+def _kth_largest(s: jax.Array, count: jax.Array) -> jax.Array:
+    """The ``count``-th largest entry of each row of s ([..., L]); +inf where count == 0."""
+    desc = -jnp.sort(-s, axis=-1)
+    kth = jnp.take_along_axis(desc, jnp.maximum(count - 1, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(count > 0, kth, jnp.inf)
+
+
+# -- cost model -----------------------------------------------------------------------------------
+def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
+               mlp_dim: int) -> tuple[dict[str, float], int]:
+    """MACs of one DSA layer for one example (Fig. 7 breakdown plus the prediction path).
+
+    ``scores`` / ``attention_values`` count only kept pairs (``ceil((1 - sparsity) * n)`` keys per
+    row; whole kept tiles for ``block``; ``threshold`` counts are data dependent and reported as
+    dense, an upper bound). ``oracle`` needs every score (dense ``scores``). ``predictor`` = ``XP``
+    + ``XP·W̃_Q, XP·W̃_K`` + ``S̃``, at ``predictor_bits`` (absent for random/oracle). Linear =
+    qkv_proj + out_proj, attention = scores + attention_values, other = ffn.
+    """
+    n, e, h = seq_len, dims.emb_dim, dims.num_heads
+    macs = base.dense_layer_macs(dims, n, mlp_dim)
+    d = dims.qkv_dim
+    if cfg.selection == 'threshold':
+        kept = n
+    elif cfg.granularity == 'block':
+        nkb = -(-n // cfg.block_k)
+        kept = min(n, static_keep_count(nkb, cfg.sparsity) * cfg.block_k)
+    else:
+        kept = static_keep_count(n, cfg.sparsity)
+    macs['attention_values'] = 1.0 * n * kept * d
+    macs['scores'] = 1.0 * n * (n if cfg.precision == 'oracle' else kept) * d
+    if cfg.precision in PRECISION_BITS:
+        k = predictor_width(cfg.sigma, dims.head_dim)
+        macs['predictor'] = float(n * e * h * k + 2 * h * n * k * k + h * n * n * k)
+        macs['predictor_bits'] = float(PRECISION_BITS[cfg.precision])
+    return macs, seq_len
+
+
+# -- the layer ----------------------------------------------------------------------------------
+class DSAAttention(base.Attention):
+    """DSA attention layer; see the module docstring.
+
+    Variables (besides the shared query/key/value/out projections):
+      projection: Buffer float32 [emb_dim, heads, k], the fixed sparse random projections Pʰ.
+      pred_query, pred_key: Param float32 [heads, k, k], W̃_Qʰ and W̃_Kʰ.
+    """
+
+    def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
+        super().__init__(dims, cfg, rngs=rngs)
+        check_fields(cfg, dims.head_dim)
+        self.k = predictor_width(cfg.sigma, dims.head_dim)
+        self.has_predictor = cfg.precision in PRECISION_BITS
+        if self.has_predictor:
+            self.projection = base.Buffer(
+                sparse_projection(rngs.params(), dims.emb_dim, dims.num_heads, self.k))
+            init = nnx.initializers.normal(stddev=dims.emb_dim ** -0.5)
+            shape = (dims.num_heads, self.k, self.k)
+            self.pred_query = nnx.Param(init(rngs.params(), shape, jnp.float32))
+            self.pred_key = nnx.Param(init(rngs.params(), shape, jnp.float32))
+
+    # -- prediction path -----------------------------------------------------------------------
+    def predict(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Approximate queries, keys and scores at the configured precision.
+
+        Args:
+          x: [batch, L, emb_dim]; mask: bool [batch, L].
+
+        Returns:
+          (q̃, k̃, s̃): q̃, k̃ float32 [batch, L, heads, k], each already multiplied by k^(-1/4) so
+          that ``S̃ = q̃·k̃ᵀ`` (differentiable, straight-through; padded tokens are zero); s̃ float32
+          [batch, heads, L, L] = S̃ without gradient, the selection scores. For integer precisions
+          s̃ is the exact integer dot of the codes (the low-precision GEMM) times the two tokens'
+          scales, so equal code dots give equal scores and the selection does not depend on the
+          float evaluation order (eager vs jit).
+        """
+        prec = self.cfg.precision
+        tok = mask[:, :, None, None]
+        xp = jnp.einsum('ble,ehk->blhk', x.astype(jnp.float32), self.projection[...])
+        ws = (self.pred_query[...].astype(jnp.float32), self.pred_key[...].astype(jnp.float32))
+        if prec in ('fp32', 'bf16'):
+            xp = round_precision(xp, prec, (3,))
+            deq = [round_precision(jnp.einsum('blhk,hkj->blhj', xp, round_precision(w, prec, ()),
+                                              precision=_HIGHEST), prec, (3,))
+                   for w in ws]
+            codes = [jax.lax.stop_gradient(y) for y in deq]
+            scales = [jnp.ones(xp.shape[:3])] * 2
+        else:
+            # Integer pipeline: the codes of Q̃ = (XP)·W̃ come from the exact integer product of
+            # the input and weight codes (float32 holds it exactly) times the column scales.
+            bits = PRECISION_BITS[prec]
+            cx, sx = quant_codes(xp, bits, (3,))  # one scale per token and head: [B, L, H, 1]
+            xp_q = _straight_through(xp, cx * sx)
+            deq, codes, scales = [], [], []
+            for w in ws:
+                cw, sw = quant_codes(w, bits, (1,))  # one scale per output column: [H, 1, k]
+                y = jnp.einsum('blhk,hkj->blhj', xp_q, _straight_through(w, cw * sw))
+                y_int = jnp.einsum('blhk,hkj->blhj', cx, cw, precision=_HIGHEST)
+                # y = sx * (y_int * sw): the token scale sx cancels in the token's own code ratios,
+                # so the codes come from exact integer dots (no float-order dependence).
+                cy, sy = quant_codes(y_int * sw[None, :, 0][:, None], bits, (3,))
+                sy = sy * sx  # [B, L, H, 1]
+                deq.append(_straight_through(y, cy * sy))
+                codes.append(cy)
+                scales.append(sy[..., 0])  # [B, L, H]
+        qt, kt = (jnp.where(tok, y, 0.0) * self.k ** -0.25 for y in deq)
+        cq, ck = (jnp.where(tok, c, 0.0) for c in codes)
+        dot = jnp.einsum('bqhk,bshk->bhqs', cq, ck, precision=_HIGHEST)
+        outer = jnp.einsum('bqh,bsh->bhqs', scales[0], scales[1]) / math.sqrt(self.k)
+        s = dot * outer
+        return qt, kt, jax.lax.stop_gradient(s)
+
+    def _selection_scores(self, q, k, s_pred, mask, deterministic, rng):
+        """float32 [batch, heads, L, L] scores the mask is chosen from (never differentiated)."""
+        prec = self.cfg.precision
+        if prec == 'oracle':
+            s = base.attention_scores(q, k) / math.sqrt(self.dims.head_dim)
+        elif prec == 'random':
+            if deterministic or rng is None:
+                key = jax.random.fold_in(jax.random.key(0x5EED), self.dims.layer_index)
+            else:
+                key = jax.random.fold_in(rng, 0x5EED)
+            b, length = mask.shape
+            s = jax.random.uniform(key, (b, self.dims.num_heads, length, length))
+        else:
+            s = s_pred
+        return jax.lax.stop_gradient(s.astype(jnp.float32))
+
+    def _mse(self, q, k, qt, kt, mask, dense: bool) -> jax.Array:
+        """Mean over heads and valid pairs of (S - S̃)², S = q·kᵀ/sqrt(head_dim); float32 []."""
+        tok = mask[:, :, None, None]
+        a = jnp.where(tok, q.astype(jnp.float32), 0.0) * self.dims.head_dim ** -0.25
+        c = jnp.where(tok, k.astype(jnp.float32), 0.0) * self.dims.head_dim ** -0.25
+        n = jnp.sum(mask, axis=1).astype(jnp.float32)
+        total = self.dims.num_heads * jnp.sum(n * n)
+        if dense:
+            s = jnp.einsum('bqhd,bshd->bhqs', a, c, precision=_HIGHEST)
+            st = jnp.einsum('bqhk,bshk->bhqs', qt, kt, precision=_HIGHEST)
+            sq = jnp.sum((s - st) ** 2)
+        else:
+            def gram(u, v):
+                return jnp.einsum('blhi,blhj->bhij', u, v, precision=_HIGHEST)
+            sq = (jnp.sum(gram(a, a) * gram(c, c)) - 2.0 * jnp.sum(gram(a, qt) * gram(c, kt))
+                  + jnp.sum(gram(qt, qt) * gram(kt, kt)))
+            sq = jnp.maximum(sq, 0.0)
+        return jnp.where(total > 0, sq / jnp.maximum(total, 1.0), 0.0)
+
+    # -- selection -----------------------------------------------------------------------------
+    def select_mask(self, sel: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
+        """Dense keep mask from selection scores (the reference selection).
+
+        Args:
+          sel: float32 [batch, heads, L, L]; mask: bool [batch, L].
+
+        Returns:
+          (keep bool [batch, heads, L, L], extras: 'block_idx'/'block_ok' for block granularity).
+        """
+        cfg, length = self.cfg, mask.shape[1]
+        if cfg.granularity == 'block':
+            idx, ok, keep = block_select(sel, mask, mask, cfg.block_q, cfg.block_k, cfg.sparsity,
+                                         cfg.selection, cfg.threshold)
+            return keep, {'block_idx': idx, 'block_ok': ok}
+        size = cfg.vector_size if cfg.granularity == 'vector' else 1
+        if size > 1:
+            sel = group_scores(sel, mask, size)
+        if cfg.selection == 'topk':
+            count = keep_count(jnp.sum(mask, axis=1), cfg.sparsity)
+            keep = topk_keep(sel, mask, count)
+        else:
+            keep = threshold_keep(sel, mask, cfg.threshold)
+        if size > 1:
+            keep = expand_groups(keep, size, length)
+        return keep & base.pair_mask(mask, mask), {}
+
+    # -- attention -----------------------------------------------------------------------------
+    def _block_attention(self, q, k, v, keep, block_idx, block_ok, deterministic, rng):
+        """Block granularity: attention over the kept tiles.
+
+        PALLAS HOOK: the block-sparse kernel (later issue) replaces this body for impl='pallas':
+        it consumes ``block_idx`` / ``block_ok`` (int32 / bool [batch, heads, q_blocks, kb], the
+        kept key blocks of every query block, best first) and must equal this reference (which is
+        its test oracle). Until then every impl computes dense scores masked with ``keep``.
+        """
+        del block_idx, block_ok
+        return self._masked(q, k, v, keep, deterministic, rng)
+
+    def _masked(self, q, k, v, keep, deterministic, rng):
+        scale = 1.0 / math.sqrt(self.dims.head_dim)
+        probs = base.masked_softmax(base.attention_scores(q, k) * scale, keep)
+        return base.weighted_values(self.drop_probs(probs, deterministic, rng), v)
+
+    def _gathered(self, q, k, v, sel, mask, deterministic, rng):
+        """The xla path (topk, element/vector): attention over gathered kept keys only.
+
+        Returns:
+          (o [batch, L, heads, head_dim], idx int32 [B, H, G, k_max] kept key indices per row
+          group, live bool [B, H, G, size, k_max] the attended (row, slot) pairs).
+        """
+        cfg = self.cfg
+        b, length, h, d = q.shape
+        size = cfg.vector_size if cfg.granularity == 'vector' else 1
+        g = -(-length // size)
+        if size > 1:
+            sel = group_scores(sel, mask, size)
+        k_max = static_keep_count(length, cfg.sparsity)
+        count = jnp.minimum(keep_count(jnp.sum(mask, axis=1), cfg.sparsity), k_max)
+        idx, ok = topk_indices(sel, mask, count, k_max)  # [B, H, G, K]
+
+        def heads_first(t):
+            return jnp.swapaxes(t, 1, 2)  # [B, H, L, D]
+
+        gather = jax.vmap(jax.vmap(lambda t, i: t[i]))  # [L, D], [G, K] -> [G, K, D]
+        k_sel, v_sel = gather(heads_first(k), idx), gather(heads_first(v), idx)
+        pad = g * size - length
+        q_g = jnp.pad(heads_first(q), ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, h, g, size, d)
+        row_ok = jnp.pad(mask, ((0, 0), (0, pad))).reshape(b, 1, g, size, 1)
+        live = ok[:, :, :, None, :] & row_ok  # [B, H, G, size, K]
+        scores = jnp.einsum('bhgrd,bhgkd->bhgrk', q_g, k_sel,
+                            preferred_element_type=jnp.float32) / math.sqrt(d)
+        probs = base.masked_softmax(scores, live)
+        probs = self.drop_probs(probs, deterministic, rng)
+        o = jnp.einsum('bhgrk,bhgkd->bhgrd', probs.astype(v.dtype), v_sel)
+        o = o.reshape(b, h, g * size, d)[:, :, :length]
+        return jnp.swapaxes(o, 1, 2), idx, live
+
+    def attend(self, x, mask, carry, *, deterministic, rng):
+        """DSA layer; see ``base.Attention.__call__`` and the module docstring."""
+        cfg = self.cfg
+        q, k, v = self.project_qkv(x)
+        qt = kt = s_pred = None
+        if self.has_predictor:
+            qt, kt, s_pred = self.predict(x, mask)
+        sel = self._selection_scores(q, k, s_pred, mask, deterministic, rng)
+        valid = base.pair_mask(mask, mask)
+        gathered = (cfg.impl == 'xla' and cfg.selection == 'topk'
+                    and cfg.granularity in ('element', 'vector'))
+        stats = {}
+        if gathered:
+            o, idx, live = self._gathered(q, k, v, sel, mask, deterministic, rng)
+            total = jnp.sum(valid) * self.dims.num_heads
+            stats['sparsity'] = jnp.where(total > 0, 1.0 - jnp.sum(live) / jnp.maximum(total, 1),
+                                          0.0).astype(jnp.float32)
+        else:
+            keep, extra = self.select_mask(sel, mask)
+            if cfg.granularity == 'block':
+                o = self._block_attention(q, k, v, keep, extra['block_idx'], extra['block_ok'],
+                                          deterministic, rng)
+            else:
+                o = self._masked(q, k, v, keep, deterministic, rng)
+            stats['sparsity'] = base.pair_sparsity(keep, valid)
+        o = jnp.where(mask[:, :, None, None], o, 0).astype(v.dtype)
+        y = self.project_out(o)
+
+        aux = {}
+        if self.has_predictor:
+            mse = self._mse(q, k, qt, kt, mask, dense=not gathered)
+            stats['mse'] = jax.lax.stop_gradient(mse).astype(jnp.float32)
+            aux['dsa_mse'] = (cfg.mse_weight * mse).astype(jnp.float32)
+        if cfg.accuracy_stat:
+            s = jax.lax.stop_gradient(base.attention_scores(q, k) / math.sqrt(self.dims.head_dim))
+            if gathered:
+                stats['prediction_accuracy'] = gathered_accuracy(s, idx, live, valid)
+            else:
+                stats['prediction_accuracy'] = prediction_accuracy(s, keep, valid)
+        return base.AttentionOutput(y, carry, stats, aux)
+
+    def inspect_maps(self, x, mask, carry):
+        """Maps for notebooks (reference selection, deterministic).
+
+        Returns:
+          {'kept': bool [B, H, L, L] attended pairs, 'predicted_scores': float32 [B, H, L, L] the
+          selection scores (S̃; the true scores for oracle; noise for random), 'oracle': bool
+          [B, H, L, L] each row's top-|kept row| true scores}.
+        """
+        del carry
+        q, k, _ = self.project_qkv(x)
+        s_pred = None
+        if self.has_predictor:
+            _, _, s_pred = self.predict(x, mask)
+        sel = self._selection_scores(q, k, s_pred, mask, True, None)
+        keep, _ = self.select_mask(sel, mask)
+        valid = base.pair_mask(mask, mask)
+        s = base.attention_scores(q, k) / math.sqrt(self.dims.head_dim)
+        s = jnp.where(valid, s, -jnp.inf)
+        oracle = (s >= _kth_largest(s, jnp.sum(keep, axis=-1))[..., None]) & valid
+        return {'kept': keep, 'predicted_scores': sel, 'oracle': oracle}
+
+
+METHOD = base.AttentionMethod(
+    name='dsa',
+    module=DSAAttention,
+    default_config=default_config,
+    validate=validate,
+    layer_macs=layer_macs,
+    impls=('reference', 'xla'),
+    description='trainable low-rank, low-precision predictor picks the attention weights to '
+                'compute (DSA)',
+    dense_equivalent={'sparsity': 0.0, 'selection': 'topk', 'granularity': 'element'},
+    sweeps={
+        'sparsity': tuple({'sparsity': s} for s in (0.8, 0.9, 0.95, 0.99)),
+        'fig3_sparsity': tuple({'sparsity': s} for s in (0.9, 0.95, 0.99)),
+        'table2_sigma': tuple({'sigma': s, 'precision': 'fp32', 'sparsity': 0.9}
+                              for s in (0.1, 0.16, 0.2, 0.25, 0.33)),
+        'table2_precision': tuple({'precision': p, 'sigma': 0.25, 'sparsity': 0.9}
+                                  for p in ('random', 'int2', 'int4', 'int8', 'fp32')),
+        'granularity': ({'granularity': 'element'},
+                        {'granularity': 'vector', 'vector_size': 4},
+                        {'granularity': 'vector', 'vector_size': 8}),
+    },
+)

@@ -1,0 +1,429 @@
+"""ListOps: a generator faithful to LRA's ``data/listops.py``, an evaluator, the TSV files.
+
+Generation (as the reference): a tree is drawn from depth 1; at depth < ``max_depth`` a node is an
+operator with probability ``VALUE_P = 0.25`` (else a value 0-9), and an operator takes
+``randint(2, max_args)`` children, then draws its operator from MIN, MAX, MED, SM. A tree's length
+counts 1 per value and 2 per operator (its token and ``]``), which is its token count; it is kept
+when ``min_length < length < max_length``. MED is ``int(np.median(values))`` (the floor of the
+mean of the two middle values for an even count), SM is the sum mod 10.
+
+Differences from the reference, none of which changes the distribution of kept trees:
+
+* Determinism. The reference keeps unique trees in a Python ``set`` and splits them in set
+  iteration order. Here the work is cut into chunks of ``CHUNK_SIZE`` kept trees; chunk ``c`` is
+  drawn by its own ``random.Random`` seeded from (seed, generator parameters, c), the chunks are
+  concatenated in order, duplicates are dropped keeping the first occurrence, and the first
+  ``num_train`` / ``num_val`` / ``num_test`` unique trees form the splits. The result is a pure
+  function of the seed and parameters, whatever the number of worker processes or the hash seed.
+* Speed. A tree is abandoned as soon as its running length reaches ``max_length`` (it would be
+  rejected anyway; draws are independent, so the kept trees are distributed as before).
+
+Tokenisation (as the reference input pipeline): ``]`` becomes ``X``, parentheses are removed, the
+rest is split on whitespace. The vocabulary is fixed and sorted (never built from a set, see
+LRA.md §2.1): pad = 0, then ``VOCAB`` = ``0 1 ... 9 X [MAX [MED [MIN [SM`` (ids 1-15, ASCII order),
+then OOV = 16, so ``VOCAB_SIZE = 17``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import multiprocessing
+import os
+import random
+import time
+
+import numpy as np
+
+from lra_sparse.data import common
+
+MIN = '[MIN'
+MAX = '[MAX'
+MED = '[MED'
+SUM_MOD = '[SM'
+END = ']'
+OPERATORS = (MIN, MAX, MED, SUM_MOD)
+VALUES = range(10)
+VALUE_P = 0.25
+
+# Fixed, sorted vocabulary: ids 1..15 in this order; 0 is padding, 16 is OOV.
+VOCAB = ('0', '1', '2', '3', '4', '5', '6', '7', '8', '9', 'X', '[MAX', '[MED', '[MIN', '[SM')
+TOKEN_IDS = {token: i + 1 for i, token in enumerate(VOCAB)}
+OOV_ID = len(VOCAB) + 1
+VOCAB_SIZE = len(VOCAB) + 2
+NUM_CLASSES = 10
+
+CHUNK_SIZE = 500  # kept trees per deterministic generation chunk (part of the cache key)
+GENERATOR_VERSION = 1  # bump when generation changes; part of the cache folder name
+RELEASE_FILES = {'train': 'basic_train.tsv', 'validation': 'basic_val.tsv',
+                 'test': 'basic_test.tsv'}
+HEADER = 'Source\tTarget'
+
+_log = logging.getLogger(__name__)
+
+
+class _TooLong(Exception):
+    """Raised inside generation once a tree's length reaches max_length."""
+
+
+def _apply(op: str, values: list[int]) -> int:
+    """Value of ``op`` on ``values`` (reference semantics)."""
+    if op == MIN:
+        return min(values)
+    if op == MAX:
+        return max(values)
+    if op == MED:
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        if len(ordered) % 2:
+            return ordered[mid]
+        return (ordered[mid - 1] + ordered[mid]) // 2  # == int(np.median(values)) for values >= 0
+    if op == SUM_MOD:
+        return sum(values) % 10
+    raise ValueError(f'unknown ListOps operator {op!r}')
+
+
+def generate_tree(rng: random.Random, max_depth: int, max_args: int,
+                  max_length: int | None = None) -> tuple[str, int, int] | None:
+    """Draws one tree as the reference ``generate_tree(1, max_depth, max_args)`` does.
+
+    Args:
+      rng: the random stream.
+      max_depth: maximum depth (the root is depth 1; nodes at ``max_depth`` are values).
+      max_args: maximum children of an operator (at least 2).
+      max_length: abandon the tree (return None) once its length reaches this.
+
+    Returns:
+      (fully parenthesised string, value, length), or None if abandoned.
+    """
+    length = 0
+    limit = max_length if max_length is not None else float('inf')
+    random_, choice, randint = rng.random, rng.choice, rng.randint
+
+    def node(depth: int) -> tuple[str, int]:
+        nonlocal length
+        if depth >= max_depth or random_() > VALUE_P:
+            value = choice(VALUES)
+            length += 1
+            if length >= limit:
+                raise _TooLong
+            return str(value), value
+        length += 2
+        if length >= limit:
+            raise _TooLong
+        num_values = randint(2, max_args)
+        children = [node(depth + 1) for _ in range(num_values)]
+        op = choice(OPERATORS)
+        # The reference nests ((((op, c0), c1), ...), END) and prints '( left right )'.
+        text = ('( ' * (num_values + 1) + op + ' '
+                + ' ) '.join(c[0] for c in children) + ' ) ] )')
+        return text, _apply(op, [c[1] for c in children])
+
+    try:
+        text, value = node(1)
+    except _TooLong:
+        return None
+    return text, value, length
+
+
+def evaluate(expr: str) -> int:
+    """Value of a ListOps expression in the reference string form (parenthesised or not).
+
+    Args:
+      expr: e.g. ``'( ( ( [MAX 2 ) 9 ) ] )'`` or ``'[MAX 2 9 ]'``.
+
+    Returns:
+      The value, an int in 0-9 (MED = int(np.median), SM = sum mod 10).
+    """
+    stack: list[tuple[str, list[int]]] = []
+    result = None
+    for token in expr.replace('(', ' ').replace(')', ' ').split():
+        if token in OPERATORS:
+            stack.append((token, []))
+        elif token == END:
+            if not stack:
+                raise ValueError(f'unbalanced "]" in ListOps expression {expr[:80]!r}')
+            op, values = stack.pop()
+            if not values:
+                raise ValueError(f'operator {op} without arguments in {expr[:80]!r}')
+            value = _apply(op, values)
+            if stack:
+                stack[-1][1].append(value)
+            else:
+                result = value
+        elif token.isdigit() and len(token) == 1:
+            if stack:
+                stack[-1][1].append(int(token))
+            else:
+                result = int(token)
+        else:
+            raise ValueError(f'unknown token {token!r} in ListOps expression {expr[:80]!r}')
+    if stack or result is None:
+        raise ValueError(f'incomplete ListOps expression {expr[:80]!r}')
+    return result
+
+
+def tokenize(expr: str) -> list[str]:
+    """Reference preprocessing: ``]`` -> ``X``, parentheses removed, whitespace split."""
+    return expr.replace(']', 'X').replace('(', '').replace(')', '').split()
+
+
+def encode(expr: str) -> list[int]:
+    """Token ids of an expression with the fixed vocabulary (unknown tokens -> OOV_ID)."""
+    return [TOKEN_IDS.get(t, OOV_ID) for t in tokenize(expr)]
+
+
+# Fast path of encode_many: every token becomes one character, mapped by a 256-entry table.
+_SINGLE_CHAR = {'[MAX': 'a', '[MED': 'b', '[MIN': 'c', '[SM': 'd'}
+_LUT = np.full(256, OOV_ID, np.uint8)
+for _tok, _id in TOKEN_IDS.items():
+    _LUT[ord(_SINGLE_CHAR.get(_tok, _tok))] = _id
+
+
+def encode_many(exprs: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Encodes expressions into a padded id array.
+
+    Args:
+      exprs: N expressions.
+      max_length: padded length; longer sequences are truncated (and counted).
+
+    Returns:
+      (ids uint8 [N, max_length] with 0 padding, true token counts int32 [N]).
+    """
+    out = np.zeros((len(exprs), max_length), np.uint8)
+    lengths = np.zeros(len(exprs), np.int32)
+    for i, expr in enumerate(exprs):
+        s = expr.replace(']', 'X').replace('(', '').replace(')', '')
+        for tok, ch in _SINGLE_CHAR.items():
+            s = s.replace(tok, ch)
+        toks = s.split()
+        joined = ''.join(toks)
+        if len(joined) == len(toks) and joined.isascii():
+            ids = _LUT[np.frombuffer(joined.encode('ascii'), np.uint8)]
+        else:  # some token is not in the vocabulary: the exact slow path
+            ids = np.asarray(encode(expr), np.uint8)
+        lengths[i] = len(ids)
+        ids = ids[:max_length]
+        out[i, :len(ids)] = ids
+    return out, lengths
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunk_seed(seed: int, params: tuple, chunk: int) -> int:
+    key = f'lra_sparse/listops/v{GENERATOR_VERSION}/{seed}/{params}/{chunk}'.encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:16], 'big')
+
+
+def _generate_chunk(args: tuple) -> list[tuple[str, int]]:
+    """``CHUNK_SIZE`` kept trees of chunk ``chunk``: a pure function of its arguments."""
+    seed, params, chunk = args
+    min_length, max_length, max_depth, max_args = params
+    rng = random.Random(_chunk_seed(seed, params, chunk))
+    kept = []
+    while len(kept) < CHUNK_SIZE:
+        tree = generate_tree(rng, max_depth, max_args, max_length)
+        if tree is not None and tree[2] > min_length:
+            kept.append((tree[0], tree[1]))
+    return kept
+
+
+def _num_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def generate(num_train: int, num_val: int, num_test: int, *, min_length: int = 500,
+             max_length: int = 2000, max_depth: int = 10, max_args: int = 10, seed: int = 0,
+             workers: int | None = None,
+             progress: bool = True) -> dict[str, list[tuple[str, int]]]:
+    """Generates the three ListOps splits (unique trees, deterministic for the arguments).
+
+    Args:
+      num_train: train examples.
+      num_val: validation examples.
+      num_test: test examples.
+      min_length: trees are kept if ``min_length < length < max_length``.
+      max_length: see ``min_length``.
+      max_depth: maximum tree depth.
+      max_args: maximum children per operator.
+      seed: generation seed.
+      workers: processes (None: all available cores; work below ~20k examples stays in-process).
+        The result does not depend on it.
+      progress: show a tqdm progress bar.
+
+    Returns:
+      {'train' | 'validation' | 'test': [(source string, target), ...]}.
+    """
+    if max_args < 2 or max_depth < 1:
+        raise ValueError(f'need max_args >= 2 and max_depth >= 1, got {max_args}, {max_depth}')
+    if max_length - min_length < 2:
+        raise ValueError(f'no length fits min_length={min_length} < length < {max_length}')
+    import tqdm  # noqa: PLC0415  (light, but only needed here)
+
+    params = (min_length, max_length, max_depth, max_args)
+    total = num_train + num_val + num_test
+    workers = workers or _num_workers()
+    if total < 20000 and min_length < 200:
+        workers = 1
+    seen: set[str] = set()
+    examples: list[tuple[str, int]] = []
+    next_chunk = 0
+    bar = tqdm.tqdm(total=total, disable=not progress, desc='generating ListOps', unit='ex',
+                    leave=False)
+    pool_ctx = (multiprocessing.get_context('spawn').Pool(workers) if workers > 1
+                else contextlib.nullcontext())
+    with pool_ctx as pool, bar:
+        while len(examples) < total:
+            needed = -(-(total - len(examples)) // CHUNK_SIZE)
+            chunks = [(seed, params, c) for c in range(next_chunk, next_chunk + needed)]
+            next_chunk += needed
+            results = pool.imap(_generate_chunk, chunks) if pool else map(_generate_chunk, chunks)
+            for kept in results:
+                for source, target in kept:
+                    if len(examples) < total and source not in seen:
+                        seen.add(source)
+                        examples.append((source, target))
+                        bar.update(1)
+    return {'train': examples[:num_train],
+            'validation': examples[num_train:num_train + num_val],
+            'test': examples[num_train + num_val:total]}
+
+
+# ---------------------------------------------------------------------------------------------
+# TSV files
+# ---------------------------------------------------------------------------------------------
+
+
+def write_tsv(path: str, examples: list[tuple[str, int]]) -> None:
+    r"""Writes ``Source\tTarget`` with a header, as the reference (no quoting is ever needed)."""
+    with open(path, 'w', encoding='utf-8', newline='\n') as f:
+        f.write(HEADER + '\n')
+        for source, target in examples:
+            f.write(f'{source}\t{target}\n')
+
+
+def read_tsv(path: str) -> tuple[list[str], np.ndarray]:
+    r"""Reads a ``Source\tTarget`` TSV (header required; ``\r\n`` line ends accepted).
+
+    Args:
+      path: the file.
+
+    Returns:
+      (N source strings, targets int32 [N]).
+
+    Raises:
+      DataFormatError: naming the file and line of a malformed line.
+    """
+    sources, targets = [], []
+    with open(path, encoding='utf-8', newline='') as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip('\r\n')
+            if lineno == 1:
+                if line != HEADER:
+                    raise common.DataFormatError(
+                        f'{path}, line 1: expected the header {HEADER!r}, found {line[:80]!r}')
+                continue
+            if not line:
+                continue
+            fields = line.split('\t')
+            try:
+                if len(fields) != 2:
+                    raise ValueError(f'expected 2 tab-separated fields, found {len(fields)}')
+                target = int(fields[1])
+                if not 0 <= target < NUM_CLASSES:
+                    raise ValueError(f'target {target} is not in 0-9')
+            except ValueError as e:
+                raise common.DataFormatError(f'{path}, line {lineno}: {e}: {line[:80]!r}') from None
+            sources.append(fields[0])
+            targets.append(target)
+    return sources, np.asarray(targets, np.int32)
+
+
+def cache_folder(config) -> str:
+    """The cache folder of the generated TSVs; its name encodes every generator parameter."""
+    d = config.data
+    name = (f'listops_v{GENERATOR_VERSION}_n{d.listops_num_train}-{d.listops_num_val}-'
+            f'{d.listops_num_test}_len{d.listops_min_length}-{d.listops_max_length}_'
+            f'depth{d.listops_max_depth}_args{d.listops_max_args}_chunk{CHUNK_SIZE}_'
+            f'seed{generation_seed(config)}')
+    return os.path.join(common.cache_root(config), 'listops', name)
+
+
+def generation_seed(config) -> int:
+    """Seed of the generated dataset: ``config.data.listops_seed`` if present, else 0.
+
+    It is deliberately not ``config.seed``: like the LRA release, one fixed dataset is shared by
+    every training seed, so runs that differ in seed differ only in init and data order.
+    """
+    return int(config.data.get('listops_seed', 0) or 0)
+
+
+def release_folder(config) -> str | None:
+    """``config.data_dir`` (or its ``listops-1000/`` subfolder) if it holds ``basic_*.tsv``."""
+    root = common.data_dir(config)
+    if not root:
+        return None
+    for folder in (root, os.path.join(root, 'listops-1000')):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in RELEASE_FILES.values()):
+            return folder
+    return None
+
+
+def ensure_generated(config, progress: bool = True) -> str:
+    """Generates the TSVs into the cache unless present; returns their folder."""
+    folder = cache_folder(config)
+    if all(os.path.isfile(os.path.join(folder, f)) for f in RELEASE_FILES.values()):
+        return folder
+    d = config.data
+    t0 = time.perf_counter()
+    splits = generate(d.listops_num_train, d.listops_num_val, d.listops_num_test,
+                      min_length=d.listops_min_length, max_length=d.listops_max_length,
+                      max_depth=d.listops_max_depth, max_args=d.listops_max_args,
+                      seed=generation_seed(config), progress=progress)
+
+    def write(tmp_dir: str) -> None:
+        for split, filename in RELEASE_FILES.items():
+            write_tsv(os.path.join(tmp_dir, filename), splits[split])
+
+    common.atomic_write_dir(folder, write)
+    _log.info('generated ListOps in %.1fs into %s', time.perf_counter() - t0, folder)
+    return folder
+
+
+def load(config, info: common.TaskInfo) -> dict[str, dict[str, np.ndarray]]:
+    """The three splits: release TSVs from ``config.data_dir`` if there, else generated (cached).
+
+    Returns:
+      {'train' | 'validation' | 'test': {'inputs': uint8 [N, seq_len], 'targets': int32 [N]}}.
+    """
+    folder = release_folder(config)
+    generated = folder is None
+    if generated:
+        longest = config.data.listops_max_length - 1
+        if longest > info.seq_len:
+            from lra_sparse.attention.base import config_error  # noqa: PLC0415
+
+            raise config_error('data.listops_max_length', config.data.listops_max_length,
+                               f'at most config.max_length+1={info.seq_len + 1}: generated '
+                               f'expressions have up to {longest} tokens and would be truncated; '
+                               'raise config.max_length or lower data.listops_max_length')
+        folder = ensure_generated(config)
+    splits = {}
+    for split, filename in RELEASE_FILES.items():
+        path = os.path.join(folder, filename)
+        sources, targets = read_tsv(path)
+        inputs, lengths = encode_many(sources, info.seq_len)
+        truncated = int((lengths > info.seq_len).sum())
+        if truncated:
+            _log.warning('%s: %d of %d expressions are longer than config.max_length=%d and were '
+                         'truncated (longest %d tokens)', path, truncated, len(sources),
+                         info.seq_len, int(lengths.max()))
+        splits[split] = {'inputs': inputs, 'targets': targets}
+    return splits

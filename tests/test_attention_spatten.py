@@ -1,0 +1,557 @@
+"""SpAtten: schedules, Algorithm 2 vs numpy, cascade pruning, quantization, cost model, models."""
+
+import collections
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from lra_sparse import attention, config_lib
+from lra_sparse.attention import base, spatten
+from lra_sparse.models import transformer
+
+E, H = 16, 2
+Info = collections.namedtuple('Info', 'name num_classes seq_len vocab_size pair_inputs')
+
+
+def make_cfg(impl='xla', **overrides):
+    cfg = config_lib.attention_config('spatten', impl, overrides.pop('apply', 'train_and_eval'))
+    for key, value in overrides.items():
+        cfg[key] = value
+    return ml_collections.FrozenConfigDict(cfg)
+
+
+PLAIN = dict(quant='none', value_keep_ratio=1.0, head_keep_final=1.0)
+
+
+def make_layers(num_layers, impl='xla', heads=H, emb=E, seed=0, **overrides):
+    cfg = make_cfg(impl, **overrides)
+    rngs = nnx.Rngs(params=seed)
+    return [spatten.SpAttenAttention(
+        base.AttentionDims(emb_dim=emb, qkv_dim=emb, num_heads=heads, max_len=64, layer_index=i,
+                           num_layers=num_layers), cfg, rngs=rngs) for i in range(num_layers)]
+
+
+def copy_weights(src, dst):
+    for a, b in zip(src, dst):
+        for proj in ('query', 'key', 'value', 'out'):
+            getattr(b, proj).kernel[...] = getattr(a, proj).kernel[...]
+
+
+def run_stack(layers, x, mask):
+    """Runs layers like the encoder's loop (same x for every layer, gathered with select)."""
+    batch, length = mask.shape
+    carry = base.LayerCarry(positions=jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
+                                                       (batch, length)))
+    outs = []
+    for layer in layers:
+        out = layer(x, mask, carry)
+        outs.append((out, x, mask))
+        carry = out.carry
+        if carry.select is not None:
+            x = jnp.take_along_axis(x, carry.select[:, :, None], axis=1)
+            mask = jnp.take_along_axis(mask, carry.select, axis=1)
+            carry = carry.replace(select=None)
+    return outs, carry
+
+
+def random_inputs(lengths, length, emb=E, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(len(lengths), length, emb)).astype(np.float32)
+    mask = np.arange(length)[None] < np.asarray(lengths)[:, None]
+    return jnp.asarray(x), jnp.asarray(mask)
+
+
+# -- numpy reference of one layer -----------------------------------------------------------------
+def np_probs(layer, x, mask, heads=None):
+    """float64 probabilities [batch, H, n, n] and per-head outputs [batch, n, H, D]."""
+    x = np.asarray(x, np.float64)
+    h, d = layer.dims.num_heads, layer.dims.head_dim
+    projs = (layer.query, layer.key, layer.value)
+    q, k, v = (np.einsum('ble,ef->blf', x, np.asarray(p.kernel[...], np.float64))
+               .reshape(x.shape[0], x.shape[1], h, d) for p in projs)
+    s = np.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(d)
+    valid = (np.asarray(mask)[:, :, None] & np.asarray(mask)[:, None, :])[:, None]
+    s = np.where(valid, s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True)
+    p = np.exp(s - np.where(np.isfinite(m), m, 0))
+    p = np.where(valid, p / np.maximum(p.sum(-1, keepdims=True), 1e-300), 0.0)
+    return p, np.einsum('bhqk,bkhd->bqhd', p, v)
+
+
+def np_topk(scores, valid, keep):
+    """Algorithm 2's top-k with index 0 forced and ties to the lowest index."""
+    cand = [i for i in range(len(scores)) if valid[i] and i != 0]
+    cand.sort(key=lambda i: (-scores[i], i))
+    head = [0] if valid[0] else []
+    return sorted(head + cand[:keep - len(head)])
+
+
+# -- schedules and validation -------------------------------------------------------------------
+def test_schedules_follow_the_rules():
+    cfg = make_cfg()
+    np.testing.assert_allclose(spatten.token_keep_schedule(cfg, 4), [1, 5 / 6, 2 / 3, 0.5])
+    assert spatten.token_keep_schedule(cfg, 1) == (1.0,)
+    late = make_cfg(token_prune_start_layer=2, token_keep_final=0.25)
+    np.testing.assert_allclose(spatten.token_keep_schedule(late, 4), [1, 1, 0.625, 0.25])
+    explicit = make_cfg(token_keep_ratios=(1.0, 0.9, 0.4))
+    assert spatten.token_keep_schedule(explicit, 3) == (1.0, 0.9, 0.4)
+    assert spatten.head_keep_schedule(cfg, 8, 4) == (8, 8, 8, 6)
+    assert spatten.head_keep_schedule(cfg, 16, 24) == (16,) * 16 + (12,) * 8
+    assert spatten.head_keep_schedule(cfg, 4, 2) == (4, 3)
+    assert spatten.head_keep_schedule(cfg, 8, 1) == (8,)
+    assert spatten.capacity_chain(101, (1, 5 / 6, 2 / 3, 0.5), 3) == 51  # 101 -> 85 -> 68 -> 51
+
+
+BAD = [
+    ('token_keep_ratios', (1.0, 1.5)), ('token_keep_ratios', (1.0, 0.0)),
+    ('token_keep_ratios', (1.0, 0.5, 0.25)), ('token_keep_ratios', (0.5, 0.5)),
+    ('token_keep_final', 0.0),
+    ('token_keep_final', 1.2), ('token_prune_start_layer', 0), ('token_prune_start_layer', 3),
+    ('head_keep_counts', (4, 5)), ('head_keep_counts', (4,)), ('head_keep_counts', (5, 4)),
+    ('head_keep_counts', (4, 0)), ('head_keep_final', 0.0), ('value_keep_ratio', 0.0),
+    ('value_keep_ratio', 1.1), ('quant', 'dynamic'), ('msb_bits', 5), ('msb_bits', 16),
+    ('lsb_bits', 2), ('requant_threshold', -0.1), ('requant_threshold', 1.5),
+]
+
+
+@pytest.mark.parametrize('field,value', BAD)
+def test_bad_inputs_name_the_field(field, value):
+    config = tiny_config('listops', 'attention=spatten')  # 2 layers, 4 heads
+    config.attention[field] = value
+    with pytest.raises(base.ConfigError, match=f'attention.{field}'):
+        config_lib.validate(config)
+
+
+def test_increasing_ratios_rejected_and_defaults_valid():
+    config = tiny_config('listops', 'attention=spatten', **{'model.num_layers': 3})
+    config_lib.validate(config)
+    config.attention.token_keep_ratios = (1.0, 0.5, 0.7)
+    with pytest.raises(base.ConfigError, match='token_keep_ratios'):
+        config_lib.validate(config)
+
+
+# -- selection ----------------------------------------------------------------------------------
+def test_select_tokens_topk_ties_cls_and_padding():
+    scores = jnp.asarray([[0.0, 5.0, 2.0, 2.0, 2.0, 9.0, 7.0, 1.0],
+                          [0.0, 1.0, 1.0, 1.0, 1.0, 3.0, 0.0, 0.0],
+                          [4.0, 3.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    valid = jnp.asarray([[1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0],
+                         [0, 0, 0, 0, 0, 0, 0, 0]], bool)
+    keep = jnp.asarray([5, 3, 0], jnp.int32)
+    select, kept = spatten.select_tokens(scores, valid, keep, capacity=5)
+    # Row 0: CLS (lowest score) forced, then 9, 7, 5 and the first of the tied 2s (index 2).
+    assert select[0].tolist() == [0, 1, 2, 5, 6]
+    # Row 1: CLS, 3.0 (index 5), first of the tied 1s (index 1); padding 6, 7 fills the capacity.
+    assert select[1].tolist() == [0, 1, 5, 6, 7]
+    assert np.asarray(kept[1]).nonzero()[0].tolist() == [0, 1, 5]
+    # A fully padded example keeps index 0 and padding only.
+    assert select[2].tolist() == [0, 1, 2, 3, 4] and not np.asarray(kept[2]).any()
+
+
+def test_select_keeps_invalid_first_position_in_place():
+    scores = jnp.asarray([[0.0, 1.0, 3.0, 2.0, 0.0, 0.0]])
+    valid = jnp.asarray([[0, 1, 1, 1, 0, 0]], bool)  # image: pixel 0 is padding, so is CLS
+    select, kept = spatten.select_tokens(scores, valid, jnp.asarray([2]), capacity=4)
+    assert select[0].tolist() == [0, 2, 3, 4]
+    assert np.asarray(kept[0]).nonzero()[0].tolist() == [2, 3]
+
+
+def test_top_heads_lowest_dropped_ties_to_lowest_id():
+    head_scores = jnp.asarray([[3.0, 1.0, 3.0, 7.0]])
+    keep = spatten.top_heads(head_scores, jnp.asarray([[0, 1, 2, 3]]), 2)
+    assert keep.tolist() == [[0, 3]]
+    keep = spatten.top_heads(head_scores, jnp.asarray([[1, 2]]), 1)
+    assert keep.tolist() == [[2]]
+
+
+# -- Algorithm 2 against numpy --------------------------------------------------------------------
+def test_cumulative_scores_match_numpy_algorithm2():
+    lengths, length = [16, 11], 16
+    layers = make_layers(3, token_keep_ratios=(1.0, 0.75, 0.5), **PLAIN)
+    x, mask = random_inputs(lengths, length)
+    outs, _ = run_stack(layers, x, mask)
+    xs, masks = np.asarray(x), np.asarray(mask)
+    for b in range(2):
+        s = np.zeros(length)
+        pos = np.arange(length)
+        n = length
+        for layer_index, ratio in enumerate([0.75, 2 / 3]):
+            xb, mb = xs[b][pos], masks[b][pos]
+            p, _ = np_probs(layers[layer_index], xb[None], mb[None])
+            s = s + p[0].sum(axis=(0, 1))
+            v = int(mb.sum())
+            keep = math.ceil(v * ratio - 1e-9)
+            n_next = math.ceil(n * ratio - 1e-9)
+            kept = np_topk(s, mb, keep)
+            pad = [i for i in range(n) if not mb[i] and i not in kept]
+            sel = sorted(kept + pad[:n_next - len(kept)])
+            carry = outs[layer_index][0].carry
+            assert carry.select[b].tolist() == sel
+            np.testing.assert_allclose(carry.state['token_scores'][b], s[sel], rtol=1e-5,
+                                       atol=1e-5)
+            s, pos, n = s[sel], pos[sel], n_next
+            assert carry.positions[b].tolist() == pos.tolist()
+            new_mask = np.asarray(outs[layer_index + 1][2][b])
+            assert new_mask.sum() == keep and new_mask[0]
+    # Tokens kept by the numpy rule in the last frame: 8 of 16 and 6 of 11.
+    assert [int(m.sum()) for m in np.asarray(outs[2][2])] == [8, 6]
+
+
+def test_pruned_tokens_never_reappear_and_cls_survives():
+    layers = make_layers(4, token_keep_final=0.25)
+    x, mask = random_inputs([40, 23], 40, seed=3)
+    outs, carry = run_stack(layers, x, mask)
+    for out, _, _ in outs:
+        pos = np.asarray(out.carry.positions)
+        assert np.all(pos[:, 0] == 0) and np.all(np.diff(pos, axis=1) > 0)
+    assert carry.positions.shape == (2, 10)
+    for b in range(2):
+        previous = set(range(40))
+        for i in range(1, 4):
+            pos = np.asarray(outs[i - 1][0].carry.positions)[b]
+            valid = np.asarray(outs[i][2])[b]
+            now = set(pos[valid].tolist())
+            assert now <= previous, 'a pruned token reappeared'
+            assert 0 in now, 'CLS pruned'
+            previous = now
+    assert [int(m.sum()) for m in np.asarray(outs[3][2])] == [10, 6]  # ceil chain of 0.25
+
+
+def test_cls_kept_even_with_the_lowest_score():
+    layers = make_layers(2, token_keep_ratios=(1.0, 0.25), **PLAIN)
+    x, mask = random_inputs([16, 16], 16, seed=4)
+    # Make every query ignore position 0: a huge negative key for it.
+    x = x.at[:, 0].set(-x[:, 1] * 30)
+    outs, _ = run_stack(layers, x, mask)
+    scores = np.asarray(outs[0][0].carry.state['token_scores'])
+    assert np.asarray(outs[0][0].carry.select)[:, 0].tolist() == [0, 0]
+    assert np.all(np.asarray(outs[1][2])[:, 0])
+    assert scores.shape == (2, 4)
+
+
+def test_length_adaptive_budget():
+    x, mask = random_inputs([32, 10], 32, seed=5)
+    fixed = make_layers(2, token_keep_ratios=(1.0, 0.5), **PLAIN)
+    adaptive = make_layers(2, token_keep_ratios=(1.0, 0.5), length_adaptive=True, **PLAIN)
+    copy_weights(fixed, adaptive)
+    fixed_outs, _ = run_stack(fixed, x, mask)
+    adaptive_outs, _ = run_stack(adaptive, x, mask)
+    # Same fraction of each example's length vs a 16-token budget (short inputs unpruned).
+    assert np.asarray(fixed_outs[1][2]).sum(1).tolist() == [16, 5]
+    assert np.asarray(adaptive_outs[1][2]).sum(1).tolist() == [16, 10]
+    assert float(adaptive_outs[1][0].stats['tokens_kept']) == pytest.approx(26 / 42)
+
+
+# -- reference (dense-masked) vs xla (physical gather) -------------------------------------------
+@pytest.mark.parametrize('quant', ['none', 'progressive'])
+def test_reference_and_xla_layers_agree(quant):
+    kw = dict(token_keep_ratios=(1.0, 0.6, 0.3), head_keep_counts=(4, 3, 2), quant=quant,
+              requant_threshold=0.2, value_keep_ratio=0.5)
+    ref = make_layers(3, 'reference', heads=4, **kw)
+    xla = make_layers(3, 'xla', heads=4, **kw)
+    copy_weights(ref, xla)
+    x, mask = random_inputs([30, 17], 30, seed=6)
+    ref_outs, _ = run_stack(ref, x, mask)
+    xla_outs, _ = run_stack(xla, x, mask)
+    for (r, _, _), (p, _, _) in zip(ref_outs, xla_outs):
+        assert r.carry.select is None
+        for key in r.stats:
+            np.testing.assert_allclose(r.stats[key], p.stats[key], rtol=1e-5, atol=1e-6,
+                                       err_msg=key)
+    # Map xla outputs back to original positions and compare on surviving valid tokens.
+    for i in range(3):
+        positions = (np.asarray(xla_outs[i - 1][0].carry.positions) if i else
+                     np.broadcast_to(np.arange(30), (2, 30)))
+        valid = np.asarray(xla_outs[i][2])
+        ry, py = np.asarray(ref_outs[i][0].y), np.asarray(xla_outs[i][0].y)
+        for b in range(2):
+            np.testing.assert_allclose(py[b][valid[b]], ry[b][positions[b][valid[b]]],
+                                       rtol=2e-4, atol=2e-5)
+            alive = np.asarray(ref_outs[i][2][b] & ref_outs[i - 1][0].carry.state['alive'][b]
+                               if i else ref_outs[i][2][b])
+            assert sorted(positions[b][valid[b]].tolist()) == np.nonzero(alive)[0].tolist()
+
+
+# -- head pruning ---------------------------------------------------------------------------------
+def test_head_pruning_drops_lowest_output_heads_and_runs():
+    layers = make_layers(2, heads=4, head_keep_counts=(4, 2), token_keep_ratios=(1.0, 1.0),
+                         quant='none', value_keep_ratio=1.0)
+    x, mask = random_inputs([12, 7], 12, seed=7)
+    outs, _ = run_stack(layers, x, mask)
+    _, o = np_probs(layers[0], x, mask)
+    importance = np.abs(o).sum(axis=(1, 3))  # [batch, heads]
+    expected = np.sort(np.argsort(-importance, kind='stable')[:, :2], axis=1)
+    head_keep = np.asarray(outs[0][0].carry.state['head_keep'])
+    assert head_keep.tolist() == expected.tolist()
+    np.testing.assert_allclose(outs[0][0].carry.state['head_scores'], importance, rtol=1e-4)
+    # Layer 1 = attention with only the kept heads (numpy, pruned heads contribute nothing).
+    y = np.asarray(outs[1][0].y)
+    assert np.isfinite(y).all() and float(outs[1][0].stats['heads_kept']) == 0.5
+    _, o1 = np_probs(layers[1], x, mask)
+    w_out = np.asarray(layers[1].out.kernel[...], np.float64).reshape(4, 8, E)
+    for b in range(2):
+        kept = head_keep[b]
+        want = np.einsum('lhd,hde->le', o1[b][:, kept], w_out[kept])
+        np.testing.assert_allclose(y[b], want, rtol=1e-4, atol=1e-5)
+
+
+# -- quantization ---------------------------------------------------------------------------------
+def np_codes(x, mask, bits):
+    x = np.asarray(x, np.float64)
+    amax = np.max(np.where(np.asarray(mask)[:, :, None, None], np.abs(x), 0), axis=(1, 3),
+                  keepdims=True)
+    qmax = 2.0 ** (bits - 1) - 1
+    scale = np.where(amax > 0, amax / qmax, 1.0)
+    return np.clip(np.round(x / scale), -qmax, qmax), scale
+
+
+def test_msb_lsb_quant_matches_numpy():
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(2, 6, 2, 4)).astype(np.float32))
+    mask = jnp.asarray(np.arange(6)[None] < np.array([[6], [4]]))
+    msb, full = spatten.msb_lsb_quant(x, mask, 6, 4)
+    codes, scale = np_codes(x, mask, 10)
+    np.testing.assert_allclose(full, codes * scale, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(msb, np.floor(codes / 16) * 16 * scale, rtol=1e-6, atol=1e-7)
+    assert np.abs(np.floor(codes / 16)).max() <= 2 ** 5  # fits in 6 signed bits
+    # Straight-through gradient.
+    g = jax.grad(lambda x: jnp.sum(spatten.msb_lsb_quant(x, mask, 6, 4)[0] * 3.0))(x)
+    np.testing.assert_allclose(g, 3.0)
+
+
+def quant_layer(**kw):
+    return make_layers(1, token_keep_ratios=(1.0,), head_keep_final=1.0, value_keep_ratio=1.0,
+                       **kw)[0]
+
+
+def test_progressive_threshold_zero_and_one():
+    x, mask = random_inputs([20, 13], 20, seed=9)
+    carry = base.LayerCarry(positions=jnp.zeros((2, 20), jnp.int32))
+    none = quant_layer(quant='progressive', requant_threshold=0.0)
+    all_rows = quant_layer(quant='progressive', requant_threshold=1.0)
+    static12 = quant_layer(quant='static', msb_bits=12)
+    copy_weights([none], [all_rows])
+    copy_weights([none], [static12])
+    out0, out1 = none(x, mask, carry), all_rows(x, mask, carry)
+    assert float(out0.stats['lsb_refetch_fraction']) == 0.0
+    assert float(out0.stats['average_bits']) == 8.0
+    assert float(out1.stats['lsb_refetch_fraction']) == 1.0
+    assert float(out1.stats['average_bits']) == 12.0
+    # Every row refetched = the MSB+LSB (12-bit) computation.
+    np.testing.assert_allclose(out1.y, static12(x, mask, carry).y, rtol=1e-5, atol=1e-6)
+    # No row refetched = the MSB-only computation, checked in numpy.
+    q, k, v = none.project_qkv(x)
+    (cq, sq), (ck, sk) = np_codes(q, mask, 12), np_codes(k, mask, 12)
+    qm, km = np.floor(cq / 16) * 16 * sq, np.floor(ck / 16) * 16 * sk
+    s = np.einsum('bqhd,bkhd->bhqk', qm, km) / math.sqrt(8)
+    valid = (np.asarray(mask)[:, :, None] & np.asarray(mask)[:, None, :])[:, None]
+    s = np.where(valid, s, -1e30)
+    p = np.exp(s - s.max(-1, keepdims=True)) * valid
+    p = p / np.maximum(p.sum(-1, keepdims=True), 1e-30)
+    o = np.einsum('bhqk,bkhd->bqhd', p, np.asarray(v, np.float64)).reshape(2, 20, E)
+    want = o @ np.asarray(none.out.kernel[...], np.float64)
+    np.testing.assert_allclose(out0.y, want, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(out0.y, out1.y, atol=1e-6)
+
+
+def test_dominated_row_is_not_refetched():
+    layer = quant_layer(quant='progressive', requant_threshold=0.5)
+    n, d = 8, 8
+    k = np.zeros((1, n, 1, d), np.float32)
+    k[0, :, 0, :] = np.eye(d)[:n] * 0.1
+    k[0, 3, 0, :] = 0.0
+    k[0, 3, 0, 3] = 1.0
+    q = np.full((1, n, 1, d), 0.01, np.float32)
+    q[0, 0, 0, 3] = 40.0  # row 0: one key dominates
+    mask = jnp.ones((1, n), bool)
+    row_ok = jnp.ones((1, 1, n), bool)
+    layer.dims = base.AttentionDims(emb_dim=d, qkv_dim=d, num_heads=1, max_len=n)
+    probs, stats = layer._probs(jnp.asarray(q), jnp.asarray(k), mask, row_ok)
+    assert float(jnp.max(probs[0, 0, 0])) > 0.99
+    assert float(stats['lsb_refetch_fraction']) == pytest.approx((n - 1) / n)
+
+
+# -- cost model -----------------------------------------------------------------------------------
+def test_layer_macs_match_hand_count():
+    cfg = make_cfg(quant='none')  # defaults: tokens 1, 5/6, 2/3, 1/2; heads (8,8,8,6); V 0.3
+    method = attention.get_method('spatten')
+    e, mlp, heads, length = 64, 128, 8, 101
+    seq, total = length, 0.0
+    hand_tokens = [101, 85, 68, 51]
+    hand_heads = [8, 8, 8, 6]
+    for i in range(4):
+        dims = base.AttentionDims(emb_dim=e, qkv_dim=e, num_heads=heads, max_len=seq,
+                                  layer_index=i, num_layers=4)
+        macs, seq_next = method.macs(dims, cfg, seq, mlp)
+        n, d = hand_tokens[i], hand_heads[i] * 8
+        kv = math.ceil(0.3 * n)
+        assert macs == {'qkv_proj': 3 * n * e * d, 'out_proj': n * d * e, 'scores': n * n * d,
+                        'attention_values': n * kv * d, 'ffn': 2 * n * e * mlp}
+        assert seq_next == (hand_tokens[i + 1] if i < 3 else n)
+        total += sum(macs.values())
+        seq = seq_next
+    dense = 4 * (4 * 101 * 64 * 64 + 2 * 101 * 101 * 64 + 2 * 101 * 64 * 128)
+    assert total == sum(
+        4 * n * e * h * 8 + n * n * h * 8 + n * math.ceil(0.3 * n) * h * 8 + 2 * n * e * mlp
+        for n, h in zip(hand_tokens, hand_heads))
+    assert 1.4 < dense / total < 1.6
+    quant_macs, _ = method.macs(dims, make_cfg(), seq, mlp)
+    assert quant_macs['qk_bits'] == 8.0
+
+
+def test_runtime_flop_reduction_stat():
+    @dataclasses_dataclass
+    class Dims(base.AttentionDims):
+        mlp_dim: int = 32
+
+    cfg = make_cfg(token_keep_ratios=(1.0, 0.5), value_keep_ratio=0.5, quant='none',
+                   head_keep_counts=(2, 1))
+    rngs = nnx.Rngs(params=0)
+    layers = [spatten.SpAttenAttention(Dims(emb_dim=E, qkv_dim=E, num_heads=2, max_len=16,
+                                            layer_index=i, num_layers=2), cfg, rngs=rngs)
+              for i in range(2)]
+    x, mask = random_inputs([16, 10], 16, seed=10)
+    outs, _ = run_stack(layers, x, mask)
+
+    def macs(n, kv, h):
+        return 4 * n * E * h * 8 + n * n * h * 8 + n * kv * h * 8 + 2 * n * E * 32
+
+    dense = macs(16, 16, 2) + macs(10, 10, 2)
+    want0 = 1 - (macs(16, 8, 2) + macs(10, 5, 2)) / dense
+    want1 = 1 - (macs(8, 4, 1) + macs(5, 3, 1)) / dense
+    assert float(outs[0][0].stats['flop_reduction']) == pytest.approx(want0, rel=1e-5)
+    assert float(outs[1][0].stats['flop_reduction']) == pytest.approx(want1, rel=1e-5)
+    # sparsity: layer 1 attends 1 head x 8 x 4 and 1 x 5 x 3 of 2 x (256 + 100) pairs.
+    assert float(outs[1][0].stats['sparsity']) == pytest.approx(1 - (32 + 15) / 712, rel=1e-5)
+    assert float(outs[1][0].stats['tokens_kept']) == pytest.approx(13 / 26)
+
+
+def dataclasses_dataclass(cls):
+    import dataclasses
+    return dataclasses.dataclass(frozen=True)(cls)
+
+
+# -- whole models ---------------------------------------------------------------------------------
+INFO = Info('listops', 10, 40, 17, False)
+
+
+def model_config(arg='attention=spatten', **overrides):
+    fields = {'max_length': INFO.seq_len, 'model.num_layers': 3, 'model.emb_dim': 32,
+              'model.qkv_dim': 32, 'model.mlp_dim': 32, 'model.num_heads': 4}
+    fields.update({f'attention.{k}': v for k, v in overrides.pop('attention', {}).items()})
+    fields.update(overrides)
+    return tiny_config('listops', arg, **fields)
+
+
+def batch_of(seed=0, batch=2):
+    rng = np.random.default_rng(seed)
+    lengths = np.array([INFO.seq_len, 13])[:batch]
+    tokens = rng.integers(1, INFO.vocab_size, (batch, INFO.seq_len))
+    tokens[np.arange(INFO.seq_len)[None] >= lengths[:, None]] = 0
+    return {'inputs': tokens.astype(np.int32)}
+
+
+@pytest.mark.parametrize('impl', ['reference', 'xla'])
+def test_everything_at_one_equals_dense_end_to_end(impl):
+    method = attention.get_method('spatten')
+    cfg = model_config(f'attention=spatten,impl={impl}', attention=dict(method.dense_equivalent))
+    sp = transformer.build_model(cfg, INFO)
+    dense = transformer.build_model(model_config('attention=dense'), INFO)
+    batch = batch_of()
+    a, aux = sp(batch)
+    b, _ = dense(batch)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert float(aux['stats']['sparsity']) == 0.0 and aux['positions'].shape == (2, 41)
+
+
+def test_models_reference_and_xla_same_logits_and_pruning_is_physical():
+    kw = dict(attention={'token_keep_final': 0.3, 'requant_threshold': 0.2})
+    ref = transformer.build_model(model_config('attention=spatten,impl=reference', **kw), INFO)
+    xla = transformer.build_model(model_config('attention=spatten,impl=xla', **kw), INFO)
+    batch = batch_of(1)
+    a, aux_a = ref(batch)
+    b, aux_b = xla(batch)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for key in aux_a['stats']:
+        np.testing.assert_allclose(aux_a['stats'][key], aux_b['stats'][key], rtol=1e-4,
+                                   atol=1e-6, err_msg=key)
+    # 41 tokens -> ceil(41 * 0.65) = 27 -> ceil(27 * 0.3 / 0.65) = 13 in the last layer.
+    assert aux_b['positions'].shape == (2, 13) and aux_a['positions'].shape == (2, 41)
+    stats = aux_b['stats']
+    assert float(stats['layer2/heads_kept']) == 0.75
+    assert float(stats['layer0/tokens_kept']) == 1.0 > float(stats['layer2/tokens_kept'])
+    assert 0.0 < float(stats['sparsity']) < 1.0 and 8.0 <= float(stats['average_bits']) <= 12.0
+
+
+def test_training_gradients_and_eval_only():
+    cfg = model_config('attention=spatten')
+    model = transformer.build_model(cfg, INFO)
+    batch = batch_of(2)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params):
+        logits, _ = nnx.merge(graphdef, params, rest)(batch, deterministic=False,
+                                                      rng=jax.random.key(0))
+        return jnp.sum(logits ** 2)
+
+    grads = jax.grad(loss)(params)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    # eval_only: dense (no selection) while training, pruned at evaluation.
+    eval_only = transformer.build_model(model_config('attention=spatten,apply=eval_only'), INFO)
+    dense = transformer.build_model(model_config('attention=dense'), INFO)
+    train_logits, aux = eval_only(batch, deterministic=False, rng=jax.random.key(1))
+    dense_logits, _ = dense(batch, deterministic=False, rng=jax.random.key(1))
+    np.testing.assert_allclose(train_logits, dense_logits, rtol=1e-5, atol=1e-5)
+    assert aux['positions'].shape == (2, 41)
+    _, aux = eval_only(batch)
+    assert aux['positions'].shape[1] < 41 and float(aux['stats']['tokens_kept']) < 1.0
+
+
+@pytest.mark.parametrize('task', ['retrieval', 'image'])
+def test_other_tasks_run(task):
+    info = Info(task, 2 if task == 'retrieval' else 10, 24, 257 if task == 'retrieval' else 256,
+                task == 'retrieval')
+    config = tiny_config(task, 'attention=spatten', **{
+        'max_length': 24, 'model.emb_dim': 16, 'model.qkv_dim': 16, 'model.mlp_dim': 16})
+    model = transformer.build_model(config, info)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, info.vocab_size, (2, 24)).astype(np.int32)
+    tokens[1, 10:] = 0
+    batch = ({'inputs1': tokens, 'inputs2': tokens[::-1].copy()} if info.pair_inputs
+             else {'inputs': tokens})
+    logits, aux = model(batch)
+    assert np.isfinite(np.asarray(logits)).all()
+    assert 'tokens_kept' in aux['stats']
+
+
+# -- training runs (need the data modules) --------------------------------------------------------
+def _train(tmp_path, arg, steps):
+    pytest.importorskip('lra_sparse.data')
+    from lra_sparse import data, train
+    if not hasattr(data, 'load_task'):
+        pytest.skip('data modules not available yet')
+    config = config_lib.load(f'configs/listops.py:{arg},tiny')
+    config.num_train_steps = steps
+    config.eval_every_steps = steps
+    config.checkpoint_every_steps = steps
+    return train.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_tiny_listops_trains_with_pruning(tmp_path):
+    results = _train(tmp_path, 'attention=spatten', 300)
+    assert math.isfinite(results['validation']['loss'])
+    assert results['validation']['accuracy'] > 0.25
+    assert results['validation']['tokens_kept'] < 1.0
+
+
+def test_eval_only_pruning_of_dense_tiny_run(tmp_path):
+    results = _train(tmp_path, 'attention=spatten,apply=eval_only', 20)
+    assert math.isfinite(results['validation']['loss'])
+    assert results['validation']['tokens_kept'] < 1.0
