@@ -15,6 +15,7 @@ Any field can still be overridden on the command line, e.g. ``--config.attention
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import jax
@@ -224,7 +225,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
                'an integer >= 0 below data.listops_max_length')
     _check(config.data.source in ('real', 'synthetic'), 'data.source', config.data.source,
            'real or synthetic')
+    if config.init_from:
+        _check_init_from(config)
     method.validate(config)
+
+
+MODEL_SHAPE_FIELDS = ('emb_dim', 'qkv_dim', 'mlp_dim', 'num_heads', 'num_layers', 'pooling',
+                      'learn_pos_emb')
+
+
+def _check_init_from(config: ml_collections.ConfigDict) -> None:
+    """The source run of ``init_from`` exists, has checkpoints and the same task and model shape."""
+    source = os.path.expanduser(config.init_from)
+    saved = os.path.join(source, 'config.json')
+    _check(os.path.isfile(saved) and os.path.isdir(os.path.join(source, 'checkpoints')),
+           'init_from', config.init_from, 'the workdir of a run with config.json and checkpoints/')
+    with open(saved) as f:
+        other = json.load(f)
+    _check(other.get('task') == config.task and other.get('max_length') == config.max_length,
+           'init_from', config.init_from,
+           f'a run of task {config.task!r} with max_length {config.max_length} (it has '
+           f'{other.get("task")!r}, {other.get("max_length")})')
+    for field in MODEL_SHAPE_FIELDS:
+        theirs = other.get('model', {}).get(field)
+        _check(theirs == config.model[field], 'init_from', config.init_from,
+               f'a run with the same model.{field} (it has {theirs!r}, this config '
+               f'{config.model[field]!r})')
 
 
 __all__ = ['ConfigError', 'TASKS', 'base_config', 'load', 'make_config', 'parse_arg', 'validate']

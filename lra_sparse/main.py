@@ -3,6 +3,9 @@
   python -m lra_sparse.main --config=configs/listops.py:attention=dense,tiny --workdir=runs/x
   python -m lra_sparse.main --config=configs/text.py:attention=dsa --mode=describe
   python -m lra_sparse.main ... --config.attention.sparsity=0.95   # override any field
+  # apply a method to a trained (e.g. dense) run at evaluation, without fine-tuning
+  python -m lra_sparse.main --config=configs/listops.py:attention=dfss,tiny --mode=evaluate \
+      --config.init_from=runs/x --workdir=runs/x_dfss_eval
 
 Invalid configs and missing data stop before any compute with one line naming the field, the value
 and what is allowed (exit status 2).
@@ -24,8 +27,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and options, e.g. configs/listops.py:attention=dsa,tiny.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (outputs, checkpoints; resumes).')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'describe'],
-                          'train: train and evaluate; describe: print params and MACs as JSON.')
+_MODE = flags.DEFINE_enum(
+    'mode', 'train', ['train', 'evaluate', 'describe'],
+    'train: train and evaluate; evaluate: evaluate the weights of --config.init_from with this '
+    "config's attention (no training); describe: print params and MACs as JSON.")
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() first (multi-host launches).')
 
@@ -45,12 +50,15 @@ def run(argv) -> int:
             print(json.dumps(describe.describe(config), indent=2))
             return 0
         if not _WORKDIR.value:
-            print('error: --workdir is required in train mode (outputs and checkpoints go there)',
+            print(f'error: --workdir is required in {_MODE.value} mode (outputs go there)',
                   file=sys.stderr)
             return 2
         if _DISTRIBUTED.value:
             jax.distributed.initialize()
-        results = train.train_and_evaluate(config, _WORKDIR.value)
+        if _MODE.value == 'evaluate':
+            results = train.evaluate_checkpoint(config, _WORKDIR.value)
+        else:
+            results = train.train_and_evaluate(config, _WORKDIR.value)
     except USER_ERRORS as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

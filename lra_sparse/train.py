@@ -233,31 +233,60 @@ def restore_params(workdir: str) -> dict:
     return restored['params']
 
 
+def _leaf_names(tree, strip_value: bool) -> dict[tuple[str, ...], Any]:
+    """Flattens a parameter tree to {path as a tuple of strings: leaf}.
+
+    Orbax restores list indices as strings and nnx variables as {'value': array} when no target
+    is given; ``strip_value`` drops that last key so both kinds of tree compare equal.
+    """
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = tuple(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+        if strip_value and names[-1] == 'value':
+            names = names[:-1]
+        out[names] = leaf
+    return out
+
+
+def restored_step(workdir: str) -> int:
+    """The step of the latest checkpoint of a run (0 if it has none)."""
+    directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    if not os.path.isdir(directory):
+        return 0
+    with ocp.CheckpointManager(directory) as mngr:
+        return mngr.latest_step() or 0
+
+
 def init_from_workdir(state: TrainState, source: str) -> TrainState:
     """Loads every parameter present in ``source``'s checkpoint; others keep their fresh init.
 
-    A parameter whose shape differs raises ConfigError naming it (models must match).
+    Used to fine-tune a sparse method from a dense run (DSA's predictor starts fresh) and to
+    evaluate a dense-trained model with another attention method. A parameter whose shape differs
+    raises ConfigError naming it (the model dims must match); a source that shares no parameter
+    with this model raises too.
     """
-    loaded = restore_params(source)
-    flat_loaded = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
-    flat_loaded = {jax.tree_util.keystr(k): v for k, v in flat_loaded.items()}
+    loaded = _leaf_names(restore_params(source), strip_value=True)
     pure = state.params.to_pure_dict()
     paths, treedef = jax.tree_util.tree_flatten_with_path(pure)
-    new_leaves = []
-    for path, leaf in paths:
-        key = jax.tree_util.keystr(path)
-        if key in flat_loaded:
-            value = np.asarray(flat_loaded[key])
-            if value.shape != leaf.shape:
-                raise config_lib.ConfigError(
-                    f'config.init_from={source!r} is not allowed: parameter {key} has shape '
-                    f'{value.shape} there but {leaf.shape} here; the model dims must match.')
-            new_leaves.append(jnp.asarray(value, leaf.dtype))
-        else:
+    new_leaves, matched = [], 0
+    for names, (_, leaf) in zip(_leaf_names(pure, strip_value=False), paths):
+        if names not in loaded:
             new_leaves.append(leaf)
+            continue
+        value = np.asarray(loaded[names])
+        if value.shape != leaf.shape:
+            raise config_lib.ConfigError(
+                f'config.init_from={source!r} is not allowed: parameter {"/".join(names)} has '
+                f'shape {value.shape} there but {leaf.shape} here; the model dims must match.')
+        new_leaves.append(jnp.asarray(value, leaf.dtype))
+        matched += 1
+    if not matched:
+        raise config_lib.ConfigError(
+            f'config.init_from={source!r} is not allowed: its checkpoint shares no parameter with '
+            'this model (a run of another task?).')
     params = state.params
     nnx.replace_by_pure_dict(params, jax.tree_util.tree_unflatten(treedef, new_leaves))
-    return state.replace(params=params, opt_state=state.opt_state)
+    return state.replace(params=params)
 
 
 def evaluate(eval_fn, params, rest, split: dict, config, sharding) -> dict[str, float]:
@@ -286,8 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     if is_main:
-        with open(os.path.join(workdir, 'config.json'), 'w') as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        _write_json(workdir, 'config.json', json.loads(config.to_json_best_effort()))
 
     mesh = create_mesh()
     batch_sharding = NamedSharding(mesh, P('data'))
@@ -357,21 +385,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     test = evaluate(p_eval, state.params, state.rest, task.splits['test'], config,
                     batch_sharding)
     writer.write(total, 'test', test)
-    wall = time.perf_counter() - t_start
-    results = {
+    results = _results(config, num_params, total, start_step, time.perf_counter() - t_start,
+                       last_eval, test)
+    if is_main:
+        _write_json(workdir, 'results.json', results)
+    writer.close()
+    return results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Evaluates the weights of run ``config.init_from`` with the attention of ``config``.
+
+    This is how a method is applied to a dense-trained model without fine-tuning (DFSS's "w/o
+    finetune" columns, SpAtten or CTA at inference): parameters the source run has are loaded,
+    the method's own extra state (a DSA predictor, CTA hash parameters) keeps its fresh init.
+    Writes config.json, metrics.jsonl (validation and test events at the source's step) and
+    results.json (``mode: 'evaluate'``) in ``workdir``.
+
+    Returns:
+      The results dict, as :func:`train_and_evaluate` with ``num_train_steps`` 0.
+    """
+    if not config.init_from:
+        raise config_lib.ConfigError(
+            'config.init_from=None is not allowed in evaluate mode: give the workdir of the run '
+            'whose weights to evaluate (--config.init_from=runs/dense).')
+    config_lib.validate(config)
+    task = data.load_task(config)
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    t_start = time.perf_counter()
+    mesh = create_mesh()
+    batch_sharding, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+    graphdef, state, _ = init_state(config, task.info)
+    state = jax.device_put(init_from_workdir(state, config.init_from), replicated)
+    p_eval = jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated)
+    source_steps = restored_step(config.init_from)
+    writer = metrics.MetricWriter(workdir, enabled=is_main)
+    splits = {}
+    for split in ('validation', 'test'):
+        splits[split] = evaluate(p_eval, state.params, state.rest, task.splits[split], config,
+                                 batch_sharding)
+        writer.write(source_steps, split, splits[split])
+    writer.close()
+    results = _results(config, count_params(state.params), 0, 0, time.perf_counter() - t_start,
+                       splits['validation'], splits['test'])
+    results.update(mode='evaluate', init_from=config.init_from)
+    if is_main:
+        _write_json(workdir, 'config.json', json.loads(config.to_json_best_effort()))
+        _write_json(workdir, 'results.json', results)
+    return results
+
+
+def _results(config, num_params: int, total: int, start_step: int, wall: float,
+             validation: dict, test: dict) -> dict:
+    """The results.json payload of a run."""
+    return {
         'task': config.task, 'attention': config.attention.name,
         'attention_config': config.attention.to_dict(), 'num_params': num_params,
         'num_train_steps': total, 'resumed_from_step': start_step,
         'wall_time_seconds': wall,
         'train_steps_per_second': (total - start_step) / wall if total > start_step else None,
-        'validation': last_eval, 'test': test, 'devices': jax.device_count(),
+        'validation': validation, 'test': test, 'devices': jax.device_count(),
         'platform': jax.devices()[0].platform, 'jax_version': jax.__version__,
     }
-    if is_main:
-        with open(os.path.join(workdir, 'results.json'), 'w') as f:
-            json.dump(results, f, indent=2, sort_keys=True)
-    writer.close()
-    return results
+
+
+def _write_json(workdir: str, name: str, payload: dict) -> None:
+    with open(os.path.join(workdir, name), 'w') as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
 
 
 def _run_name(config) -> str:

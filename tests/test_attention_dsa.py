@@ -557,8 +557,6 @@ def test_tiny_listops_trains_with_dsa(tmp_path):
         assert np.isfinite(e['mse']) and 0.0 <= e['prediction_accuracy'] <= 1.0
 
 
-@pytest.mark.xfail(strict=True, reason='train.init_from_workdir matches no key: restored '
-                   "params carry a ['value'] leaf and string layer indices (bug in train.py)")
 def test_init_from_dense_loads_dense_weights_and_fresh_predictor(tmp_path):
     dense = tiny_config('listops', 'attention=dense', **SMOKE)
     train.train_and_evaluate(dense, str(tmp_path / 'dense'))

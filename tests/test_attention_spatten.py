@@ -294,7 +294,7 @@ def test_head_pruning_drops_lowest_output_heads_and_runs():
     y = np.asarray(outs[1][0].y)
     assert np.isfinite(y).all() and float(outs[1][0].stats['heads_kept']) == 0.5
     _, o1 = np_probs(layers[1], x, mask)
-    w_out = np.asarray(layers[1].out.kernel[...], np.float64).reshape(4, 8, E)
+    w_out = np.asarray(layers[1].out.kernel[...], np.float64).reshape(4, E // 4, E)
     for b in range(2):
         kept = head_keep[b]
         want = np.einsum('lhd,hde->le', o1[b][:, kept], w_out[kept])
@@ -503,7 +503,8 @@ def test_training_gradients_and_eval_only():
     grads = jax.grad(loss)(params)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     # eval_only: dense (no selection) while training, pruned at evaluation.
-    eval_only = transformer.build_model(model_config('attention=spatten,apply=eval_only'), INFO)
+    eval_only = transformer.build_model(
+        model_config('attention=spatten,apply=eval_only,impl=xla'), INFO)
     dense = transformer.build_model(model_config('attention=dense'), INFO)
     train_logits, aux = eval_only(batch, deterministic=False, rng=jax.random.key(1))
     dense_logits, _ = dense(batch, deterministic=False, rng=jax.random.key(1))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from lra_sparse import metrics, train
+from lra_sparse import config_lib, metrics, train
 
 SMOKE = {'num_train_steps': 3, 'log_every_steps': 1, 'eval_every_steps': 2,
          'checkpoint_every_steps': 2, 'batch_size': 4, 'num_eval_steps': 1,
@@ -156,3 +156,32 @@ def test_four_devices_match_one(tmp_path):
     four = _run_with_devices(4, str(tmp_path / 'four'))
     assert one['devices'] == 1 and four['devices'] == 4
     np.testing.assert_allclose(one['losses'], four['losses'], rtol=1e-5)
+
+
+def test_evaluate_mode_applies_a_method_to_a_trained_run(tmp_path):
+    base = {**SMOKE, 'num_train_steps': 2, 'eval_every_steps': 2}
+    dense = tiny_config('text', 'synthetic', **base)
+    trained = train.train_and_evaluate(dense, str(tmp_path / 'dense'))
+    same = tiny_config('text', 'synthetic', init_from=str(tmp_path / 'dense'), **base)
+    again = train.evaluate_checkpoint(same, str(tmp_path / 'dense_eval'))
+    assert again['mode'] == 'evaluate' and again['num_train_steps'] == 0
+    np.testing.assert_allclose(again['test']['loss'], trained['test']['loss'], rtol=1e-6)
+    dfss = tiny_config('text', 'synthetic,attention=dfss', init_from=str(tmp_path / 'dense'),
+                       **base)
+    results = train.evaluate_checkpoint(dfss, str(tmp_path / 'dfss_eval'))
+    assert results['attention'] == 'dfss' and np.isfinite(results['test']['loss'])
+    assert results['validation']['sparsity'] > 0.4
+    events = metrics.read_metrics(str(tmp_path / 'dfss_eval'))
+    assert [(e['step'], e['split']) for e in events] == [(2, 'validation'), (2, 'test')]
+
+
+def test_init_from_a_run_of_another_shape_fails_before_compute(tmp_path):
+    base = {**SMOKE, 'num_train_steps': 1, 'eval_every_steps': 1, 'checkpoint_every_steps': 1}
+    train.train_and_evaluate(tiny_config('text', 'synthetic', **base), str(tmp_path / 'a'))
+    wider = tiny_config('text', 'synthetic', init_from=str(tmp_path / 'a'),
+                        **{**base, 'model.emb_dim': 32})
+    with pytest.raises(config_lib.ConfigError, match=r'init_from.*model\.emb_dim'):
+        config_lib.validate(wider)
+    missing = tiny_config('text', 'synthetic', init_from=str(tmp_path / 'nope'), **base)
+    with pytest.raises(config_lib.ConfigError, match='config.json and checkpoints'):
+        train.evaluate_checkpoint(missing, str(tmp_path / 'b'))
