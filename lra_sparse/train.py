@@ -290,15 +290,21 @@ def init_from_workdir(state: TrainState, source: str) -> TrainState:
 
 
 def evaluate(eval_fn, params, rest, split: dict, config, sharding) -> dict[str, float]:
-    """Exact example-weighted metrics over a split (or ``num_eval_steps`` batches of it)."""
+    """Exact example-weighted metrics over a split (or ``num_eval_steps`` batches of it).
+
+    Also reports ``examples_per_second``: inference throughput of this evaluation (wall time of
+    the whole loop, host batching included; the first evaluation of a run includes compilation).
+    """
     batches = data.eval_batches(split, config.batch_size, process_index=jax.process_index(),
                                 process_count=jax.process_count())
-    results = []
+    results, t_start = [], time.perf_counter()
     for i, batch in enumerate(batches):
         if config.num_eval_steps > 0 and i >= config.num_eval_steps:
             break
         results.append(eval_fn(params, rest, shard_batch(batch, sharding)))
-    return summarize(results)
+    summary = summarize(results)  # device_get: waits for the last step
+    summary['examples_per_second'] = summary['num_examples'] / (time.perf_counter() - t_start)
+    return summary
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -18,10 +18,13 @@ from lra_sparse.attention import base
 
 B, L, E, H = 2, 32, 32, 2
 CASES = [(name, impl) for name, m in attention.REGISTRY.items() for impl in m.impls]
+# Settings a method needs for an impl (DSA's kernel path exists for block granularity only).
+IMPL_SETTINGS = {('dsa', 'pallas'): {'granularity': 'block', 'block_q': 16, 'block_k': 16}}
 
 
 def build(name, impl='reference', seed=0, **overrides):
     cfg = config_lib.attention_config(name, impl, overrides.pop('apply', 'train_and_eval'))
+    overrides = {**IMPL_SETTINGS.get((name, impl), {}), **overrides}
     for key, value in overrides.items():
         cfg[key] = value
     dims = base.AttentionDims(emb_dim=E, qkv_dim=E, num_heads=H, max_len=L, layer_index=0,

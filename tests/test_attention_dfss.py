@@ -359,10 +359,3 @@ def test_tiny_listops_runs_and_eval_only_on_dense_model(tmp_path):
                         **{**small, 'attention.pattern': '1:2'})
     assert math.isfinite(results['validation']['loss'])
     assert results['validation']['sparsity'] == pytest.approx(0.5, abs=0.05)
-
-
-@pytest.mark.slow
-def test_tiny_listops_trains_with_2_4(tmp_path):
-    results, majority = _train(tmp_path, 'attention=dfss,impl=xla', 400)
-    assert math.isfinite(results['validation']['loss'])
-    assert results['validation']['accuracy'] > majority + 0.03, (results['validation'], majority)

@@ -544,14 +544,6 @@ def _train(tmp_path, arg, steps):
     return train.train_and_evaluate(config, str(tmp_path))
 
 
-@pytest.mark.slow
-def test_tiny_listops_trains_with_pruning(tmp_path):
-    results = _train(tmp_path, 'attention=spatten', 300)
-    assert math.isfinite(results['validation']['loss'])
-    assert results['validation']['accuracy'] > 0.25
-    assert results['validation']['tokens_kept'] < 1.0
-
-
 def test_eval_only_pruning_of_dense_tiny_run(tmp_path):
     results = _train(tmp_path, 'attention=spatten,apply=eval_only', 20)
     assert math.isfinite(results['validation']['loss'])

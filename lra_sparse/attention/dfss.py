@@ -40,8 +40,12 @@ Implementations:
   SpMM decompresses the probabilities through the metadata (a select over the M in-group
   positions, no scatter) and runs one dense matmul; a literal per-entry gather of V would
   materialise ``[.., L, L·N/M, head_dim]``. This is an emulation of the dataflow, exact to the
-  reference, not a speed-up. The fused kernel that never writes the dense score matrix plugs in at
-  ``DFSSAttention._compressed_attention`` (see the PALLAS HOOK comment there).
+  reference, not a speed-up.
+* ``pallas``: the fused kernel (``pallas_kernels.nm_sparse``) selects N:M inside every score
+  tile and never writes the dense score matrix; the statistics come from its per-row log-sum-exps
+  and the padding mask (``DFSSAttention._pallas_attention``). The sequence is padded to the
+  kernel tiles. Interpret mode on CPU. No attention dropout (rejected unless
+  ``apply='eval_only'``).
 
 Statistics: ``sparsity`` = fraction of valid query-key pairs not attended (exactly ``1 - N/M``
 when every valid length is a multiple of M; a group with fewer than N valid keys keeps all of
@@ -78,9 +82,18 @@ def parse_pattern(pattern) -> tuple[int, int]:
     return PATTERNS[pattern]
 
 
+def check_pallas(cfg, attention_dropout_rate: float) -> None:
+    """impl='pallas' has no attention dropout (fine with apply='eval_only')."""
+    if (cfg.get('impl') == 'pallas' and attention_dropout_rate > 0
+            and cfg.get('apply', 'train_and_eval') != 'eval_only'):
+        raise base.config_error('model.attention_dropout_rate', attention_dropout_rate,
+                                "0 with attention.impl='pallas' (the kernel has no dropout)")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for a bad DFSS field (before any compute)."""
     parse_pattern(config.attention.pattern)
+    check_pallas(config.attention, config.model.attention_dropout_rate)
 
 
 def padded_length(length: int, m: int) -> int:
@@ -297,11 +310,13 @@ class DFSSAttention(base.Attention):
     ``impl='reference'``: dense scores + :func:`nm_keep` + :func:`base.masked_attention`.
     ``impl='xla'``: :func:`sddmm_nm` -> :func:`softmax_nm` -> :func:`spmm_nm` (attention dropout
     acts on the compressed probabilities, as in the released code).
+    ``impl='pallas'``: the fused N:M kernel of ``pallas_kernels.nm_sparse``.
     """
 
     def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
         super().__init__(dims, cfg, rngs=rngs)
         self.n, self.m = parse_pattern(cfg.pattern)
+        check_pallas(cfg, dims.attention_dropout_rate)
 
     def attend(self, x, mask, carry, *, deterministic, rng):
         """DFSS layer; see ``base.Attention.__call__``."""
@@ -309,6 +324,8 @@ class DFSSAttention(base.Attention):
         valid = base.pair_mask(mask, mask)  # [B, 1, L, L]
         if self.cfg.impl == 'reference':
             o, stats = self._reference(q, k, v, valid, deterministic, rng)
+        elif self.cfg.impl == 'pallas':
+            o, stats = self._pallas_attention(q, k, v, mask)
         else:
             o, stats = self._compressed_attention(q, k, v, valid, deterministic, rng)
         return base.AttentionOutput(self.project_out(o), carry, stats, {})
@@ -326,11 +343,32 @@ class DFSSAttention(base.Attention):
                  'kept_mass': _mean_over_rows(jnp.sum(jnp.where(keep, full, 0.0), -1), rows)}
         return o, stats
 
+    def _pallas_attention(self, q, k, v, mask):
+        """The fused N:M kernel; statistics without the dense score matrix."""
+        from pallas_kernels import nm_sparse  # jax-only, imported when used
+
+        n, m, length = self.n, self.m, q.shape[1]
+        bq = min(128, max(16, 1 << (length - 1).bit_length()))
+        bk = max(bq, 16 * m)
+        lp = -(-length // bk) * bk  # both tiles are powers of two: bk is a multiple of bq
+
+        def pad(t):  # sequence axis to lp, padding invalid
+            return jnp.pad(t, [(0, 0), (0, lp - length)] + [(0, 0)] * (t.ndim - 2))
+
+        o, st = nm_sparse.nm_sparse_attention(
+            pad(q), pad(k), pad(v), pad(mask), pad(mask), n=n, m=m,
+            block_sizes=nm_sparse.BlockSizes(bq, bk), return_stats=True)
+        # Kept pairs per valid query row: min(N, valid keys) in every group of M keys.
+        groups = jnp.sum(pad(mask).reshape(mask.shape[0], -1, m), axis=-1)
+        kept = jnp.sum(jnp.minimum(groups, n), axis=-1)
+        n_valid = jnp.sum(mask, axis=-1)  # valid rows = valid keys per example
+        total = jnp.sum(n_valid * n_valid)
+        sparsity = jnp.where(total > 0, 1.0 - jnp.sum(n_valid * kept) / jnp.maximum(total, 1), 0.0)
+        rows = jnp.broadcast_to(pad(mask)[:, None, :], st.lse_all.shape)
+        kept_mass = _mean_over_rows(jnp.exp(st.lse_kept - st.lse_all), rows)
+        return o[:, :length], {'sparsity': sparsity.astype(jnp.float32), 'kept_mass': kept_mass}
+
     def _compressed_attention(self, q, k, v, valid, deterministic, rng):
-        # PALLAS HOOK: the N:M Pallas kernel issue replaces the three steps below (which write the
-        # dense float32 scores inside _sddmm) with one fused kernel that prunes in the QKᵀ
-        # epilogue and never materialises the dense matrix; add 'pallas' to METHOD.impls and
-        # dispatch on self.cfg.impl here. The reference stays the oracle.
         n, m = self.n, self.m
         scale = 1.0 / math.sqrt(self.dims.head_dim)
         values, indices, scores = _sddmm(q, k, valid, n, m)
@@ -363,7 +401,7 @@ METHOD = base.AttentionMethod(
     default_config=default_config,
     validate=validate,
     layer_macs=layer_macs,
-    impls=('reference', 'xla'),
+    impls=('reference', 'xla', 'pallas'),
     description='on-the-fly N:M (1:2, 2:4) structured pruning of every score row (DFSS)',
     dense_equivalent=None,
     sweeps={'pattern': tuple({'pattern': p} for p in PATTERNS)},

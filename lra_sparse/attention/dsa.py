@@ -44,9 +44,12 @@ Implementations:
   sized), also without ``L×L``. The gathered K/V hold ``L/vector_size · k_max · head_dim`` values
   per head, which is smaller than ``L×L`` only when ``k_max·head_dim < vector_size·L``: memory
   savings at scale need the fused kernel. ``threshold`` selection (data-dependent row counts, no
-  static capacity) and ``block`` granularity run the reference computation; the block-sparse
-  Pallas kernel plugs in at :meth:`DSAAttention._block_attention` (PALLAS HOOK), which already
-  receives the block index table it will consume.
+  static capacity) and ``block`` granularity run the reference computation.
+* ``pallas`` (``block`` granularity only): the selection as in ``reference``, then the
+  block-sparse flash kernel (``pallas_kernels.block_sparse``) over the kept tiles' index lists
+  (:meth:`DSAAttention._block_attention`), padding masked in the kernel; the sequence is padded to
+  the tiles, which must be powers of two >= 16. Interpret mode on CPU. No attention dropout
+  (rejected unless ``apply='eval_only'``).
 
 Statistics (float32 scalars): ``sparsity`` (fraction of valid query-key pairs not attended),
 ``mse`` (the raw MSE, when a predictor exists), ``prediction_accuracy`` (when
@@ -161,10 +164,25 @@ def check_fields(cfg, head_dim: int) -> None:
            'True or False')
 
 
+def check_pallas(cfg, attention_dropout_rate: float) -> None:
+    """impl='pallas' needs block granularity, power-of-two tiles >= 16 and no attention dropout."""
+    if cfg.get('impl') != 'pallas':
+        return
+    _check(cfg.granularity == 'block', 'impl', cfg.impl,
+           f"reference or xla with granularity={cfg.granularity!r} (pallas: granularity='block')")
+    for field in ('block_q', 'block_k'):
+        b = cfg[field]
+        _check(b >= 16 and b & (b - 1) == 0, field, b, "a power of two >= 16 with impl='pallas'")
+    if attention_dropout_rate > 0 and cfg.get('apply', 'train_and_eval') != 'eval_only':
+        raise base.config_error('model.attention_dropout_rate', attention_dropout_rate,
+                                "0 with attention.impl='pallas' (the kernel has no dropout)")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks DSA's fields against the full config (head width) before any compute."""
     m = config.model
     check_fields(config.attention, max(1, m.qkv_dim // max(1, m.num_heads)))
+    check_pallas(config.attention, m.attention_dropout_rate)
 
 
 # -- counts, quantization, projection (pure functions, tested directly) ---------------------------
@@ -461,6 +479,7 @@ class DSAAttention(base.Attention):
     def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
         super().__init__(dims, cfg, rngs=rngs)
         check_fields(cfg, dims.head_dim)
+        check_pallas(cfg, dims.attention_dropout_rate)
         self.k = predictor_width(cfg.sigma, dims.head_dim)
         self.has_predictor = cfg.precision in PRECISION_BITS
         if self.has_predictor:
@@ -585,16 +604,30 @@ class DSAAttention(base.Attention):
         return keep & base.pair_mask(mask, mask), {}
 
     # -- attention -----------------------------------------------------------------------------
-    def _block_attention(self, q, k, v, keep, block_idx, block_ok, deterministic, rng):
+    def _block_attention(self, q, k, v, keep, block_idx, block_ok, mask, deterministic, rng):
         """Block granularity: attention over the kept tiles.
 
-        PALLAS HOOK: the block-sparse kernel (later issue) replaces this body for impl='pallas':
-        it consumes ``block_idx`` / ``block_ok`` (int32 / bool [batch, heads, q_blocks, kb], the
-        kept key blocks of every query block, best first) and must equal this reference (which is
-        its test oracle). Until then every impl computes dense scores masked with ``keep``.
+        ``reference`` / ``xla``: dense scores masked with ``keep`` (the oracle). ``pallas``: the
+        block-sparse kernel on ``block_idx`` / ``block_ok`` (int32 / bool [batch, heads, q_blocks,
+        kb], the kept key blocks of every query block) and the token ``mask`` [batch, L].
         """
-        del block_idx, block_ok
-        return self._masked(q, k, v, keep, deterministic, rng)
+        if self.cfg.impl != 'pallas':
+            return self._masked(q, k, v, keep, deterministic, rng)
+        from pallas_kernels import block_sparse  # jax-only, imported when used
+
+        bq, bk, length = self.cfg.block_q, self.cfg.block_k, q.shape[1]
+        lq, lk = -(-length // bq) * bq, -(-length // bk) * bk
+
+        def pad(t, n):  # sequence axis to n, padding invalid
+            return jnp.pad(t, [(0, 0), (0, n - length)] + [(0, 0)] * (t.ndim - 2))
+
+        order = jnp.argsort(jnp.logical_not(block_ok), axis=-1, stable=True)  # kept slots first
+        idx = jnp.take_along_axis(block_idx, order, axis=-1)
+        count = jnp.sum(block_ok, axis=-1, dtype=jnp.int32)
+        o = block_sparse.block_sparse_attention(
+            pad(q, lq), pad(k, lk), pad(v, lk), idx, count, pad(mask, lq), pad(mask, lk),
+            block_sizes=block_sparse.BlockSizes(bq, bk))
+        return o[:, :length]
 
     def _masked(self, q, k, v, keep, deterministic, rng):
         scale = 1.0 / math.sqrt(self.dims.head_dim)
@@ -656,7 +689,7 @@ class DSAAttention(base.Attention):
             keep, extra = self.select_mask(sel, mask)
             if cfg.granularity == 'block':
                 o = self._block_attention(q, k, v, keep, extra['block_idx'], extra['block_ok'],
-                                          deterministic, rng)
+                                          mask, deterministic, rng)
             else:
                 o = self._masked(q, k, v, keep, deterministic, rng)
             stats['sparsity'] = base.pair_sparsity(keep, valid)
@@ -704,7 +737,7 @@ METHOD = base.AttentionMethod(
     default_config=default_config,
     validate=validate,
     layer_macs=layer_macs,
-    impls=('reference', 'xla'),
+    impls=('reference', 'xla', 'pallas'),
     description='trainable low-rank, low-precision predictor picks the attention weights to '
                 'compute (DSA)',
     dense_equivalent={'sparsity': 0.0, 'selection': 'topk', 'granularity': 'element'},

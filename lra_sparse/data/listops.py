@@ -195,11 +195,13 @@ def encode_many(exprs: list[str], max_length: int) -> tuple[np.ndarray, np.ndarr
     lengths = np.zeros(len(exprs), np.int32)
     for i, expr in enumerate(exprs):
         s = expr.replace(']', 'X').replace('(', '').replace(')', '')
+        # A literal placeholder character in the input would be taken for an operator.
+        fast = not any(ch in s for ch in _SINGLE_CHAR.values())
         for tok, ch in _SINGLE_CHAR.items():
             s = s.replace(tok, ch)
         toks = s.split()
         joined = ''.join(toks)
-        if len(joined) == len(toks) and joined.isascii():
+        if fast and len(joined) == len(toks) and joined.isascii():
             ids = _LUT[np.frombuffer(joined.encode('ascii'), np.uint8)]
         else:  # some token is not in the vocabulary: the exact slow path
             ids = np.asarray(encode(expr), np.uint8)
