@@ -44,7 +44,7 @@ import numpy as np
 from pallas_kernels import block_sparse, nm_sparse
 
 FULL = dict(lengths=(1024, 2048, 4096, 8192, 16384), densities=(1.0, 0.5, 0.25, 0.1, 0.05),
-            dtypes=('bfloat16', 'float32'), patterns=('2:4', '1:2'), batch=1, heads=16,
+            dtypes=('bfloat16', 'float32'), patterns=('2:4', '1:2'), batch=4, heads=8,
             head_dim=64, block_q=128, block_k=128, warmup=3, repeats=20)
 SMALL = dict(lengths=(256,), densities=(1.0, 0.25), dtypes=('float32',), patterns=('2:4',),
              batch=1, heads=2, head_dim=32, block_q=32, block_k=64, warmup=1, repeats=3)
