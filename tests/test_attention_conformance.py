@@ -24,7 +24,7 @@ IMPL_SETTINGS = {('dsa', 'pallas'): {'granularity': 'block', 'block_q': 16, 'blo
 
 def build(name, impl='reference', seed=0, **overrides):
     cfg = config_lib.attention_config(name, impl, overrides.pop('apply', 'train_and_eval'))
-    overrides = {**IMPL_SETTINGS.get((name, impl), {}), **overrides}
+    overrides = {**overrides, **IMPL_SETTINGS.get((name, impl), {})}  # the impl's needs win
     for key, value in overrides.items():
         cfg[key] = value
     dims = base.AttentionDims(emb_dim=E, qkv_dim=E, num_heads=H, max_len=L, layer_index=0,
