@@ -364,3 +364,9 @@ class ConfigError(ValueError):
 def config_error(field: str, value: Any, allowed: str) -> ConfigError:
     """Builds the one-line error every validator raises."""
     return ConfigError(f'config.{field}={value!r} is not allowed: {allowed}.')
+
+
+def check_field(ok: bool, field: str, value: Any, allowed: str) -> None:
+    """Raises ``config_error('attention.' + field, ...)`` unless ``ok`` (method validators)."""
+    if not ok:
+        raise config_error(f'attention.{field}', value, allowed)

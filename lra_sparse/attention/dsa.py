@@ -116,9 +116,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # -- validation ---------------------------------------------------------------------------------
-def _check(ok: bool, field: str, value, allowed: str) -> None:
-    if not ok:
-        raise base.config_error(f'attention.{field}', value, allowed)
+_check = base.check_field
 
 
 def _is_number(x) -> bool:

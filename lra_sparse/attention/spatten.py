@@ -177,9 +177,7 @@ def capacity_chain(length: int, ratios: Sequence[float], layer: int) -> int:
 
 
 # -- validation ---------------------------------------------------------------------------------
-def _check(ok: bool, field: str, value, allowed: str) -> None:
-    if not ok:
-        raise base.config_error(f'attention.{field}', value, allowed)
+_check = base.check_field
 
 
 def _is_number(x) -> bool:
