@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_length = 0  # tokens per input sequence (per document for retrieval), before the CLS token
 
     c.batch_size = 32  # global batch size (split over all devices and hosts)
+    c.num_microbatches = 1  # gradient accumulation: sequential parts per batch (same update)
     c.num_train_steps = 0  # optimizer steps
     c.log_every_steps = 50  # steps between train-metric log lines
     c.eval_every_steps = 0  # steps between evaluations on the full validation split
@@ -206,6 +207,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     n_dev = jax.device_count()
     _check(config.batch_size % n_dev == 0, 'batch_size', config.batch_size,
            f'a multiple of the {n_dev} devices')
+    n_micro = config.num_microbatches
+    _check(isinstance(n_micro, int) and n_micro > 0
+           and config.batch_size % (n_micro * n_dev) == 0, 'num_microbatches', n_micro,
+           f'a positive integer such that batch_size={config.batch_size} is a multiple of '
+           f'num_microbatches * {n_dev} devices')
     factors = [f.strip() for f in config.schedule.split('*')]
     _check(all(f in SCHEDULE_FACTORS for f in factors), 'schedule', config.schedule,
            f'a product of {", ".join(SCHEDULE_FACTORS)}')

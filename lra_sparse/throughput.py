@@ -46,7 +46,8 @@ def time_config(config, steps: int, warmup: int) -> dict:
     num_params = train.count_params(state.params)
     state = jax.device_put(state, replicated)
     step_fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
-                                        lr_fn=train.learning_rate_fn(config)),
+                                        lr_fn=train.learning_rate_fn(config),
+                                        num_microbatches=config.num_microbatches),
                       donate_argnums=0)
     batches = data.train_batches(task.splits['train'], config.batch_size, seed=0)
     t0 = time.perf_counter()
@@ -67,7 +68,8 @@ def time_config(config, steps: int, warmup: int) -> dict:
     median = float(np.median(times))
     return {'task': config.task, 'attention': config.attention.name,
             'impl': config.attention.impl, 'dtype': config.model.dtype,
-            'batch_size': config.batch_size, 'seq_len': task.info.seq_len,
+            'batch_size': config.batch_size, 'num_microbatches': config.num_microbatches,
+            'seq_len': task.info.seq_len,
             'num_params': num_params, 'compile_seconds': compile_s,
             'median_step_seconds': median, 'steps_per_second': 1.0 / median,
             'examples_per_second': config.batch_size / median, 'timed_steps': steps}

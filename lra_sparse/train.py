@@ -118,7 +118,39 @@ def classification_sums(logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
             'count': jnp.sum(weights)}
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef, tx, lr_fn) -> tuple[TrainState, dict]:
+def split_microbatches(batch: dict, num_microbatches: int) -> dict:
+    """[B, ...] leaves -> [num_microbatches, B / num_microbatches, ...] (strided split).
+
+    Microbatch j holds examples j, j + n, j + 2n, ... so every device keeps its own rows of a
+    batch sharded along B (needs B divisible by n * devices, which ``config_lib`` checks).
+    """
+    def split(x):
+        x = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def _accumulate(grad_fn, params, microbatches: dict, rng: jax.Array):
+    """Sums ``grad_fn(params, micro, rng_j)`` over the leading axis of ``microbatches`` (scan).
+
+    Returns the summed ((loss, (sums, aux)), grads); one microbatch's activations live at a time.
+    """
+    first = jax.tree.map(lambda x: x[0], microbatches)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, params, first, rng))
+
+    def body(total, xs):
+        index, micro = xs
+        out = grad_fn(params, micro, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, total, out), None
+
+    n = jax.tree.leaves(microbatches)[0].shape[0]
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(n), microbatches))
+    return total
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx, lr_fn,
+               num_microbatches: int = 1) -> tuple[TrainState, dict]:
     """One optimizer step (pure; jit with the static arguments bound).
 
     Args:
@@ -127,26 +159,35 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, lr_fn) -> tuple[
       graphdef: the model's nnx GraphDef.
       tx: the optax optimizer.
       lr_fn: the schedule (for logging the LR used by this step).
+      num_microbatches: split the batch into this many sequential parts whose gradients are
+        summed: the same update as one pass (up to dropout draws and rounding), with the
+        activation memory of B / num_microbatches examples.
 
     Returns:
       (new state, metrics dict of scalars: sums, mean loss, aux loss, attention stats, LR, norms).
     """
     rng = jax.random.fold_in(state.rng, state.step)
+    count = jnp.maximum(jnp.sum(targets_and_weights(batch)[1]), 1.0)
 
-    def loss_fn(params):
+    def loss_fn(params, micro, micro_rng):
         model = nnx.merge(graphdef, params, state.rest)
-        logits, aux = model(batch, deterministic=False, rng=rng)
-        sums = classification_sums(logits, batch)
-        ce = sums['loss_sum'] / jnp.maximum(sums['count'], 1.0)
-        return ce + aux['aux_loss'], (sums, aux)
+        logits, aux = model(micro, deterministic=False, rng=micro_rng)
+        sums = classification_sums(logits, micro)
+        return sums['loss_sum'] / count + aux['aux_loss'] / num_microbatches, (sums, aux)
 
-    (loss, (sums, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if num_microbatches == 1:
+        (loss, (sums, aux)), grads = grad_fn(state.params, batch, rng)
+    else:
+        (loss, (sums, aux)), grads = _accumulate(
+            grad_fn, state.params, split_microbatches(batch, num_microbatches), rng)
+        aux = jax.tree.map(lambda x: x / num_microbatches, aux)  # means over microbatches
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     out = {**sums, **aux['stats'], 'total_loss': loss, 'aux_loss': aux['aux_loss'],
-           'learning_rate': lr_fn(state.step), 'grad_norm': optax.global_norm(grads),
-           'param_norm': optax.global_norm(params)}
+           'learning_rate': lr_fn(state.step), 'grad_norm': optax.tree_utils.tree_norm(grads),
+           'param_norm': optax.tree_utils.tree_norm(params)}
     return new_state, out
 
 
@@ -340,7 +381,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     lr_fn = learning_rate_fn(config)
     state_sharding = jax.tree.map(lambda _: replicated, state)
-    p_train = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn),
+    p_train = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn,
+                                        num_microbatches=config.num_microbatches),
                       in_shardings=(state_sharding, batch_sharding),
                       out_shardings=(state_sharding, replicated), donate_argnums=0)
     p_eval = jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated)

@@ -9,6 +9,7 @@ Nothing here is specific to one sparsity pattern. The kernels use three lowering
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -21,6 +22,29 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MIN_BLOCK = 16  # smallest tile side: Triton's tl.dot needs every matmul dimension >= 16
 MAX_HEAD_DIM = 256  # widest head the kernels keep in registers (after padding to a power of 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes and GPU launch parameters (both kernels).
+
+    Attributes:
+      block_q: query rows per tile (a power of two >= 16 dividing q_len); for the block-sparse
+        kernel also the granularity of the index lists.
+      block_k: keys per tile (a power of two >= 16 dividing kv_len; >= 16·M for N:M).
+      num_warps: Triton warps per program (None: 4 for head_dim <= 64, else 8).
+      num_stages: Triton software-pipelining stages.
+    """
+
+    block_q: int = 128
+    block_k: int = 128
+    num_warps: int | None = None
+    num_stages: int = 2
+
+    @classmethod
+    def get_default(cls) -> BlockSizes:
+        """The default tiles (128 × 128)."""
+        return cls()
 
 
 def default_interpret() -> bool:
@@ -119,6 +143,32 @@ def check_valid(name: str, mask: jax.Array | None, batch: int, length: int) -> N
                          f'{getattr(mask, "shape", None)}.')
     if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
         raise ValueError(f'{name}.dtype={mask.dtype} must be bool or integer.')
+
+
+def check_call(q: jax.Array, k: jax.Array, v: jax.Array, q_valid: jax.Array | None,
+               k_valid: jax.Array | None, block_sizes: BlockSizes
+               ) -> tuple[int, int, int, int, int]:
+    """The checks every kernel makes before launch: q/k/v, tiles, padding masks.
+
+    Returns:
+      (batch, q_len, kv_len, heads, head_dim).
+
+    Raises:
+      ValueError: naming the argument, its value and what is allowed.
+    """
+    if not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f'block_sizes must be a pallas_kernels BlockSizes, got {block_sizes!r}.')
+    b, lq, lk, h, d = check_qkv(q, k, v)
+    check_block('block_sizes.block_q', block_sizes.block_q, lq, f'q_len (q.shape={q.shape})')
+    check_block('block_sizes.block_k', block_sizes.block_k, lk, f'kv_len (k.shape={k.shape})')
+    check_valid('q_valid', q_valid, b, lq)
+    check_valid('k_valid', k_valid, b, lk)
+    return b, lq, lk, h, d
+
+
+def softmax_scale(head_dim: int, sm_scale: float | None) -> float:
+    """1/sqrt(head_dim) unless ``sm_scale`` is given."""
+    return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
 
 
 def as_int_mask(mask: jax.Array | None) -> jax.Array | None:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -58,32 +57,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _common as c
+from pallas_kernels._common import BlockSizes  # re-exported: this kernel's tile sizes
 
 _HIGHEST = lax.Precision.HIGHEST
 _SQ = getattr(pl, 'squeezed', None)  # a squeezed block dimension (None on older jax)
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes and GPU launch parameters.
-
-    Attributes:
-      block_q: query rows per tile (a power of two >= 16 dividing q_len); also the granularity
-        of the index lists.
-      block_k: keys per tile (a power of two >= 16 dividing kv_len).
-      num_warps: Triton warps per program (None: 4 for head_dim <= 64, else 8).
-      num_stages: Triton software-pipelining stages.
-    """
-
-    block_q: int = 128
-    block_k: int = 128
-    num_warps: int | None = None
-    num_stages: int = 2
-
-    @classmethod
-    def get_default(cls) -> BlockSizes:
-        """The default tiles (128 × 128)."""
-        return cls()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,17 +171,10 @@ def _check_tables(block_indices, block_counts, batch: int, heads: int, nqb: int,
 
 def _prepare(q, k, v, block_indices, block_counts, q_valid, k_valid, sm_scale, block_sizes):
     """Validates a call; returns (head_dim, scale)."""
-    if not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f'block_sizes must be a block_sparse.BlockSizes, got {block_sizes!r}.')
-    b, lq, lk, h, d = c.check_qkv(q, k, v)
-    c.check_block('block_sizes.block_q', block_sizes.block_q, lq, f'q_len (q.shape={q.shape})')
-    c.check_block('block_sizes.block_k', block_sizes.block_k, lk, f'kv_len (k.shape={k.shape})')
-    c.check_valid('q_valid', q_valid, b, lq)
-    c.check_valid('k_valid', k_valid, b, lk)
+    b, lq, lk, h, d = c.check_call(q, k, v, q_valid, k_valid, block_sizes)
     _check_tables(block_indices, block_counts, b, h, lq // block_sizes.block_q,
                   lk // block_sizes.block_k)
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
-    return d, scale
+    return d, c.softmax_scale(d, sm_scale)
 
 
 # -- public API -------------------------------------------------------------------------------

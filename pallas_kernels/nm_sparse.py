@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -41,32 +40,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _common as c
+from pallas_kernels._common import BlockSizes  # re-exported: this kernel's tile sizes
 
 _HIGHEST = lax.Precision.HIGHEST
 _SQ = getattr(pl, 'squeezed', None)
 SUPPORTED_M = (2, 4)
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes and GPU launch parameters.
-
-    Attributes:
-      block_q: query rows per tile (a power of two >= 16 dividing q_len).
-      block_k: keys per tile (a power of two >= 16·M dividing kv_len).
-      num_warps: Triton warps per program (None: 4 for head_dim <= 64, else 8).
-      num_stages: Triton software-pipelining stages.
-    """
-
-    block_q: int = 128
-    block_k: int = 128
-    num_warps: int | None = None
-    num_stages: int = 2
-
-    @classmethod
-    def get_default(cls) -> BlockSizes:
-        """The default tiles (128 × 128)."""
-        return cls()
 
 
 class NMStats(NamedTuple):
@@ -143,20 +123,14 @@ def nm_keep_mask(scores: jax.Array, valid: jax.Array | None, n: int, m: int) -> 
 # -- checks -----------------------------------------------------------------------------------
 def _prepare(q, k, v, q_valid, k_valid, n, m, sm_scale, block_sizes):
     """Validates a call; returns the scale."""
-    if not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f'block_sizes must be a nm_sparse.BlockSizes, got {block_sizes!r}.')
     if m not in SUPPORTED_M or not isinstance(n, int) or not 1 <= n < m:
         raise ValueError(f'n:m={n}:{m} is not supported: M in {SUPPORTED_M}, 1 <= N < M '
                          '(e.g. 1:2, 2:4).')
-    b, lq, lk, _, d = c.check_qkv(q, k, v)
-    c.check_block('block_sizes.block_q', block_sizes.block_q, lq, f'q_len (q.shape={q.shape})')
-    c.check_block('block_sizes.block_k', block_sizes.block_k, lk, f'kv_len (k.shape={k.shape})')
+    d = c.check_call(q, k, v, q_valid, k_valid, block_sizes)[4]
     if block_sizes.block_k < c.MIN_BLOCK * m:
         raise ValueError(f'block_sizes.block_k={block_sizes.block_k} must be >= {c.MIN_BLOCK}·M'
                          f'={c.MIN_BLOCK * m} (each of the M strided sub-tiles feeds a matmul).')
-    c.check_valid('q_valid', q_valid, b, lq)
-    c.check_valid('k_valid', k_valid, b, lk)
-    return 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    return c.softmax_scale(d, sm_scale)
 
 
 # -- public API -------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ BAD = [
     ({'model.num_heads': 3}, 'config.model.num_heads'),
     ({'model.qkv_dim': -8}, 'config.model.qkv_dim'),
     ({'batch_size': 0}, 'config.batch_size'),
+    ({'num_microbatches': 3}, 'config.num_microbatches'),
+    ({'num_microbatches': 0}, 'config.num_microbatches'),
     ({'model.dropout_rate': 1.5}, 'config.model.dropout_rate'),
     ({'attention.impl': 'cuda'}, 'config.attention.impl'),
     ({'attention.apply': 'sometimes'}, 'config.attention.apply'),

@@ -171,6 +171,30 @@ def test_listops_generate_does_not_depend_on_the_number_of_workers():
             == listops.generate(500, 10, 10, workers=1, **kwargs))
 
 
+UNGUARDED_SCRIPT = """
+from lra_sparse.data import listops
+listops.generate(40, 0, 0, min_length=200, max_length=400, workers=2, progress=False)
+print('generated')
+"""
+
+
+@pytest.mark.parametrize('guarded', [False, True])
+def test_listops_workers_in_a_script_without_main_guard_fail_clearly(guarded, tmp_path):
+    """Spawned workers re-import the script: unguarded, one clear error instead of a hang."""
+    body = UNGUARDED_SCRIPT
+    if guarded:
+        body = "if __name__ == '__main__':\n" + textwrap.indent(body, '    ')
+    script = tmp_path / 'script.py'
+    script.write_text(body)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    if guarded:
+        assert run.returncode == 0 and 'generated' in run.stdout, run.stderr
+    else:
+        assert run.returncode != 0
+        assert "if __name__ == '__main__':" in run.stderr.splitlines()[-1]
+
+
 @pytest.mark.parametrize('min_length,max_length,max_depth,max_args',
                          [(10, 60, 10, 10), (0, 30, 3, 4), (5, 40, 5, 2), (20, 80, 8, 3)])
 def test_listops_generated_trees_respect_the_constraints(min_length, max_length, max_depth,

@@ -15,6 +15,7 @@ def test_notebook_executes(path, monkeypatch):
     assert all(not c.get('outputs') for c in nb.cells if c.cell_type == 'code'), 'store no outputs'
     monkeypatch.setenv('LRA_REPO', os.getcwd())
     monkeypatch.setenv('LRA_NOTEBOOK_STEPS', '20')
+    monkeypatch.setenv('LRA_NOTEBOOK_SPARSITIES', '0.9')  # one point per method keeps CI short
     monkeypatch.setenv('MPLBACKEND', 'Agg')
     NotebookClient(nb, timeout=400, kernel_name='python3',
                    resources={'metadata': {'path': os.getcwd()}}).execute()

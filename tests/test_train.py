@@ -52,6 +52,52 @@ def test_every_task_trains_and_writes_outputs(task, tmp_path):
     assert json.loads((tmp_path / 'results.json').read_text())['attention'] == 'dense'
 
 
+def _one_step(config, batch, num_microbatches):
+    """(state after one train step, its metrics) from the same init."""
+    import functools
+
+    import jax
+
+    from lra_sparse import data
+
+    info = data.load_task(config).info
+    graphdef, state, tx = train.init_state(config, info)
+    step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+                                     lr_fn=train.learning_rate_fn(config),
+                                     num_microbatches=num_microbatches))
+    return step(state, batch)
+
+
+@pytest.mark.parametrize('attention', ['dense', 'dsa'])
+def test_microbatches_give_the_same_update_as_one_pass(attention):
+    """Gradient accumulation over 4 microbatches == one pass (no dropout), padding rows included.
+
+    DSA adds an auxiliary loss, which must be averaged (not summed) over the microbatches.
+    """
+    config = tiny_config('listops', f'synthetic,attention={attention}', **{
+        'model.num_layers': 1, 'model.dropout_rate': 0.0, 'model.attention_dropout_rate': 0.0,
+        'batch_size': 8, 'data.synthetic_examples': 16, 'warmup_steps': 0})
+    rng = np.random.default_rng(0)
+    length = config.max_length
+    inputs = rng.integers(1, 15, size=(8, length)).astype(np.int32)
+    inputs[:, length // 2:] = 0  # padded positions
+    batch = {'inputs': inputs, 'targets': rng.integers(0, 10, size=8).astype(np.int32),
+             'weights': np.array([1, 1, 1, 0, 1, 1, 0, 1], np.float32)}  # 2 padding examples
+    one_state, one = _one_step(config, batch, 1)
+    four_state, four = _one_step(config, batch, 4)
+    for key in ('total_loss', 'aux_loss', 'loss_sum', 'correct', 'count', 'grad_norm'):
+        np.testing.assert_allclose(four[key], one[key], rtol=2e-5, atol=1e-7, err_msg=key)
+    if attention == 'dsa':
+        assert float(one['aux_loss']) > 0
+    for a, b in zip(_flatten_state(one_state), _flatten_state(four_state), strict=True):
+        np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-6)
+
+
+def _flatten_state(state):
+    import jax
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
 def _final_params(workdir):
     return {k: np.asarray(v) for k, v in
             _flatten(train.restore_params(workdir)).items()}
@@ -129,17 +175,19 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent('''
                          eval_every_steps=3, checkpoint_every_steps=3, batch_size=8,
                          num_eval_steps=2, **{'model.num_layers': 1,
                          'data.synthetic_examples': 32, 'model.dropout_rate': 0.0,
-                         'model.attention_dropout_rate': 0.0})
+                         'model.attention_dropout_rate': 0.0,
+                         'num_microbatches': int(sys.argv[2])})
     train.train_and_evaluate(config, sys.argv[1])
     losses = [e['loss'] for e in metrics.read_metrics(sys.argv[1]) if e['split'] == 'train']
     print(json.dumps({'devices': jax.device_count(), 'losses': losses}))
 ''')
 
 
-def _run_with_devices(n, workdir):
+def _run_with_devices(n, workdir, num_microbatches=1):
     env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
            'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}'}
-    out = subprocess.run([sys.executable, '-c', MULTI_DEVICE_SCRIPT, workdir], env=env,
+    out = subprocess.run([sys.executable, '-c', MULTI_DEVICE_SCRIPT, workdir,
+                          str(num_microbatches)], env=env,
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -149,6 +197,9 @@ def test_four_devices_match_one(tmp_path):
     four = _run_with_devices(4, str(tmp_path / 'four'))
     assert one['devices'] == 1 and four['devices'] == 4
     np.testing.assert_allclose(one['losses'], four['losses'], rtol=1e-5)
+    # gradient accumulation composes with data parallelism: 2 microbatches of 4 over 4 devices
+    four_accumulated = _run_with_devices(4, str(tmp_path / 'four_micro'), num_microbatches=2)
+    np.testing.assert_allclose(one['losses'], four_accumulated['losses'], rtol=1e-5)
 
 
 def test_evaluate_mode_applies_a_method_to_a_trained_run(tmp_path):

@@ -1,7 +1,7 @@
 """DFSS: dynamic fine-grained structured (N:M) sparse attention.
 
-DFSS (Chen et al., "Dynamic N:M Fine-grained Structured Sparse Attention Mechanism", PPoPP'23;
-``papers/dfss.txt`` sections 2.3-3) prunes the score matrix on the fly to the pattern that sparse
+DFSS (Chen et al., "Dynamic N:M Fine-grained Structured Sparse Attention Mechanism", PPoPP'23,
+sections 2.3-3) prunes the score matrix on the fly to the pattern that sparse
 tensor cores accept: in every row of ``QKᵀ``, in each group of M consecutive keys, only the N
 largest scores are kept (``1:2`` or ``2:4``, both 50% sparsity). There is no predictor and no
 hyperparameter besides the pattern, so it is a drop-in replacement of full attention and can also
@@ -35,12 +35,11 @@ Implementations:
 * ``reference``: dense scores, the N:M keep mask of :func:`nm_keep` and
   :func:`base.masked_attention` (the oracle of the tests).
 * ``xla``: :func:`sddmm_nm` -> :func:`softmax_nm` (on the compressed ``[.., L, L·N/M]`` values)
-  -> :func:`spmm_nm`. JAX has no sparse-tensor-core path on current GPUs (see
-  ``reference/METHODS.md``), so the SDDMM computes the dense scores and compresses them, and the
-  SpMM decompresses the probabilities through the metadata (a select over the M in-group
-  positions, no scatter) and runs one dense matmul; a literal per-entry gather of V would
-  materialise ``[.., L, L·N/M, head_dim]``. This is an emulation of the dataflow, exact to the
-  reference, not a speed-up.
+  -> :func:`spmm_nm`. JAX has no sparse-tensor-core path on current GPUs, so the SDDMM computes
+  the dense scores and compresses them, and the SpMM decompresses the probabilities through the
+  metadata (a select over the M in-group positions, no scatter) and runs one dense matmul; a
+  literal per-entry gather of V would materialise ``[.., L, L·N/M, head_dim]``. This is an
+  emulation of the dataflow, exact to the reference, not a speed-up.
 * ``pallas``: the fused kernel (``pallas_kernels.nm_sparse``) selects N:M inside every score
   tile and never writes the dense score matrix; the statistics come from its per-row log-sum-exps
   and the padding mask (``DFSSAttention._pallas_attention``). The sequence is padded to the

@@ -1,7 +1,7 @@
 """DSA: dynamic sparse attention with a trainable low-rank, low-precision prediction path.
 
-DSA (Liu et al., "Dynamic Sparse Attention for Scalable Transformer Acceleration", IEEE TC 2022;
-``papers/dsa.txt`` sections 3-5) computes only the attention weights a cheap predictor marks as
+DSA (Liu et al., "Dynamic Sparse Attention for Scalable Transformer Acceleration", IEEE TC 2022,
+sections 3-5) computes only the attention weights a cheap predictor marks as
 important. What one layer does:
 
 1. **Prediction path** (Eq. 5), per head ``h``: ``Q̃ʰ = X Pʰ W̃_Qʰ``, ``K̃ʰ = X Pʰ W̃_Kʰ`` and

@@ -26,6 +26,7 @@ then OOV = 16, so ``VOCAB_SIZE = 17``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
@@ -234,6 +235,12 @@ def _generate_chunk(args: tuple) -> list[tuple[str, int]]:
     return kept
 
 
+_BROKEN_POOL = (
+    'ListOps generation: the worker processes died before finishing. If this was called from a '
+    "script, put the call under `if __name__ == '__main__':` (worker processes are started with "
+    "'spawn' and import the script again); otherwise the worker's own error is printed above.")
+
+
 def _num_workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -279,20 +286,24 @@ def generate(num_train: int, num_val: int, num_test: int, *, min_length: int = 5
     next_chunk = 0
     bar = tqdm.tqdm(total=total, disable=not progress, desc='generating ListOps', unit='ex',
                     leave=False)
-    pool_ctx = (multiprocessing.get_context('spawn').Pool(workers) if workers > 1
-                else contextlib.nullcontext())
+    pool_ctx = (concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context('spawn')) if workers > 1
+        else contextlib.nullcontext())
     with pool_ctx as pool, bar:
         while len(examples) < total:
             needed = -(-(total - len(examples)) // CHUNK_SIZE)
             chunks = [(seed, params, c) for c in range(next_chunk, next_chunk + needed)]
             next_chunk += needed
-            results = pool.imap(_generate_chunk, chunks) if pool else map(_generate_chunk, chunks)
-            for kept in results:
-                for source, target in kept:
-                    if len(examples) < total and source not in seen:
-                        seen.add(source)
-                        examples.append((source, target))
-                        bar.update(1)
+            results = pool.map(_generate_chunk, chunks) if pool else map(_generate_chunk, chunks)
+            try:
+                for kept in results:
+                    for source, target in kept:
+                        if len(examples) < total and source not in seen:
+                            seen.add(source)
+                            examples.append((source, target))
+                            bar.update(1)
+            except concurrent.futures.process.BrokenProcessPool as e:
+                raise RuntimeError(_BROKEN_POOL) from e
     return {'train': examples[:num_train],
             'validation': examples[num_train:num_train + num_val],
             'test': examples[num_train + num_val:total]}
