@@ -20,7 +20,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from lra_sparse import config_lib, describe, train
+from lra_sparse import config_lib, describe, metrics, train
 from lra_sparse.data import DataNotFoundError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -40,6 +40,7 @@ USER_ERRORS = (config_lib.ConfigError, DataNotFoundError, FileNotFoundError)
 def run(argv) -> int:
     """Entry point body; returns the exit status."""
     del argv
+    metrics.quiet_library_logs()
     config = _CONFIG.value
     if config is None:
         print('error: --config is required, e.g. --config=configs/listops.py:tiny', file=sys.stderr)

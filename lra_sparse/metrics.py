@@ -8,9 +8,23 @@ are keyed ``layer{i}/{name}``. TensorBoard gets the same scalars as ``{split}/{n
 from __future__ import annotations
 
 import json
+import logging
 import os
 
+from absl import flags
+from absl import logging as absl_logging
 from tensorboardX import SummaryWriter
+
+
+def quiet_library_logs() -> None:
+    """Terminal shows warnings and this package's own INFO lines, not every library's INFO.
+
+    Orbax logs about a dozen INFO lines per checkpoint. Passing ``--verbosity`` (absl) keeps
+    the user's choice instead.
+    """
+    if not flags.FLAGS['verbosity'].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        logging.getLogger('lra_sparse').setLevel(logging.INFO)
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -28,7 +28,7 @@ import tqdm
 from absl import app, flags
 
 from lra_sparse import attention as attention_lib
-from lra_sparse import config_lib
+from lra_sparse import config_lib, metrics
 
 _CONFIG = flags.DEFINE_string('config', None, 'Config file and options (as for lra_sparse.main).')
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep name (see the module docstring).')
@@ -167,6 +167,7 @@ def _parse_set(items: list[str]) -> dict:
 def run(argv) -> int:
     """CLI body; returns the exit status."""
     del argv
+    metrics.quiet_library_logs()
     if not (_CONFIG.value and _SWEEP.value and _WORKDIR.value):
         print('error: --config, --sweep and --workdir are required', file=sys.stderr)
         return 2
