@@ -16,6 +16,7 @@ def test_notebook_executes(path, monkeypatch):
     monkeypatch.setenv('LRA_REPO', os.getcwd())
     monkeypatch.setenv('LRA_NOTEBOOK_STEPS', '20')
     monkeypatch.setenv('LRA_NOTEBOOK_SPARSITIES', '0.9')  # one point per method keeps CI short
+    monkeypatch.setenv('LRA_NOTEBOOK_MAX_LENGTH', '64')  # so do short sequences
     monkeypatch.setenv('MPLBACKEND', 'Agg')
     NotebookClient(nb, timeout=400, kernel_name='python3',
                    resources={'metadata': {'path': os.getcwd()}}).execute()
