@@ -1,16 +1,18 @@
 """The training loop: schedule, every task end to end, learning, resume, data parallelism."""
 
+import functools
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
 
-from lra_sparse import config_lib, metrics, train
+from lra_sparse import config_lib, data, metrics, train
 
 SMOKE = {'num_train_steps': 3, 'log_every_steps': 1, 'eval_every_steps': 2,
          'checkpoint_every_steps': 2, 'batch_size': 4, 'num_eval_steps': 1,
@@ -54,12 +56,6 @@ def test_every_task_trains_and_writes_outputs(task, tmp_path):
 
 def _one_step(config, batch, num_microbatches):
     """(state after one train step, its metrics) from the same init."""
-    import functools
-
-    import jax
-
-    from lra_sparse import data
-
     info = data.load_task(config).info
     graphdef, state, tx = train.init_state(config, info)
     step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
@@ -94,7 +90,6 @@ def test_microbatches_give_the_same_update_as_one_pass(attention):
 
 
 def _flatten_state(state):
-    import jax
     return [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
