@@ -15,12 +15,14 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 # A large negative finite score for masked entries: finite so max-subtraction never gives NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MIN_BLOCK = 16  # smallest tile side: Triton's tl.dot needs every matmul dimension >= 16
+SQ = getattr(pl, 'squeezed', None)  # a squeezed block dimension (None on older jax)
 MAX_HEAD_DIM = 256  # widest head the kernels keep in registers (after padding to a power of 2)
 
 
@@ -45,6 +47,26 @@ class BlockSizes:
     def get_default(cls) -> BlockSizes:
         """The default tiles (128 × 128)."""
         return cls()
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Static parameters of one kernel call (hashable: a jit static argument)."""
+
+    block_q: int
+    block_k: int
+    scale: float
+    interpret: bool
+    num_warps: int
+    num_stages: int
+
+
+def launch_params(block_sizes: BlockSizes, head_dim: int, interpret: bool | None) -> dict:
+    """The KernelConfig fields that come from the tiles, the head width and ``interpret``."""
+    return dict(block_q=block_sizes.block_q, block_k=block_sizes.block_k,
+                interpret=default_interpret() if interpret is None else bool(interpret),
+                num_warps=block_sizes.num_warps or (4 if head_dim <= 64 else 8),
+                num_stages=block_sizes.num_stages)
 
 
 def default_interpret() -> bool:
@@ -169,6 +191,61 @@ def check_call(q: jax.Array, k: jax.Array, v: jax.Array, q_valid: jax.Array | No
 def softmax_scale(head_dim: int, sm_scale: float | None) -> float:
     """1/sqrt(head_dim) unless ``sm_scale`` is given."""
     return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+
+
+# -- Triton-lowering BlockSpecs over the grid (batch, head, block i) ---------------------------
+def row_block(rows: int, d: int) -> pl.BlockSpec:
+    """[B, L, H, D] array: block ``rows`` of one head at program (b, h, i)."""
+    return pl.BlockSpec((SQ, rows, SQ, d), lambda b, h, i: (b, i, h, 0))
+
+
+def row_full(length: int, d: int) -> pl.BlockSpec:
+    """[B, L, H, D] array: the whole sequence of one head."""
+    return pl.BlockSpec((SQ, length, SQ, d), lambda b, h, i: (b, 0, h, 0))
+
+
+def stat_block(rows: int) -> pl.BlockSpec:
+    """[B, H, L] per-row statistic: block ``rows`` at program (b, h, i)."""
+    return pl.BlockSpec((SQ, SQ, rows), lambda b, h, i: (b, h, i))
+
+
+def stat_full(length: int) -> pl.BlockSpec:
+    """[B, H, L] per-row statistic: the whole row of one head."""
+    return pl.BlockSpec((SQ, SQ, length), lambda b, h, i: (b, h, 0))
+
+
+def mask_specs(qv, kv, q_rows: int | None, k_rows: int | None, q_len: int,
+               k_len: int) -> tuple[list, list]:
+    """BlockSpecs and arguments of the optional [B, L] padding masks (None masks are left out).
+
+    ``*_rows``: the block each program sees at index i, or None for the whole row.
+    """
+    specs, args = [], []
+    for mask, rows, length in ((qv, q_rows, q_len), (kv, k_rows, k_len)):
+        if mask is None:
+            continue
+        if rows is None:
+            specs.append(pl.BlockSpec((SQ, length), lambda b, h, i: (b, 0)))
+        else:
+            specs.append(pl.BlockSpec((SQ, rows), lambda b, h, i: (b, i)))
+        args.append(mask)
+    return specs, args
+
+
+def split_masks(rest, has_qv: bool, has_kv: bool):
+    """Kernel refs after the fixed inputs -> (q mask ref | None, k mask ref | None, the rest)."""
+    rest = list(rest)
+    qv_ref = rest.pop(0) if has_qv else None
+    kv_ref = rest.pop(0) if has_kv else None
+    return qv_ref, kv_ref, rest
+
+
+def triton_call(kernel, grid, in_specs, out_specs, out_shape, cfg: KernelConfig, name: str):
+    """``pl.pallas_call`` with the launch parameters of ``cfg``."""
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        interpret=cfg.interpret, compiler_params=triton_params(cfg.num_warps, cfg.num_stages),
+        name=name)
 
 
 def as_int_mask(mask: jax.Array | None) -> jax.Array | None:

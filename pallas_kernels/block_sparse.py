@@ -60,22 +60,12 @@ from pallas_kernels import _common as c
 from pallas_kernels._common import BlockSizes  # re-exported: this kernel's tile sizes
 
 _HIGHEST = lax.Precision.HIGHEST
-_SQ = getattr(pl, 'squeezed', None)  # a squeezed block dimension (None on older jax)
-
-
+_SQ = c.SQ  # a squeezed block dimension (None on older jax)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
-    """Static parameters of one call (hashable: a jit static argument)."""
-
-    block_q: int
-    block_k: int
-    scale: float
-    interpret: bool
-    num_warps: int
-    num_stages: int
-    backend: str = 'triton'
+class _Config(c.KernelConfig):
+    backend: str = 'triton'  # 'triton' | 'tpu'
 
 
 # -- index lists ------------------------------------------------------------------------------
@@ -207,10 +197,8 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
     """
     d, scale = _prepare(q, k, v, block_indices, block_counts, q_valid, k_valid, sm_scale,
                         block_sizes)
-    cfg = _Config(block_sizes.block_q, block_sizes.block_k, scale,
-                  c.default_interpret() if interpret is None else bool(interpret),
-                  block_sizes.num_warps or (4 if d <= 64 else 8), block_sizes.num_stages,
-                  c.resolve_backend(backend))
+    cfg = _Config(scale=scale, backend=c.resolve_backend(backend),
+                  **c.launch_params(block_sizes, d, interpret))
     return _run(q, k, v, block_indices.astype(jnp.int32), block_counts.astype(jnp.int32),
                 c.as_int_mask(q_valid), c.as_int_mask(k_valid), cfg=cfg)
 
@@ -318,57 +306,28 @@ def _specs_for_tables(idx, cnt):
             pl.BlockSpec((_SQ, _SQ, 1), lambda b, h, i: (*pick(b, h), i))]
 
 
-def _row_block(rows, d):
-    """[B, L, H, D] array, block ``rows`` of one head at program (b, h, i)."""
-    return pl.BlockSpec((_SQ, rows, _SQ, d), lambda b, h, i: (b, i, h, 0))
-
-
-def _row_full(length, d):
-    """[B, L, H, D] array, the whole sequence of one head."""
-    return pl.BlockSpec((_SQ, length, _SQ, d), lambda b, h, i: (b, 0, h, 0))
-
-
-def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, name):
-    return pl.pallas_call(
-        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        interpret=cfg.interpret, compiler_params=c.triton_params(cfg.num_warps, cfg.num_stages),
-        name=name)
-
-
 def _forward(q, k, v, idx, cnt, qv, kv, cfg):
     """Forward kernel. Returns (o [B, Lq, H, D], lse float32 [B, H, Lq])."""
     b, lq, h, d = q.shape
     lk = k.shape[1]
     bq, bk = cfg.block_q, cfg.block_k
-    in_specs = _specs_for_tables(idx, cnt) + [_row_block(bq, d), _row_full(lk, d),
-                                              _row_full(lk, d)]
-    args = [idx, cnt, q, k, v]
-    if qv is not None:
-        in_specs.append(pl.BlockSpec((_SQ, bq), lambda b_, h_, i: (b_, i)))
-        args.append(qv)
-    if kv is not None:
-        in_specs.append(pl.BlockSpec((_SQ, lk), lambda b_, h_, i: (b_, 0)))
-        args.append(kv)
+    mspecs, margs = c.mask_specs(qv, kv, bq, None, lq, lk)
+    in_specs = _specs_for_tables(idx, cnt) + [c.row_block(bq, d), c.row_full(lk, d),
+                                              c.row_full(lk, d)] + mspecs
+    args = [idx, cnt, q, k, v, *margs]
     kernel = functools.partial(_fwd_kernel, scale=cfg.scale, block_k=bk, num_k_blocks=lk // bk,
                                has_qv=qv is not None, has_kv=kv is not None)
-    out_specs = [_row_block(bq, d), pl.BlockSpec((_SQ, _SQ, bq), lambda b_, h_, i: (b_, h_, i))]
+    out_specs = [c.row_block(bq, d), c.stat_block(bq)]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, lq), jnp.float32)]
-    return _call(kernel, (b, h, lq // bq), in_specs, out_specs, out_shape, cfg,
-                 'block_sparse_fwd')(*args)
-
-
-def _split_masks(rest, has_qv, has_kv):
-    rest = list(rest)
-    qv_ref = rest.pop(0) if has_qv else None
-    kv_ref = rest.pop(0) if has_kv else None
-    return qv_ref, kv_ref, rest
+    return c.triton_call(kernel, (b, h, lq // bq), in_specs, out_specs, out_shape, cfg,
+                         'block_sparse_fwd')(*args)
 
 
 def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *rest, scale, block_k, num_k_blocks,
                 has_qv, has_kv):
     """One (batch, head, query block): online softmax over the listed key blocks."""
-    qv_ref, kv_ref, (o_ref, lse_ref) = _split_masks(rest, has_qv, has_kv)
+    qv_ref, kv_ref, (o_ref, lse_ref) = c.split_masks(rest, has_qv, has_kv)
     bq, d = q_ref.shape
     q = q_ref[...]
     q_ok = (qv_ref[...] != 0) if has_qv else None
@@ -400,26 +359,22 @@ def _backward_dq(q, k, v, idx, cnt, qv, kv, do, lse, delta, cfg):
     b, lq, h, d = q.shape
     lk = k.shape[1]
     bq, bk = cfg.block_q, cfg.block_k
-    rows_vec = pl.BlockSpec((_SQ, _SQ, bq), lambda b_, h_, i: (b_, h_, i))
+    rows_vec = c.stat_block(bq)
+    mspecs, margs = c.mask_specs(qv, kv, bq, None, lq, lk)
     in_specs = _specs_for_tables(idx, cnt) + [
-        _row_block(bq, d), _row_full(lk, d), _row_full(lk, d), _row_block(bq, d), rows_vec,
-        rows_vec]
-    args = [idx, cnt, q, k, v, do, lse, delta]
-    if qv is not None:
-        in_specs.append(pl.BlockSpec((_SQ, bq), lambda b_, h_, i: (b_, i)))
-        args.append(qv)
-    if kv is not None:
-        in_specs.append(pl.BlockSpec((_SQ, lk), lambda b_, h_, i: (b_, 0)))
-        args.append(kv)
+        c.row_block(bq, d), c.row_full(lk, d), c.row_full(lk, d), c.row_block(bq, d), rows_vec,
+        rows_vec] + mspecs
+    args = [idx, cnt, q, k, v, do, lse, delta, *margs]
     kernel = functools.partial(_dq_kernel, scale=cfg.scale, block_k=bk, num_k_blocks=lk // bk,
                                has_qv=qv is not None, has_kv=kv is not None)
-    return _call(kernel, (b, h, lq // bq), in_specs, _row_block(bq, d),
-                 jax.ShapeDtypeStruct(q.shape, q.dtype), cfg, 'block_sparse_dq')(*args)
+    out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    return c.triton_call(kernel, (b, h, lq // bq), in_specs, c.row_block(bq, d), out_shape, cfg,
+                         'block_sparse_dq')(*args)
 
 
 def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, scale,
                block_k, num_k_blocks, has_qv, has_kv):
-    qv_ref, kv_ref, (dq_ref,) = _split_masks(rest, has_qv, has_kv)
+    qv_ref, kv_ref, (dq_ref,) = c.split_masks(rest, has_qv, has_kv)
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     q_ok = (qv_ref[...] != 0) if has_qv else None
     count = c.clamp(cnt_ref[0], 0, idx_ref.shape[0])
@@ -441,27 +396,23 @@ def _backward_dkv(q, k, v, idx_t, cnt_t, qv, kv, do, lse, delta, cfg):
     b, lq, h, d = q.shape
     lk = k.shape[1]
     bq, bk = cfg.block_q, cfg.block_k
-    rows_full = pl.BlockSpec((_SQ, _SQ, lq), lambda b_, h_, i: (b_, h_, 0))
+    rows_full = c.stat_full(lq)
+    mspecs, margs = c.mask_specs(qv, kv, None, bk, lq, lk)
     in_specs = _specs_for_tables(idx_t, cnt_t) + [
-        _row_full(lq, d), _row_block(bk, d), _row_block(bk, d), _row_full(lq, d), rows_full,
-        rows_full]
-    args = [idx_t, cnt_t, q, k, v, do, lse, delta]
-    if qv is not None:
-        in_specs.append(pl.BlockSpec((_SQ, lq), lambda b_, h_, i: (b_, 0)))
-        args.append(qv)
-    if kv is not None:
-        in_specs.append(pl.BlockSpec((_SQ, bk), lambda b_, h_, i: (b_, i)))
-        args.append(kv)
+        c.row_full(lq, d), c.row_block(bk, d), c.row_block(bk, d), c.row_full(lq, d), rows_full,
+        rows_full] + mspecs
+    args = [idx_t, cnt_t, q, k, v, do, lse, delta, *margs]
     kernel = functools.partial(_dkv_kernel, scale=cfg.scale, block_q=bq, num_q_blocks=lq // bq,
                                has_qv=qv is not None, has_kv=kv is not None)
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-    return _call(kernel, (b, h, lk // bk), in_specs, [_row_block(bk, d), _row_block(bk, d)],
-                 out_shape, cfg, 'block_sparse_dkv')(*args)
+    out_specs = [c.row_block(bk, d), c.row_block(bk, d)]
+    return c.triton_call(kernel, (b, h, lk // bk), in_specs, out_specs, out_shape, cfg,
+                         'block_sparse_dkv')(*args)
 
 
 def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, scale,
                 block_q, num_q_blocks, has_qv, has_kv):
-    qv_ref, kv_ref, (dk_ref, dv_ref) = _split_masks(rest, has_qv, has_kv)
+    qv_ref, kv_ref, (dk_ref, dv_ref) = c.split_masks(rest, has_qv, has_kv)
     k, v = k_ref[...], v_ref[...]
     k_ok = (kv_ref[...] != 0) if has_kv else None
     count = c.clamp(cnt_ref[0], 0, idx_ref.shape[0])
@@ -577,7 +528,7 @@ def _tpu_list_state(cnt_ref, pick):
 
 def _tpu_fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *rest, scale, pick, has_qv, has_kv):
     del idx_ref  # used by the index maps
-    qv_ref, kv_ref, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split_masks(rest, has_qv, has_kv)
+    qv_ref, kv_ref, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = c.split_masks(rest, has_qv, has_kv)
     first, last, live = _tpu_list_state(cnt_ref, pick)
 
     @pl.when(first)
@@ -655,7 +606,7 @@ def _tpu_probs(q_ref, k_ref, lse_ref, scale, valid):
 def _tpu_dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
                    scale, pick, has_qv, has_kv):
     del idx_ref
-    qv_ref, kv_ref, (dq_ref, dq_sc) = _split_masks(rest, has_qv, has_kv)
+    qv_ref, kv_ref, (dq_ref, dq_sc) = c.split_masks(rest, has_qv, has_kv)
     first, last, live = _tpu_list_state(cnt_ref, pick)
 
     @pl.when(first)
@@ -676,7 +627,7 @@ def _tpu_dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
 def _tpu_dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
                     scale, pick, has_qv, has_kv):
     del idx_ref
-    qv_ref, kv_ref, (dk_ref, dv_ref, dk_sc, dv_sc) = _split_masks(rest, has_qv, has_kv)
+    qv_ref, kv_ref, (dk_ref, dv_ref, dk_sc, dv_sc) = c.split_masks(rest, has_qv, has_kv)
     first, last, live = _tpu_list_state(cnt_ref, pick)
 
     @pl.when(first)

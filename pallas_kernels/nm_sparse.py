@@ -43,7 +43,6 @@ from pallas_kernels import _common as c
 from pallas_kernels._common import BlockSizes  # re-exported: this kernel's tile sizes
 
 _HIGHEST = lax.Precision.HIGHEST
-_SQ = getattr(pl, 'squeezed', None)
 SUPPORTED_M = (2, 4)
 
 
@@ -64,15 +63,9 @@ class NMStats(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _Config(c.KernelConfig):
     n: int
     m: int
-    block_q: int
-    block_k: int
-    scale: float
-    interpret: bool
-    num_warps: int
-    num_stages: int
 
 
 # -- selection (shared by the kernels and the reference) --------------------------------------
@@ -161,9 +154,7 @@ def nm_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     """
     scale = _prepare(q, k, v, q_valid, k_valid, n, m, sm_scale, block_sizes)
     d = q.shape[-1]
-    cfg = _Config(n, m, block_sizes.block_q, block_sizes.block_k, scale,
-                  c.default_interpret() if interpret is None else bool(interpret),
-                  block_sizes.num_warps or (4 if d <= 64 else 8), block_sizes.num_stages)
+    cfg = _Config(n=n, m=m, scale=scale, **c.launch_params(block_sizes, d, interpret))
     o, lse_kept, lse_all = _run(q, k, v, c.as_int_mask(q_valid), c.as_int_mask(k_valid),
                                 cfg=cfg)
     if return_stats:
@@ -248,42 +239,6 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 # -- pallas calls -----------------------------------------------------------------------------
-def _row_block(rows, d):
-    return pl.BlockSpec((_SQ, rows, _SQ, d), lambda b, h, i: (b, i, h, 0))
-
-
-def _row_full(length, d):
-    return pl.BlockSpec((_SQ, length, _SQ, d), lambda b, h, i: (b, 0, h, 0))
-
-
-def _mask_specs(qv, kv, q_rows, k_rows, q_len, k_len):
-    """Specs and args of the optional masks (``*_rows`` None: the whole row)."""
-    specs, args = [], []
-    for mask, rows, length in ((qv, q_rows, q_len), (kv, k_rows, k_len)):
-        if mask is None:
-            continue
-        if rows is None:
-            specs.append(pl.BlockSpec((_SQ, length), lambda b, h, i: (b, 0)))
-        else:
-            specs.append(pl.BlockSpec((_SQ, rows), lambda b, h, i: (b, i)))
-        args.append(mask)
-    return specs, args
-
-
-def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, name):
-    return pl.pallas_call(
-        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        interpret=cfg.interpret, compiler_params=c.triton_params(cfg.num_warps, cfg.num_stages),
-        name=name)
-
-
-def _split_masks(rest, has_qv, has_kv):
-    rest = list(rest)
-    qv_ref = rest.pop(0) if has_qv else None
-    kv_ref = rest.pop(0) if has_kv else None
-    return qv_ref, kv_ref, rest
-
-
 def _kernel_args(cfg, qv, kv):
     return dict(n=cfg.n, m=cfg.m, scale=cfg.scale, has_qv=qv is not None, has_kv=kv is not None)
 
@@ -315,21 +270,21 @@ def _forward(q, k, v, qv, kv, cfg):
     b, lq, h, d = q.shape
     lk = k.shape[1]
     bq = cfg.block_q
-    mspecs, margs = _mask_specs(qv, kv, bq, None, lq, lk)
-    rows_vec = pl.BlockSpec((_SQ, _SQ, bq), lambda b_, h_, i: (b_, h_, i))
+    mspecs, margs = c.mask_specs(qv, kv, bq, None, lq, lk)
+    rows_vec = c.stat_block(bq)
     kernel = functools.partial(_fwd_kernel, block_k=cfg.block_k, num_k_blocks=lk // cfg.block_k,
                                **_kernel_args(cfg, qv, kv))
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)] + [
         jax.ShapeDtypeStruct((b, h, lq), jnp.float32)] * 2
-    return _call(kernel, (b, h, lq // bq), [_row_block(bq, d), _row_full(lk, d),
-                                            _row_full(lk, d)] + mspecs,
-                 [_row_block(bq, d), rows_vec, rows_vec], out_shape, cfg,
-                 'nm_sparse_fwd')(q, k, v, *margs)
+    in_specs = [c.row_block(bq, d), c.row_full(lk, d), c.row_full(lk, d)] + mspecs
+    out_specs = [c.row_block(bq, d), rows_vec, rows_vec]
+    return c.triton_call(kernel, (b, h, lq // bq), in_specs, out_specs, out_shape, cfg,
+                         'nm_sparse_fwd')(q, k, v, *margs)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *rest, n, m, scale, block_k, num_k_blocks, has_qv, has_kv):
     """One (batch, head, query block): select, online softmax over kept entries, PV."""
-    qv_ref, kv_ref, (o_ref, lse_ref, lse_all_ref) = _split_masks(rest, has_qv, has_kv)
+    qv_ref, kv_ref, (o_ref, lse_ref, lse_all_ref) = c.split_masks(rest, has_qv, has_kv)
     bq, d = q_ref.shape
     g = block_k // m
     q = q_ref[...]
@@ -376,20 +331,20 @@ def _backward_dq(q, k, v, qv, kv, do, lse, delta, cfg):
     b, lq, h, d = q.shape
     lk = k.shape[1]
     bq = cfg.block_q
-    rows_vec = pl.BlockSpec((_SQ, _SQ, bq), lambda b_, h_, i: (b_, h_, i))
-    mspecs, margs = _mask_specs(qv, kv, bq, None, lq, lk)
+    rows_vec = c.stat_block(bq)
+    mspecs, margs = c.mask_specs(qv, kv, bq, None, lq, lk)
     kernel = functools.partial(_dq_kernel, block_k=cfg.block_k, num_k_blocks=lk // cfg.block_k,
                                **_kernel_args(cfg, qv, kv))
-    in_specs = [_row_block(bq, d), _row_full(lk, d), _row_full(lk, d), _row_block(bq, d),
+    in_specs = [c.row_block(bq, d), c.row_full(lk, d), c.row_full(lk, d), c.row_block(bq, d),
                 rows_vec, rows_vec] + mspecs
-    return _call(kernel, (b, h, lq // bq), in_specs, _row_block(bq, d),
-                 jax.ShapeDtypeStruct(q.shape, q.dtype), cfg, 'nm_sparse_dq')(
-                     q, k, v, do, lse, delta, *margs)
+    out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    return c.triton_call(kernel, (b, h, lq // bq), in_specs, c.row_block(bq, d), out_shape, cfg,
+                         'nm_sparse_dq')(q, k, v, do, lse, delta, *margs)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, n, m, scale, block_k,
                num_k_blocks, has_qv, has_kv):
-    qv_ref, kv_ref, (dq_ref,) = _split_masks(rest, has_qv, has_kv)
+    qv_ref, kv_ref, (dq_ref,) = c.split_masks(rest, has_qv, has_kv)
     g = block_k // m
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     q_ok = (qv_ref[...] != 0) if has_qv else None
@@ -413,20 +368,21 @@ def _backward_dkv(q, k, v, qv, kv, do, lse, delta, cfg):
     b, lq, h, d = q.shape
     lk = k.shape[1]
     bk = cfg.block_k
-    rows_full = pl.BlockSpec((_SQ, _SQ, lq), lambda b_, h_, i: (b_, h_, 0))
-    mspecs, margs = _mask_specs(qv, kv, None, bk, lq, lk)
+    rows_full = c.stat_full(lq)
+    mspecs, margs = c.mask_specs(qv, kv, None, bk, lq, lk)
     kernel = functools.partial(_dkv_kernel, block_q=cfg.block_q,
                                num_q_blocks=lq // cfg.block_q, **_kernel_args(cfg, qv, kv))
-    in_specs = [_row_full(lq, d), _row_block(bk, d), _row_block(bk, d), _row_full(lq, d),
+    in_specs = [c.row_full(lq, d), c.row_block(bk, d), c.row_block(bk, d), c.row_full(lq, d),
                 rows_full, rows_full] + mspecs
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-    return _call(kernel, (b, h, lk // bk), in_specs, [_row_block(bk, d), _row_block(bk, d)],
-                 out_shape, cfg, 'nm_sparse_dkv')(q, k, v, do, lse, delta, *margs)
+    out_specs = [c.row_block(bk, d), c.row_block(bk, d)]
+    return c.triton_call(kernel, (b, h, lk // bk), in_specs, out_specs, out_shape, cfg,
+                         'nm_sparse_dkv')(q, k, v, do, lse, delta, *margs)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, n, m, scale, block_q,
                 num_q_blocks, has_qv, has_kv):
-    qv_ref, kv_ref, (dk_ref, dv_ref) = _split_masks(rest, has_qv, has_kv)
+    qv_ref, kv_ref, (dk_ref, dv_ref) = c.split_masks(rest, has_qv, has_kv)
     bk, d = k_ref.shape
     g = bk // m
     parts = [pl.ds(j, g, stride=m) for j in range(m)]
