@@ -361,6 +361,22 @@ class ConfigError(ValueError):
     """A config field holds a value that is not allowed. The message names field, value, allowed."""
 
 
+def pad_sequence(x: jax.Array, length: int) -> jax.Array:
+    """[batch, L, ...] -> [batch, length, ...] zero padded on the sequence axis (for kernel tiles).
+
+    Pad the token mask the same way, so the padded positions are invalid.
+    """
+    return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def check_kernel_dropout(cfg, attention_dropout_rate: float) -> None:
+    """impl='pallas' kernels have no attention dropout: a rate > 0 needs apply='eval_only'."""
+    if (cfg.get('impl') == 'pallas' and attention_dropout_rate > 0
+            and cfg.get('apply', 'train_and_eval') != 'eval_only'):
+        raise config_error('model.attention_dropout_rate', attention_dropout_rate,
+                           "0 with attention.impl='pallas' (the kernel has no dropout)")
+
+
 def config_error(field: str, value: Any, allowed: str) -> ConfigError:
     """Builds the one-line error every validator raises."""
     return ConfigError(f'config.{field}={value!r} is not allowed: {allowed}.')

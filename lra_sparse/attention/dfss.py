@@ -81,18 +81,10 @@ def parse_pattern(pattern) -> tuple[int, int]:
     return PATTERNS[pattern]
 
 
-def check_pallas(cfg, attention_dropout_rate: float) -> None:
-    """impl='pallas' has no attention dropout (fine with apply='eval_only')."""
-    if (cfg.get('impl') == 'pallas' and attention_dropout_rate > 0
-            and cfg.get('apply', 'train_and_eval') != 'eval_only'):
-        raise base.config_error('model.attention_dropout_rate', attention_dropout_rate,
-                                "0 with attention.impl='pallas' (the kernel has no dropout)")
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for a bad DFSS field (before any compute)."""
     parse_pattern(config.attention.pattern)
-    check_pallas(config.attention, config.model.attention_dropout_rate)
+    base.check_kernel_dropout(config.attention, config.model.attention_dropout_rate)
 
 
 def padded_length(length: int, m: int) -> int:
@@ -315,7 +307,7 @@ class DFSSAttention(base.Attention):
     def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
         super().__init__(dims, cfg, rngs=rngs)
         self.n, self.m = parse_pattern(cfg.pattern)
-        check_pallas(cfg, dims.attention_dropout_rate)
+        base.check_kernel_dropout(cfg, dims.attention_dropout_rate)
 
     def attend(self, x, mask, carry, *, deterministic, rng):
         """DFSS layer; see ``base.Attention.__call__``."""
@@ -350,20 +342,17 @@ class DFSSAttention(base.Attention):
         bq = min(128, max(16, 1 << (length - 1).bit_length()))
         bk = max(bq, 16 * m)
         lp = -(-length // bk) * bk  # both tiles are powers of two: bk is a multiple of bq
-
-        def pad(t):  # sequence axis to lp, padding invalid
-            return jnp.pad(t, [(0, 0), (0, lp - length)] + [(0, 0)] * (t.ndim - 2))
-
+        q_p, k_p, v_p, mask_p = (base.pad_sequence(t, lp) for t in (q, k, v, mask))  # invalid
         o, st = nm_sparse.nm_sparse_attention(
-            pad(q), pad(k), pad(v), pad(mask), pad(mask), n=n, m=m,
+            q_p, k_p, v_p, mask_p, mask_p, n=n, m=m,
             block_sizes=nm_sparse.BlockSizes(bq, bk), return_stats=True)
         # Kept pairs per valid query row: min(N, valid keys) in every group of M keys.
-        groups = jnp.sum(pad(mask).reshape(mask.shape[0], -1, m), axis=-1)
+        groups = jnp.sum(mask_p.reshape(mask.shape[0], -1, m), axis=-1)
         kept = jnp.sum(jnp.minimum(groups, n), axis=-1)
         n_valid = jnp.sum(mask, axis=-1)  # valid rows = valid keys per example
         total = jnp.sum(n_valid * n_valid)
         sparsity = jnp.where(total > 0, 1.0 - jnp.sum(n_valid * kept) / jnp.maximum(total, 1), 0.0)
-        rows = jnp.broadcast_to(pad(mask)[:, None, :], st.lse_all.shape)
+        rows = jnp.broadcast_to(mask_p[:, None, :], st.lse_all.shape)
         kept_mass = _mean_over_rows(jnp.exp(st.lse_kept - st.lse_all), rows)
         return o[:, :length], {'sparsity': sparsity.astype(jnp.float32), 'kept_mass': kept_mass}
 

@@ -171,9 +171,7 @@ def check_pallas(cfg, attention_dropout_rate: float) -> None:
     for field in ('block_q', 'block_k'):
         b = cfg[field]
         _check(b >= 16 and b & (b - 1) == 0, field, b, "a power of two >= 16 with impl='pallas'")
-    if attention_dropout_rate > 0 and cfg.get('apply', 'train_and_eval') != 'eval_only':
-        raise base.config_error('model.attention_dropout_rate', attention_dropout_rate,
-                                "0 with attention.impl='pallas' (the kernel has no dropout)")
+    base.check_kernel_dropout(cfg, attention_dropout_rate)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -615,10 +613,7 @@ class DSAAttention(base.Attention):
 
         bq, bk, length = self.cfg.block_q, self.cfg.block_k, q.shape[1]
         lq, lk = -(-length // bq) * bq, -(-length // bk) * bk
-
-        def pad(t, n):  # sequence axis to n, padding invalid
-            return jnp.pad(t, [(0, 0), (0, n - length)] + [(0, 0)] * (t.ndim - 2))
-
+        pad = base.pad_sequence  # sequence axis to the tiles; the padded mask marks it invalid
         order = jnp.argsort(jnp.logical_not(block_ok), axis=-1, stable=True)  # kept slots first
         idx = jnp.take_along_axis(block_idx, order, axis=-1)
         count = jnp.sum(block_ok, axis=-1, dtype=jnp.int32)
