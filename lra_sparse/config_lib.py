@@ -23,7 +23,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from lra_sparse import attention as attention_lib
-from lra_sparse.attention.base import ConfigError, config_error
+from lra_sparse.errors import ConfigError, config_error
 
 TASKS = ('listops', 'text', 'retrieval', 'image')
 APPLY_MODES = ('train_and_eval', 'eval_only')

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx, struct
 
+from lra_sparse.errors import ConfigError, check, config_error  # noqa: F401  (re-exported)
+
 # A large negative finite score for masked entries: finite so that max-subtraction never gives NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -357,10 +359,6 @@ class AttentionMethod:
         return self.layer_macs(dims, cfg, seq_len, mlp_dim)
 
 
-class ConfigError(ValueError):
-    """A config field holds a value that is not allowed. The message names field, value, allowed."""
-
-
 def pad_sequence(x: jax.Array, length: int) -> jax.Array:
     """[batch, L, ...] -> [batch, length, ...] zero padded on the sequence axis (for kernel tiles).
 
@@ -377,12 +375,6 @@ def check_kernel_dropout(cfg, attention_dropout_rate: float) -> None:
                            "0 with attention.impl='pallas' (the kernel has no dropout)")
 
 
-def config_error(field: str, value: Any, allowed: str) -> ConfigError:
-    """Builds the one-line error every validator raises."""
-    return ConfigError(f'config.{field}={value!r} is not allowed: {allowed}.')
-
-
 def check_field(ok: bool, field: str, value: Any, allowed: str) -> None:
     """Raises ``config_error('attention.' + field, ...)`` unless ``ok`` (method validators)."""
-    if not ok:
-        raise config_error(f'attention.{field}', value, allowed)
+    check(ok, f'attention.{field}', value, allowed)

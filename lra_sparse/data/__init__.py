@@ -46,7 +46,7 @@ def task_info(config) -> TaskInfo:
     """
     task = config.task
     if task not in NUM_CLASSES:
-        from lra_sparse.attention.base import config_error  # noqa: PLC0415
+        from lra_sparse.errors import config_error  # noqa: PLC0415
 
         raise config_error('task', task, f'one of {", ".join(NUM_CLASSES)}')
     if task == 'listops':

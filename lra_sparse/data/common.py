@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from lra_sparse.errors import DataFormatError, DataNotFoundError  # noqa: F401  (re-exported)
+
 # The LRA release archive (ListOps TSVs, AAN TSVs, Pathfinder); IMDB and CIFAR-10 are not in it.
 LRA_RELEASE_URL = 'https://storage.googleapis.com/long-range-arena/lra_release.gz'
 
@@ -54,14 +56,6 @@ class TaskData:
 
     info: TaskInfo
     splits: dict[str, dict[str, np.ndarray]]
-
-
-class DataNotFoundError(ValueError):
-    """The data of a task is missing. The message says what to download, from where, to where."""
-
-
-class DataFormatError(ValueError):
-    """A data file is malformed. The message names the file and the line (or record)."""
 
 
 def cache_root(config) -> str:

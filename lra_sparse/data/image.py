@@ -120,7 +120,7 @@ def load(config, info: common.TaskInfo) -> dict[str, dict[str, np.ndarray]]:
       ConfigError: max_length is not 1024.
     """
     if info.seq_len != 32 * 32:
-        from lra_sparse.attention.base import config_error  # noqa: PLC0415
+        from lra_sparse.errors import config_error  # noqa: PLC0415
 
         raise config_error('max_length', info.seq_len, '1024 for the image task (32x32 pixels)')
     root = common.data_dir(config)

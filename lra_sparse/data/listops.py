@@ -421,7 +421,7 @@ def load(config, info: common.TaskInfo) -> dict[str, dict[str, np.ndarray]]:
     if generated:
         longest = config.data.listops_max_length - 1
         if longest > info.seq_len:
-            from lra_sparse.attention.base import config_error  # noqa: PLC0415
+            from lra_sparse.errors import config_error  # noqa: PLC0415
 
             raise config_error('data.listops_max_length', config.data.listops_max_length,
                                f'at most config.max_length+1={info.seq_len + 1}: generated '
