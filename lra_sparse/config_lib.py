@@ -1,7 +1,9 @@
 """Config machinery: shared fields (each commented), options, loading by path, validation.
 
 A task file (``configs/listops.py`` ...) calls :func:`make_config` with its reference LRA
-hyperparameters and its ``tiny`` overrides. ``arg`` is a comma-separated list of options:
+hyperparameters and its ``tiny`` overrides; the task itself (classes, vocabulary, its own
+``data.*`` fields and their checks) is declared by ``lra_sparse/data/<task>.py`` and found in
+``data.REGISTRY``. ``arg`` is a comma-separated list of options:
 
   attention=<name>   attention method from the registry (default dense)
   impl=<impl>        reference | xla | pallas (default reference)
@@ -23,9 +25,10 @@ import ml_collections
 from ml_collections import config_dict
 
 from lra_sparse import attention as attention_lib
+from lra_sparse import data as data_lib
 from lra_sparse.errors import ConfigError, config_error
 
-TASKS = ('listops', 'text', 'retrieval', 'image')
+TASKS = tuple(data_lib.REGISTRY)  # the registered tasks, in table order
 APPLY_MODES = ('train_and_eval', 'eval_only')
 SCHEDULE_FACTORS = ('constant', 'linear_warmup', 'rsqrt_decay', 'cosine_decay')
 
@@ -48,9 +51,13 @@ def parse_arg(arg: str | None) -> dict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every field once, with defaults that task files override."""
+    """Every field shared by all tasks once, with defaults that task files override.
+
+    A task's own fields (e.g. ``data.listops_*``) come from its declaration; :func:`make_config`
+    adds them.
+    """
     c = ml_collections.ConfigDict()
-    c.task = ''  # LRA task: listops | text | retrieval | image
+    c.task = ''  # a registered task: listops | text | retrieval | image
     c.seed = 0  # seed of parameter init, dropout and data order
     c.data_dir = config_dict.placeholder(str)  # raw data / TFDS data_dir (None: default)
     c.cache_dir = config_dict.placeholder(str)  # None: $XDG_CACHE_HOME/lra_sparse
@@ -90,14 +97,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = 'real'  # real | synthetic (random tokens with the task's shapes)
     c.data.synthetic_examples = 2048  # train examples of the synthetic source (val/test: a quarter)
-    c.data.listops_num_train = 96000  # generated ListOps train examples
-    c.data.listops_num_val = 2000  # generated ListOps validation examples
-    c.data.listops_num_test = 2000  # generated ListOps test examples
-    c.data.listops_min_length = 500  # generated expressions are kept if min < length < max
-    c.data.listops_max_length = 2000  # see listops_min_length
-    c.data.listops_max_depth = 10  # maximum nesting depth of generated expressions
-    c.data.listops_max_args = 10  # maximum arguments per operator
-    c.data.image_pixel0_is_padding = True  # reference quirk: pixel value 0 is masked as padding
     return c
 
 
@@ -114,20 +113,24 @@ def attention_config(name: str, impl: str, apply: str) -> ml_collections.ConfigD
 
 def make_config(task: str, reference: dict, tiny: dict,
                 arg: str | None) -> ml_collections.ConfigDict:
-    """Builds a task config.
+    """Builds a task config: shared fields, the task's own fields, reference values, options.
 
     Args:
-      task: task name.
+      task: a registered task name (``data.REGISTRY``).
       reference: the reference LRA values for this task, as a flat {'a.b': value} dict.
       tiny: the CPU-sized overrides applied with the ``tiny`` option.
       arg: the comma-separated option string after ``:`` in ``--config=configs/x.py:arg``.
 
     Returns:
       The ConfigDict (unlocked; the CLI locks it).
+
+    Raises:
+      ConfigError: ``task`` is not registered.
     """
     options = parse_arg(arg)
     c = base_config()
     c.task = task
+    data_lib.get_task(task).add_fields(c)
     _set_all(c, reference)
     if options.get('tiny'):
         _set_all(c, tiny)
@@ -178,10 +181,12 @@ def _check(ok: bool, field: str, value, allowed: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the field, the value and what is allowed; touches no data.
 
-    Checks the task, attention name/impl/apply (then the method's own validator), model dims, rates,
-    steps, the schedule, the batch split over devices and the positional-table length.
+    Checks the task (registered), attention name/impl/apply, model dims, rates, steps, the
+    schedule, the batch split over devices, the data source, then the task's own checks
+    (``data.validate_task``: its ``max_length`` bound and fields), ``init_from`` and last the
+    attention method's own validator.
     """
-    _check(config.task in TASKS, 'task', config.task, f'one of {", ".join(TASKS)}')
+    data_lib.get_task(config.task)
     method = attention_lib.get_method(config.attention.name)
     _check(config.attention.impl in method.impls, 'attention.impl', config.attention.impl,
            f'{config.attention.name} supports {", ".join(method.impls)}')
@@ -218,19 +223,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.learning_rate > 0, 'learning_rate', config.learning_rate, 'a positive number')
     _check(config.weight_decay >= 0, 'weight_decay', config.weight_decay, 'a number >= 0')
     _check(config.warmup_steps >= 0, 'warmup_steps', config.warmup_steps, 'an integer >= 0')
-    if 'sparsity' in config.attention:
-        s = config.attention.sparsity
-        _check(0.0 <= s < 1.0, 'attention.sparsity', s, 'a fraction in [0, 1)')
-    if config.task == 'listops' and config.data.source == 'real':
-        _check(config.data.listops_max_length <= config.max_length + 1, 'data.listops_max_length',
-               config.data.listops_max_length,
-               f'at most config.max_length+1={config.max_length + 1} (the positional table); '
-               'longer expressions would be truncated: raise config.max_length')
-        _check(0 <= config.data.listops_min_length < config.data.listops_max_length,
-               'data.listops_min_length', config.data.listops_min_length,
-               'an integer >= 0 below data.listops_max_length')
     _check(config.data.source in ('real', 'synthetic'), 'data.source', config.data.source,
            'real or synthetic')
+    examples = config.data.synthetic_examples
+    _check(isinstance(examples, int) and examples > 0, 'data.synthetic_examples', examples,
+           'a positive integer')
+    data_lib.validate_task(config)
     if config.init_from:
         _check_init_from(config)
     method.validate(config)

@@ -6,6 +6,7 @@ fixtures, and AAN from tiny TSV fixtures written to ``tmp_path``.
 """
 
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -14,13 +15,15 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import types
 
 import numpy as np
 import pytest
 from conftest import tiny_config
 
-from lra_sparse import data
+from lra_sparse import config_lib, data
 from lra_sparse.data import common, image, listops, retrieval, text
+from lra_sparse.models import transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -730,16 +733,30 @@ def test_missing_retrieval_without_data_dir_says_so():
 
 @pytest.mark.parametrize('task,vocab,pairs', [('listops', 17, False), ('text', 257, False),
                                               ('retrieval', 257, True), ('image', 256, False)])
-def test_task_info_and_synthetic_splits(task, vocab, pairs):
+def test_task_info_of_the_lra_tasks(task, vocab, pairs):
+    config = tiny_config(task)
+    info = data.task_info(config)
+    assert (info.name, info.seq_len) == (task, config.max_length)
+    assert (info.vocab_size, info.pair_inputs) == (vocab, pairs)
+
+
+@pytest.mark.parametrize('task', list(data.REGISTRY))
+def test_synthetic_splits_of_every_task(task):
     config = tiny_config(task, 'synthetic')
     info = data.task_info(config)
-    assert (info.vocab_size, info.pair_inputs, info.seq_len) == (vocab, pairs, config.max_length)
     loaded = data.load_task(config)
+    assert loaded.info == info
     n = config.data.synthetic_examples
     for split, size in (('train', n), ('validation', n // 4), ('test', n // 4)):
+        arrays = loaded.splits[split]
+        assert set(arrays) == {*info.input_keys, 'targets'}
         for key in info.input_keys:
-            assert loaded.splits[split][key].shape == (size, info.seq_len)
-        assert loaded.splits[split]['targets'].shape == (size,)
+            assert arrays[key].shape == (size, info.seq_len)
+            assert arrays[key].max() < info.vocab_size
+            if data.REGISTRY[task].full_length_inputs:
+                assert (arrays[key] > 0).all()
+        assert arrays['targets'].shape == (size,)
+        assert 0 <= arrays['targets'].min() and arrays['targets'].max() < info.num_classes
     again = data.load_task(config)
     for key in info.input_keys:
         np.testing.assert_array_equal(loaded.splits['train'][key], again.splits['train'][key])
@@ -748,6 +765,139 @@ def test_task_info_and_synthetic_splits(task, vocab, pairs):
 def test_task_info_image_pixel0_option():
     config = tiny_config('image', **{'data.image_pixel0_is_padding': False})
     assert data.task_info(config).vocab_size == 257
+
+
+# ---------------------------------------------------------------------------------------------
+# Task registry
+# ---------------------------------------------------------------------------------------------
+
+
+def test_registry_order_names_and_lookup():
+    assert list(data.REGISTRY)[:4] == ['listops', 'text', 'retrieval', 'image']
+    assert config_lib.TASKS == tuple(data.REGISTRY)
+    for name, task in data.REGISTRY.items():
+        assert task.name == name and data.get_task(name) is task
+        assert task.num_classes >= 2 and task.max_length_limit > 0
+    with pytest.raises(data.ConfigError, match='registered tasks are listops, text'):
+        data.get_task('pathfinder')
+
+
+@pytest.mark.parametrize('task', list(data.REGISTRY))
+def test_task_fields_are_only_in_their_own_config(task):
+    """A task's declared fields are in its config with their defaults, and in no other config."""
+    config = config_lib.load(f'configs/{task}.py')
+    mine = {field.name for field in data.REGISTRY[task].fields}
+    for field in data.REGISTRY[task].fields:
+        assert field.doc and field.name.startswith('data.')
+        assert config.data[field.name.split('.')[1]] == field.default
+    for other in data.REGISTRY.values():
+        for field in other.fields:
+            if field.name not in mine:
+                assert field.name.split('.')[1] not in config.data, (task, field.name)
+
+
+def _fail_if_called(*args, **kwargs):
+    raise AssertionError('data was touched before validation')
+
+
+@pytest.mark.parametrize('task', list(data.REGISTRY))
+def test_max_length_beyond_the_task_bound_is_refused_before_any_data(task, monkeypatch):
+    limit = data.REGISTRY[task].max_length_limit
+    config = tiny_config(task, 'synthetic', max_length=limit + 1)
+    monkeypatch.setattr(data, 'synthetic_splits', _fail_if_called)
+    for check in (config_lib.validate, data.load_task):
+        with pytest.raises(data.ConfigError,
+                           match=rf'config\.max_length={limit + 1} .* at most {limit} for task '):
+            check(config)
+
+
+TOY_TASK = '''
+"""A toy task: a sequence's class is its token sum mod 3 (declared by a test)."""
+import numpy as np
+
+from lra_sparse.data import common
+from lra_sparse.errors import check
+
+
+def load(config, info):
+    rng = np.random.default_rng(config.data.toy_seed)
+    splits = {}
+    for name, n in (('train', 24), ('validation', 8), ('test', 8)):
+        inputs = rng.integers(1, info.vocab_size, (n, info.seq_len)).astype(np.uint16)
+        splits[name] = {'inputs': inputs, 'targets': (inputs.sum(1) % 3).astype(np.int32)}
+    return splits
+
+
+def validate(config):
+    check(config.data.toy_vocab >= 2, 'data.toy_vocab', config.data.toy_vocab, 'at least 2')
+
+
+TASK = common.Task(
+    name='toy', num_classes=3, vocab_size=lambda config: config.data.toy_vocab, load=load,
+    max_length_limit=64, max_length_note='a toy',
+    fields=(common.TaskField('data.toy_vocab', 11, 'token ids are 1..toy_vocab-1'),
+            common.TaskField('data.toy_seed', 5, 'seed of the toy data')),
+    validate=validate)
+'''
+
+TOY_CONFIG = '''
+"""Toy task config."""
+from lra_sparse import config_lib
+
+REFERENCE = {'max_length': 32, 'num_train_steps': 10, 'eval_every_steps': 5,
+             'model.emb_dim': 16, 'model.qkv_dim': 16, 'model.mlp_dim': 32,
+             'model.num_heads': 2, 'model.num_layers': 1}
+TINY = {'max_length': 16, 'batch_size': 4}
+
+
+def get_config(arg=None):
+    return config_lib.make_config('toy', REFERENCE, TINY, arg)
+'''
+
+
+def _import_file(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_task_declared_in_one_module_works_end_to_end(tmp_path, monkeypatch):
+    """One data module plus one config file: config, validation, metadata, data, batches, model."""
+    (tmp_path / 'toy_task.py').write_text(TOY_TASK)
+    (tmp_path / 'toy.py').write_text(TOY_CONFIG)
+    toy = _import_file(tmp_path / 'toy_task.py', 'toy_task').TASK
+    monkeypatch.setattr(data, 'REGISTRY', types.MappingProxyType({**data.REGISTRY, 'toy': toy}))
+
+    config = config_lib.load(f'{tmp_path / "toy.py"}:tiny,attention=dsa')
+    assert (config.task, config.max_length, config.data.toy_vocab) == ('toy', 16, 11)
+    assert 'listops_max_depth' not in config.data  # other tasks' fields stay out
+    config_lib.validate(config)
+    info = data.task_info(config)
+    assert info == common.TaskInfo('toy', 3, 16, 11, False)
+    task = data.load_task(config)
+    assert task.info == info
+    inputs = task.splits['train']['inputs']
+    assert inputs.shape == (24, 16) and inputs.max() < 11
+    np.testing.assert_array_equal(task.splits['train']['targets'], inputs.sum(1) % 3)
+    batch = next(data.train_batches(task.splits['train'], 4, seed=0))
+    logits, _ = transformer.build_model(config, info)(batch)
+    assert logits.shape == (4, 3)
+    config.data.source = 'synthetic'
+    synthetic = data.load_task(config).splits['train']['inputs']
+    assert synthetic.shape == (config.data.synthetic_examples, 16)
+
+    # The task's own fields: its vocabulary follows them, its validator guards them.
+    config.data.toy_vocab = 5
+    assert data.task_info(config).vocab_size == 5
+    config.data.toy_vocab = 1
+    for check in (config_lib.validate, data.load_task):
+        with pytest.raises(data.ConfigError, match=r'config\.data\.toy_vocab=1 .* at least 2'):
+            check(config)
+    config = config_lib.load(f'{tmp_path / "toy.py"}:tiny')
+    config.max_length = 65
+    with pytest.raises(data.ConfigError, match=r'at most 64 for task toy \(a toy\)'):
+        config_lib.validate(config)
 
 
 # ---------------------------------------------------------------------------------------------

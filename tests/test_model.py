@@ -1,22 +1,16 @@
 """The one encoder: shapes for every task, padding invariance, reference details."""
 
-import collections
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
 
+from lra_sparse import data
 from lra_sparse.models import transformer
 
-Info = collections.namedtuple('Info', 'name num_classes seq_len vocab_size pair_inputs')
-INFOS = {
-    'listops': Info('listops', 10, 48, 17, False),
-    'text': Info('text', 2, 48, 257, False),
-    'retrieval': Info('retrieval', 2, 48, 257, True),
-    'image': Info('image', 10, 48, 256, False),
-}
+# Every registered task's metadata at 48 tokens.
+INFOS = {task: data.task_info(tiny_config(task, max_length=48)) for task in data.REGISTRY}
 
 
 def random_tokens(rng, batch, length, vocab, min_len=4):

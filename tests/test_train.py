@@ -33,7 +33,7 @@ def test_schedule_matches_reference():
     np.testing.assert_allclose(float(lr(175 + 17500)), 2.5e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('task', ['listops', 'text', 'retrieval', 'image'])
+@pytest.mark.parametrize('task', list(data.REGISTRY))
 def test_every_task_trains_and_writes_outputs(task, tmp_path):
     config = tiny_config(task, 'synthetic' if task != 'listops' else '', **SMOKE)
     if task == 'listops':

@@ -1,9 +1,14 @@
-"""The four LRA tasks behind one interface: task metadata, loaded splits, numpy batch iterators.
+"""The task registry and one interface to every task: metadata, loaded splits, batch iterators.
 
     info = data.task_info(config)           # TaskInfo from the config alone (no data touched)
     task = data.load_task(config)           # TaskData: info + {'train','validation','test'} arrays
     for batch in data.eval_batches(task.splits['test'], 32): ...
     it = data.train_batches(task.splits['train'], 32, seed=0, start_step=1200)
+
+A task is one module ``data/<task>.py`` exporting ``TASK`` (a :class:`common.Task`: classes,
+vocabulary, paired inputs, its own config fields and their checks, its loader) plus its name in
+``_MODULES``; :data:`REGISTRY` holds them, and ``config_lib`` and the tests derive the task list
+from it.
 
 Batches are dicts of numpy arrays: 'inputs' int32 [batch, seq_len] (or 'inputs1'/'inputs2' for
 retrieval), 'targets' int32 [batch] and 'weights' float32 [batch] (0 for padding examples of the
@@ -15,65 +20,96 @@ resumed run sees exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import importlib
-import logging
+import types
 from collections.abc import Iterator
 
 import numpy as np
 
 from lra_sparse.data.common import (
+    ConfigError,
     DataFormatError,
     DataNotFoundError,
+    Task,
     TaskData,
+    TaskField,
     TaskInfo,
     synthetic_splits,
 )
+from lra_sparse.errors import check
 
-_log = logging.getLogger(__name__)
+# Order = the order tasks appear in tables and plots.
+_MODULES = ('listops', 'text', 'retrieval', 'image')
 
-NUM_CLASSES = {'listops': 10, 'text': 2, 'retrieval': 2, 'image': 10}
+
+def _declarations(modules: tuple[str, ...]) -> types.MappingProxyType[str, Task]:
+    """{name: TASK} of the task modules; each module's TASK must carry the module's name."""
+    tasks = {}
+    for module in modules:
+        task = importlib.import_module(f'lra_sparse.data.{module}').TASK
+        if task.name != module:
+            raise ValueError(f'lra_sparse.data.{module}.TASK is named {task.name!r}, not '
+                             f'{module!r}')
+        tasks[module] = task
+    return types.MappingProxyType(tasks)
+
+
+REGISTRY: types.MappingProxyType[str, Task] = _declarations(_MODULES)
+
+
+def get_task(name: str) -> Task:
+    """Registry lookup with an error that lists the registered names."""
+    if name not in REGISTRY:
+        raise ConfigError(f'config.task={name!r} is not allowed: registered tasks are '
+                          f'{", ".join(REGISTRY)}.')
+    return REGISTRY[name]
 
 
 def task_info(config) -> TaskInfo:
     """Task metadata from the config alone (vocab size, classes, sequence length, pairs).
 
     Args:
-      config: a full config (``task``, ``max_length``, ``data.image_pixel0_is_padding``).
+      config: a full config (``task``, ``max_length`` and the task's own fields).
 
     Returns:
       The TaskInfo. ListOps has 17 ids (fixed sorted vocabulary), text and retrieval 257 (bytes + 1,
       0 = padding), image 256 grey levels used directly as ids (the reference; pixel 0 is then also
       padding) or 257 (grey level + 1) when ``data.image_pixel0_is_padding`` is False.
     """
-    task = config.task
-    if task not in NUM_CLASSES:
-        from lra_sparse.errors import config_error  # noqa: PLC0415
+    return get_task(config.task).info(config)
 
-        raise config_error('task', task, f'one of {", ".join(NUM_CLASSES)}')
-    if task == 'listops':
-        from lra_sparse.data.listops import VOCAB_SIZE  # noqa: PLC0415
 
-        vocab = VOCAB_SIZE
-    elif task == 'image':
-        vocab = 256 if config.data.image_pixel0_is_padding else 257
-    else:
-        vocab = 257
-    return TaskInfo(name=task, num_classes=NUM_CLASSES[task], seq_len=int(config.max_length),
-                    vocab_size=vocab, pair_inputs=task == 'retrieval')
+def validate_task(config) -> None:
+    """Checks ``config.max_length`` against the task's bound, then the task's own fields.
+
+    Raises:
+      ConfigError: naming the field, the value and what is allowed.
+    """
+    task = get_task(config.task)
+    length = config.max_length
+    check(isinstance(length, int) and 0 < length <= task.max_length_limit, 'max_length', length,
+          f'a positive integer at most {task.max_length_limit} for task {task.name} '
+          f'({task.max_length_note})')
+    task.validate(config)
 
 
 def load_task(config) -> TaskData:
     """Loads (or generates, or synthesises) the three splits of ``config.task``.
 
+    The task's fields are validated first (:func:`validate_task`), before any data is read.
+
     Raises:
+      ConfigError: a task field is not allowed.
       DataNotFoundError: the real data is missing; the message says what to download and where.
+      DataFormatError: the data is damaged; the message names the file and line (or member).
     """
-    info = task_info(config)
+    validate_task(config)
+    task = get_task(config.task)
+    info = task.info(config)
     if config.data.source == 'synthetic':
         splits = synthetic_splits(info, config.data.synthetic_examples, config.seed,
-                                  min_token=1, full_length=info.name == 'image')
+                                  min_token=1, full_length=task.full_length_inputs)
     else:
-        module = importlib.import_module(f'lra_sparse.data.{info.name}')
-        splits = module.load(config, info)
+        splits = task.load(config, info)
     for name, split in splits.items():
         _check_split(info, name, split)
     return TaskData(info=info, splits=splits)
@@ -185,5 +221,6 @@ def eval_batches(split: dict, batch_size: int, *, process_index: int = 0,
         yield batch
 
 
-__all__ = ['DataFormatError', 'DataNotFoundError', 'TaskData', 'TaskInfo', 'eval_batches',
-           'load_task', 'step_indices', 'task_info', 'train_batches']
+__all__ = ['REGISTRY', 'ConfigError', 'DataFormatError', 'DataNotFoundError', 'Task', 'TaskData',
+           'TaskField', 'TaskInfo', 'eval_batches', 'get_task', 'load_task', 'step_indices',
+           'task_info', 'train_batches', 'validate_task']

@@ -1,19 +1,28 @@
-"""Shared pieces of the data package: task metadata, errors, cache paths, byte ids, synthetic data.
+"""Shared pieces of the data package: task declarations, metadata, errors, cache paths, byte ids.
 
-Token id 0 is padding for every task. Split arrays are kept in memory in the smallest integer dtype
-that holds the ids (uint8 / uint16); the batch iterators hand out int32.
+Each task module ``data/<task>.py`` exports ``TASK``, a :class:`Task` (name, classes, vocabulary,
+paired inputs, its own config fields and their validation, its loader); ``data/__init__.py`` keeps
+them in its registry. Token id 0 is padding for every task. Split arrays are kept in memory in the
+smallest integer dtype that holds the ids (uint8 / uint16); the batch iterators hand out int32.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import tarfile
 import tempfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-from lra_sparse.errors import DataFormatError, DataNotFoundError  # noqa: F401  (re-exported)
+from lra_sparse.errors import (  # noqa: F401  (ConfigError, DataNotFoundError re-exported)
+    ConfigError,
+    DataFormatError,
+    DataNotFoundError,
+)
 
 # The LRA release archive (ListOps TSVs, AAN TSVs, Pathfinder); IMDB and CIFAR-10 are not in it.
 LRA_RELEASE_URL = 'https://storage.googleapis.com/long-range-arena/lra_release.gz'
@@ -24,7 +33,7 @@ class TaskInfo:
     """What a model needs to know about a task; computed from the config alone.
 
     Attributes:
-      name: 'listops' | 'text' | 'retrieval' | 'image'.
+      name: the task's registry name ('listops', 'text', 'retrieval', 'image', ...).
       num_classes: number of target classes.
       seq_len: tokens per sequence (per document for retrieval), before any CLS token.
       vocab_size: embedding rows; id 0 is padding everywhere.
@@ -41,6 +50,73 @@ class TaskInfo:
     def input_keys(self) -> tuple[str, ...]:
         """The input array names of a split or batch: ('inputs',) or ('inputs1', 'inputs2')."""
         return ('inputs1', 'inputs2') if self.pair_inputs else ('inputs',)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskField:
+    """A config field that only one task has (added to that task's config by ``make_config``).
+
+    Attributes:
+      name: dotted path below ``config`` whose parent exists, e.g. ``'data.listops_max_depth'``.
+      default: its default value (its type is the field's type).
+      doc: one line: what it does.
+    """
+
+    name: str
+    default: Any
+    doc: str
+
+
+def _no_own_checks(config) -> None:  # noqa: ARG001  (the signature of Task.validate)
+    """The validator of a task without fields of its own."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Everything the framework knows about one task; ``data/<task>.py`` exports it as ``TASK``.
+
+    Attributes:
+      name: the registry key and ``config.task`` value (the module's name).
+      num_classes: number of target classes.
+      vocab_size: embedding rows (id 0 is padding), or a function of the config returning them.
+      load: ``load(config, info) -> {'train' | 'validation' | 'test': {'inputs' [N, seq_len] (or
+        'inputs1'/'inputs2'), 'targets' int32 [N]}}``, the real data; raises DataNotFoundError
+        (what to download, where) or DataFormatError (which file, which line).
+      max_length_limit: the largest ``config.max_length`` allowed.
+      max_length_note: why that bound (ends the error message).
+      pair_inputs: batches carry two documents ('inputs1', 'inputs2').
+      full_length_inputs: every real sequence fills ``max_length`` (images), so synthetic ones do.
+      fields: the task's own config fields.
+      validate: ``validate(config)`` checks the task's own fields (raises ConfigError); called by
+        ``config_lib.validate`` and by ``data.load_task`` before any data is read.
+    """
+
+    name: str
+    num_classes: int
+    vocab_size: int | Callable[[Any], int]
+    load: Callable[[Any, TaskInfo], dict[str, dict[str, np.ndarray]]]
+    max_length_limit: int
+    max_length_note: str
+    pair_inputs: bool = False
+    full_length_inputs: bool = False
+    fields: tuple[TaskField, ...] = ()
+    validate: Callable[[Any], None] = _no_own_checks
+
+    def info(self, config) -> TaskInfo:
+        """The TaskInfo of ``config`` (its ``max_length`` and the task's own fields)."""
+        vocab = self.vocab_size(config) if callable(self.vocab_size) else self.vocab_size
+        return TaskInfo(name=self.name, num_classes=self.num_classes,
+                        seq_len=int(config.max_length), vocab_size=vocab,
+                        pair_inputs=self.pair_inputs)
+
+    def add_fields(self, config) -> None:
+        """Adds the task's own fields with their defaults to ``config`` (an unlocked ConfigDict)."""
+        for field in self.fields:
+            node = config
+            *parents, leaf = field.name.split('.')
+            for parent in parents:
+                node = node[parent]
+            node[leaf] = field.default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +169,49 @@ def atomic_write_dir(final_dir: str, write: Callable[[str], None]) -> None:
             for name in os.listdir(tmp_dir):
                 os.remove(os.path.join(tmp_dir, name))
             os.rmdir(tmp_dir)
+
+
+# Errors of reading a damaged or foreign .tar.gz (gzip raises OSError/EOFError, tarfile TarError).
+_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+
+
+def read_archive(path: str, wanted: Callable[[str], bool], max_member_bytes: int,
+                 fix: str) -> Iterator[tuple[str, bytes]]:
+    """The regular files of a gzip tar archive that ``wanted`` accepts, each read with a size cap.
+
+    Args:
+      path: the ``.tar.gz`` file.
+      wanted: ``wanted(member_name)``: read this member?
+      max_member_bytes: a wanted member larger than this is refused before it is read, so a
+        garbage archive cannot exhaust memory.
+      fix: how to get an intact copy, e.g. ``'re-download https://...'``; ends every message.
+
+    Yields:
+      (member name, its bytes), in archive order.
+
+    Raises:
+      DataFormatError: the archive is not a gzip tar or is truncated (naming the archive and the
+        member being read), or a wanted member is larger than ``max_member_bytes``.
+    """
+    current = None
+    try:
+        with tarfile.open(path, 'r:gz') as tar:
+            for member in tar:
+                current = member.name
+                if not (member.isfile() and wanted(member.name)):
+                    continue
+                if member.size > max_member_bytes:
+                    raise DataFormatError(
+                        f'{path}, member {member.name}: {member.size} bytes is more than the '
+                        f'{max_member_bytes} any file of the real archive has; {fix}')
+                yield member.name, tar.extractfile(member).read()
+    except _ARCHIVE_ERRORS as e:
+        where = f', member {current}' if current else ''
+        raise DataFormatError(f'{path}{where}: not a readable gzip tar archive '
+                              f'({type(e).__name__}: {e}); {fix}') from None
+
+
+BYTE_VOCAB_SIZE = 257  # byte-level tasks: UTF-8 byte + 1, 0 = padding
 
 
 def byte_ids(data: bytes | str, max_length: int) -> np.ndarray:

@@ -12,7 +12,8 @@ Where the data comes from (first match wins):
 
 1. ``config.data_dir`` holds ``cifar-10-batches-bin/`` or ``cifar-10-binary.tar.gz``: read directly
    (records of 1 label byte + 3072 pixel bytes, R, G, B planes of 32x32). The validation split is
-   then the last 5000 images of ``data_batch_5`` in file order.
+   then the last 5000 images of ``data_batch_5`` in file order. A damaged archive or an oversized
+   member is a DataFormatError naming the archive and member.
 2. TFDS ``cifar10`` prepared as ArrayRecord under ``config.data_dir`` (or
    ``~/tensorflow_datasets``), read with ``tfds.data_source``; ``train[:90%]`` / ``train[90%:]``
    follow TFDS's stored order, so the 45k/5k partition differs from the tarball's (the
@@ -22,11 +23,11 @@ Where the data comes from (first match wins):
 from __future__ import annotations
 
 import os
-import tarfile
 
 import numpy as np
 
 from lra_sparse.data import common
+from lra_sparse.errors import DataFormatError, check
 
 ARCHIVE = 'cifar-10-binary.tar.gz'
 ARCHIVE_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
@@ -34,6 +35,9 @@ BATCH_DIR = 'cifar-10-batches-bin'
 TRAIN_FILES = tuple(f'data_batch_{i}.bin' for i in range(1, 6))
 TEST_FILE = 'test_batch.bin'
 RECORD_BYTES = 1 + 32 * 32 * 3
+# Every batch file of the real archive holds 10000 records; a member over twice that is refused.
+MAX_MEMBER_BYTES = 2 * 10000 * RECORD_BYTES
+SEQ_LEN = 32 * 32
 TFDS_NAME = 'cifar10'
 TFDS_SPLITS = {'train': 'train[:90%]', 'validation': 'train[90%:]', 'test': 'test'}
 GRAY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], np.float32)
@@ -59,15 +63,28 @@ def rgb_to_grayscale(rgb: np.ndarray) -> np.ndarray:
     return np.clip(gray * np.float32(255.5), 0, 255).astype(np.uint8)
 
 
-def parse_binary(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
-    """CIFAR-10 binary records -> (uint8 RGB images [N, 32, 32, 3], int32 labels [N])."""
+def parse_binary(data: bytes, source: str, fix: str = '') -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 binary records -> (uint8 RGB images [N, 32, 32, 3], int32 labels [N]), N >= 1.
+
+    Args:
+      data: the bytes of one batch file.
+      source: the file (or archive member) named in error messages.
+      fix: how to get an intact file (ends every error message).
+
+    Raises:
+      DataFormatError: the file is empty, not whole records, or holds a label outside 0-9.
+    """
+    suffix = f'; {fix}' if fix else ''
+    if not data:
+        raise DataFormatError(f'{source} is empty{suffix}')
     if len(data) % RECORD_BYTES:
-        raise common.DataFormatError(f'{source}: {len(data)} bytes is not a multiple of the '
-                                     f'{RECORD_BYTES}-byte CIFAR-10 record')
+        raise DataFormatError(f'{source}: {len(data)} bytes is not a multiple of the '
+                              f'{RECORD_BYTES}-byte CIFAR-10 record{suffix}')
     records = np.frombuffer(data, np.uint8).reshape(-1, RECORD_BYTES)
     labels = records[:, 0].astype(np.int32)
     if labels.max() > 9:
-        raise common.DataFormatError(f'{source}: label {labels.max()} is not in 0-9')
+        bad = int(np.argmax(labels > 9))
+        raise DataFormatError(f'{source}: record {bad} has label {labels[bad]}, not in 0-9{suffix}')
     images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return images, labels
 
@@ -79,29 +96,37 @@ def missing_message(config) -> str:
 
 
 def _read_binary(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    files: dict[str, bytes] = {}
+    """The three splits from ``cifar-10-batches-bin/`` or ``cifar-10-binary.tar.gz``.
+
+    Raises:
+      DataFormatError: a batch file is missing, empty or malformed, a member is larger than
+        :data:`MAX_MEMBER_BYTES`, or the archive is truncated or not a gzip tar; the message
+        names the file (or archive and member) and says to re-download the archive.
+    """
+    fix = f're-download {ARCHIVE_URL}'
+    names = (*TRAIN_FILES, TEST_FILE)
+    files: dict[str, tuple[str, bytes]] = {}
     if os.path.isdir(path):
-        for name in (*TRAIN_FILES, TEST_FILE):
+        for name in names:
             full = os.path.join(path, name)
             if not os.path.isfile(full):
-                raise common.DataFormatError(f'{path} lacks {name}')
+                raise DataFormatError(f'{path} lacks {name}; {fix}')
             with open(full, 'rb') as f:
-                files[name] = f.read()
+                files[name] = (full, f.read())
     else:
-        with tarfile.open(path, 'r:gz') as tar:
-            for member in tar:
-                base = os.path.basename(member.name)
-                if member.isfile() and base in (*TRAIN_FILES, TEST_FILE):
-                    files[base] = tar.extractfile(member).read()
-        missing = [n for n in (*TRAIN_FILES, TEST_FILE) if n not in files]
+        members = common.read_archive(path, lambda m: os.path.basename(m) in names,
+                                      MAX_MEMBER_BYTES, fix)
+        for member, body in members:
+            files[os.path.basename(member)] = (f'{path}, member {member}', body)
+        missing = [n for n in names if n not in files]
         if missing:
-            raise common.DataFormatError(f'{path} lacks {", ".join(missing)}')
-    train = [parse_binary(files[n], n) for n in TRAIN_FILES]
-    images = np.concatenate([t[0] for t in train])
-    labels = np.concatenate([t[1] for t in train])
+            raise DataFormatError(f'{path} lacks {", ".join(missing)}; {fix}')
+    parsed = {name: parse_binary(body, source, fix) for name, (source, body) in files.items()}
+    images = np.concatenate([parsed[n][0] for n in TRAIN_FILES])
+    labels = np.concatenate([parsed[n][1] for n in TRAIN_FILES])
     cut = len(labels) * 9 // 10
     return {'train': (images[:cut], labels[:cut]), 'validation': (images[cut:], labels[cut:]),
-            'test': parse_binary(files[TEST_FILE], TEST_FILE)}
+            'test': parsed[TEST_FILE]}
 
 
 def _read_tfds(config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -119,10 +144,7 @@ def load(config, info: common.TaskInfo) -> dict[str, dict[str, np.ndarray]]:
     Raises:
       ConfigError: max_length is not 1024.
     """
-    if info.seq_len != 32 * 32:
-        from lra_sparse.errors import config_error  # noqa: PLC0415
-
-        raise config_error('max_length', info.seq_len, '1024 for the image task (32x32 pixels)')
+    validate(config)
     root = common.data_dir(config)
     raw = None
     for candidate in ((os.path.join(root, BATCH_DIR), os.path.join(root, ARCHIVE)) if root else ()):
@@ -134,3 +156,36 @@ def load(config, info: common.TaskInfo) -> dict[str, dict[str, np.ndarray]]:
     return {name: {'inputs': rgb_to_grayscale(images).reshape(len(images), -1).astype(np.uint16)
                    + shift, 'targets': labels}
             for name, (images, labels) in splits.items()}
+
+
+def vocab_size(config) -> int:
+    """256 grey levels as ids (pixel 0 is also padding, the reference), else 257 (level + 1)."""
+    return 256 if config.data.image_pixel0_is_padding else 257
+
+
+def validate(config) -> None:
+    """Real images have exactly 1024 pixels (synthetic ones may be shorter, for smoke tests).
+
+    Raises:
+      ConfigError: ``data.image_pixel0_is_padding`` is not a bool, or ``max_length`` is not 1024
+        with real data.
+    """
+    check(isinstance(config.data.image_pixel0_is_padding, bool), 'data.image_pixel0_is_padding',
+          config.data.image_pixel0_is_padding, 'True or False')
+    if config.data.source == 'real':
+        check(config.max_length == SEQ_LEN, 'max_length', config.max_length,
+              f'{SEQ_LEN} for the image task (32x32 pixels)')
+
+
+TASK = common.Task(
+    name='image',
+    num_classes=10,
+    vocab_size=vocab_size,
+    load=load,
+    max_length_limit=SEQ_LEN,
+    max_length_note='an image has 32x32 pixels',
+    full_length_inputs=True,
+    fields=(common.TaskField('data.image_pixel0_is_padding', True,
+                             'reference quirk: pixel value 0 is masked as padding'),),
+    validate=validate,
+)

@@ -22,6 +22,10 @@ Tokenisation (as the reference input pipeline): ``]`` becomes ``X``, parentheses
 rest is split on whitespace. The vocabulary is fixed and sorted (never built from a set, see
 LRA.md §2.1): pad = 0, then ``VOCAB`` = ``0 1 ... 9 X [MAX [MED [MIN [SM`` (ids 1-15, ASCII order),
 then OOV = 16, so ``VOCAB_SIZE = 17``.
+
+Data (:func:`load`): the LRA release ``basic_{train,val,test}.tsv`` when ``config.data_dir`` (or
+its ``listops-1000/``) holds them, else trees generated with the ``data.listops_*`` fields and
+cached. :data:`TASK` declares the task and those fields.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import time
 import numpy as np
 
 from lra_sparse.data import common
+from lra_sparse.errors import DataFormatError, DataNotFoundError, check, config_error
 
 MIN = '[MIN'
 MAX = '[MAX'
@@ -322,26 +327,35 @@ def write_tsv(path: str, examples: list[tuple[str, int]]) -> None:
             f.write(f'{source}\t{target}\n')
 
 
-def read_tsv(path: str) -> tuple[list[str], np.ndarray]:
+def read_tsv(path: str, fix: str = '') -> tuple[list[str], np.ndarray]:
     r"""Reads a ``Source\tTarget`` TSV (header required; ``\r\n`` line ends accepted).
 
     Args:
       path: the file.
+      fix: how to get an intact file (ends every error message), e.g. what to re-download.
 
     Returns:
-      (N source strings, targets int32 [N]).
+      (N source strings, targets int32 [N]), N >= 1.
 
     Raises:
-      DataFormatError: naming the file and line of a malformed line.
+      DataFormatError: naming the file and line of a malformed line (a wrong header or field
+        count, a bad target, bytes that are not UTF-8), or the file holds no example.
     """
+    suffix = f'; {fix}' if fix else ''
     sources, targets = [], []
-    with open(path, encoding='utf-8', newline='') as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip('\r\n')
+    lineno = 0
+    with open(path, 'rb') as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode('utf-8').rstrip('\r\n')
+            except UnicodeDecodeError as e:
+                raise DataFormatError(
+                    f'{path}, line {lineno}: byte {raw[e.start]:#04x} at column {e.start + 1} is '
+                    f'not UTF-8 text{suffix}') from None
             if lineno == 1:
                 if line != HEADER:
-                    raise common.DataFormatError(
-                        f'{path}, line 1: expected the header {HEADER!r}, found {line[:80]!r}')
+                    raise DataFormatError(f'{path}, line 1: expected the header {HEADER!r}, found '
+                                          f'{line[:80]!r}{suffix}')
                 continue
             if not line:
                 continue
@@ -353,9 +367,13 @@ def read_tsv(path: str) -> tuple[list[str], np.ndarray]:
                 if not 0 <= target < NUM_CLASSES:
                     raise ValueError(f'target {target} is not in 0-9')
             except ValueError as e:
-                raise common.DataFormatError(f'{path}, line {lineno}: {e}: {line[:80]!r}') from None
+                raise DataFormatError(
+                    f'{path}, line {lineno}: {e}: {line[:80]!r}{suffix}') from None
             sources.append(fields[0])
             targets.append(target)
+    if not sources:
+        found = 'is empty' if lineno == 0 else 'holds only the header, no example'
+        raise DataFormatError(f'{path} {found}{suffix}')
     return sources, np.asarray(targets, np.int32)
 
 
@@ -379,10 +397,24 @@ def generation_seed(config) -> int:
 
 
 def release_folder(config) -> str | None:
-    """``config.data_dir`` (or its ``listops-1000/`` subfolder) if it holds ``basic_*.tsv``."""
+    """``config.data_dir`` (or its ``listops-1000/`` subfolder) if it holds ``basic_*.tsv``.
+
+    Returns None when no ``data_dir`` is set, or when it exists but holds none of the two layouts:
+    ListOps is then generated locally (into the cache), exactly as without a ``data_dir``, since
+    one ``data_dir`` may serve several tasks.
+
+    Raises:
+      DataNotFoundError: ``config.data_dir`` is set but does not exist (a mistyped path would
+        otherwise silently train on generated data).
+    """
     root = common.data_dir(config)
     if not root:
         return None
+    if not os.path.isdir(root):
+        raise DataNotFoundError(
+            f'config.data_dir={config.data_dir!r} does not exist: point it at the folder that '
+            f'holds the LRA release listops-1000/ (or its {", ".join(RELEASE_FILES.values())}), '
+            'or leave it unset to generate ListOps locally.')
     for folder in (root, os.path.join(root, 'listops-1000')):
         if all(os.path.isfile(os.path.join(folder, f)) for f in RELEASE_FILES.values()):
             return folder
@@ -415,23 +447,29 @@ def load(config, info: common.TaskInfo) -> dict[str, dict[str, np.ndarray]]:
 
     Returns:
       {'train' | 'validation' | 'test': {'inputs': uint8 [N, seq_len], 'targets': int32 [N]}}.
+
+    Raises:
+      ConfigError: generated expressions would be longer than ``max_length``.
+      DataNotFoundError: ``config.data_dir`` is set but does not exist.
+      DataFormatError: a TSV is malformed (file and line named, with what to re-download or
+        delete).
     """
     folder = release_folder(config)
-    generated = folder is None
-    if generated:
+    if folder is None:
         longest = config.data.listops_max_length - 1
         if longest > info.seq_len:
-            from lra_sparse.errors import config_error  # noqa: PLC0415
-
             raise config_error('data.listops_max_length', config.data.listops_max_length,
                                f'at most config.max_length+1={info.seq_len + 1}: generated '
                                f'expressions have up to {longest} tokens and would be truncated; '
                                'raise config.max_length or lower data.listops_max_length')
         folder = ensure_generated(config)
+        fix = f'delete {folder} to generate it again'
+    else:
+        fix = f're-download {common.LRA_RELEASE_URL} and extract its listops-1000/ files again'
     splits = {}
     for split, filename in RELEASE_FILES.items():
         path = os.path.join(folder, filename)
-        sources, targets = read_tsv(path)
+        sources, targets = read_tsv(path, fix)
         inputs, lengths = encode_many(sources, info.seq_len)
         truncated = int((lengths > info.seq_len).sum())
         if truncated:
@@ -440,3 +478,79 @@ def load(config, info: common.TaskInfo) -> dict[str, dict[str, np.ndarray]]:
                          info.seq_len, int(lengths.max()))
         splits[split] = {'inputs': inputs, 'targets': targets}
     return splits
+
+
+# ---------------------------------------------------------------------------------------------
+# Task declaration
+# ---------------------------------------------------------------------------------------------
+
+
+def longest_tree(max_depth: int, max_args: int, cap: int) -> int:
+    """Token count of the longest tree the generator can draw, or ``cap`` if that is more.
+
+    Every node above ``max_depth`` an operator with ``max_args`` children: ``L(max_depth) = 1``,
+    ``L(d) = 2 + max_args * L(d + 1)``, the root at depth 1.
+    """
+    length = 1
+    for _ in range(max_depth - 1):
+        length = 2 + max_args * length
+        if length >= cap:
+            return cap
+    return length
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate(config) -> None:
+    """ListOps' own fields, when data is generated or read (``data.source='real'``).
+
+    Raises:
+      ConfigError: a count is not positive, depth < 1, arguments < 2, or the lengths admit no
+        tree (``min_length < length < max_length`` within the depth and argument limits) or
+        exceed the positional table.
+    """
+    if config.data.source != 'real':
+        return
+    d = config.data
+    for name in ('listops_num_train', 'listops_num_val', 'listops_num_test'):
+        check(_is_int(d[name]) and d[name] > 0, f'data.{name}', d[name], 'a positive integer')
+    check(_is_int(d.listops_max_depth) and d.listops_max_depth >= 1, 'data.listops_max_depth',
+          d.listops_max_depth, 'an integer >= 1 (the root is depth 1)')
+    check(_is_int(d.listops_max_args) and d.listops_max_args >= 2, 'data.listops_max_args',
+          d.listops_max_args, 'an integer >= 2 (an operator takes 2 to max_args arguments)')
+    check(_is_int(d.listops_max_length) and d.listops_max_length <= config.max_length + 1,
+          'data.listops_max_length', d.listops_max_length,
+          f'at most config.max_length+1={config.max_length + 1} (the positional table); '
+          'longer expressions would be truncated: raise config.max_length')
+    check(_is_int(d.listops_min_length) and 0 <= d.listops_min_length <= d.listops_max_length - 2,
+          'data.listops_min_length', d.listops_min_length,
+          f'an integer in 0..{d.listops_max_length - 2} (kept trees have min_length < length < '
+          f'data.listops_max_length={d.listops_max_length})')
+    longest = longest_tree(d.listops_max_depth, d.listops_max_args, d.listops_max_length)
+    check(d.listops_min_length < longest, 'data.listops_min_length', d.listops_min_length,
+          f'below {longest}, the longest tree of data.listops_max_depth={d.listops_max_depth} and '
+          f'data.listops_max_args={d.listops_max_args} (no tree could be kept)')
+
+
+TASK = common.Task(
+    name='listops',
+    num_classes=NUM_CLASSES,
+    vocab_size=VOCAB_SIZE,
+    load=load,
+    max_length_limit=16384,
+    max_length_note='8x the LRA length 2000',
+    fields=(
+        common.TaskField('data.listops_num_train', 96000, 'generated ListOps train examples'),
+        common.TaskField('data.listops_num_val', 2000, 'generated ListOps validation examples'),
+        common.TaskField('data.listops_num_test', 2000, 'generated ListOps test examples'),
+        common.TaskField('data.listops_min_length', 500,
+                         'generated expressions are kept if min < length < max'),
+        common.TaskField('data.listops_max_length', 2000, 'see listops_min_length'),
+        common.TaskField('data.listops_max_depth', 10,
+                         'maximum nesting depth of generated expressions'),
+        common.TaskField('data.listops_max_args', 10, 'maximum arguments per operator'),
+    ),
+    validate=validate,
+)

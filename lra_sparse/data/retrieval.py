@@ -3,7 +3,8 @@
 Files ``new_aan_pairs.{train,eval,test}.tsv``: tab-separated, no header, no quoting, columns
 label (read as float, then int: 0/1), id1, id2, text1, text2. As the reference: each document is cut
 to its first 10,000 bytes, then to ``max_length`` (4000) byte ids (byte + 1, 0 = padding); the
-batch keys are 'inputs1', 'inputs2', 'targets'. Looked up in ``config.data_dir`` and its
+batch keys are 'inputs1', 'inputs2', 'targets'. The texts are bytes (any byte, UTF-8 or not, is
+an id). Looked up in ``config.data_dir`` and its
 ``tsv_data/``, ``lra_release/tsv_data/`` and ``lra_release/lra_release/tsv_data/`` subfolders.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 import tqdm
 
 from lra_sparse.data import common
+from lra_sparse.errors import DataFormatError
 
 FILES = {'train': 'new_aan_pairs.train.tsv', 'validation': 'new_aan_pairs.eval.tsv',
          'test': 'new_aan_pairs.test.tsv'}
@@ -57,8 +59,11 @@ def read_tsv(path: str, max_length: int) -> dict[str, np.ndarray]:
       {'inputs1', 'inputs2': uint16 [N, max_length], 'targets': int32 [N]}.
 
     Raises:
-      DataFormatError: naming the file and line of a malformed line.
+      DataFormatError: naming the file and line of a malformed line (field count, a label that is
+        not 0 or 1, non-numeric or non-UTF-8 label bytes), or the file holds no pair; the message
+        says what to re-download.
     """
+    fix = f're-download {common.LRA_RELEASE_URL} and extract its tsv_data/ files again'
     docs1, docs2, labels = [], [], []
     truncated = 0
     with open(path, 'rb') as f:
@@ -75,15 +80,15 @@ def read_tsv(path: str, max_length: int) -> dict[str, np.ndarray]:
                 label = int(float(fields[0]))
                 if label not in (0, 1):
                     raise ValueError(f'label {fields[0].decode(errors="replace")} is not 0 or 1')
-            except ValueError as e:
-                raise common.DataFormatError(f'{path}, line {lineno}: {e}') from None
+            except (ValueError, OverflowError) as e:  # int(float('inf')) overflows
+                raise DataFormatError(f'{path}, line {lineno}: {e}; {fix}') from None
             text1, text2 = fields[3][:RAW_BYTES], fields[4][:RAW_BYTES]
             truncated += (len(text1) > max_length) + (len(text2) > max_length)
             docs1.append(common.byte_ids(text1, max_length))
             docs2.append(common.byte_ids(text2, max_length))
             labels.append(label)
     if not labels:
-        raise common.DataFormatError(f'{path} holds no examples')
+        raise DataFormatError(f'{path} holds no examples; {fix}')
     _log.info('%s: %d pairs, %d documents longer than max_length=%d (first bytes kept, as the '
               'reference)', path, len(labels), truncated, max_length)
     return {'inputs1': common.pack_rows(docs1, max_length),
@@ -95,3 +100,14 @@ def load(config, info: common.TaskInfo) -> dict[str, dict[str, np.ndarray]]:
     """The three splits: {'train' | 'validation' | 'test': {'inputs1', 'inputs2', 'targets'}}."""
     folder = find_folder(config)
     return {split: read_tsv(os.path.join(folder, f), info.seq_len) for split, f in FILES.items()}
+
+
+TASK = common.Task(
+    name='retrieval',
+    num_classes=2,
+    vocab_size=common.BYTE_VOCAB_SIZE,
+    load=load,
+    max_length_limit=RAW_BYTES,
+    max_length_note=f'documents are cut to their first {RAW_BYTES} bytes before tokenising',
+    pair_inputs=True,
+)

@@ -8,7 +8,8 @@ the CLS token). Label 1 = positive.
 Where the data comes from (first match wins):
 
 1. ``config.data_dir`` holds ``aclImdb/`` (extracted) or ``aclImdb_v1.tar.gz``: read directly, no
-   TensorFlow needed (files in sorted path order).
+   TensorFlow needed (files in sorted path order). A damaged archive or an oversized review
+   member is a DataFormatError naming the archive and member.
 2. TFDS ``imdb_reviews`` prepared as ArrayRecord under ``config.data_dir`` (or the TFDS default
    ``~/tensorflow_datasets``), read with ``tfds.data_source``.
 """
@@ -17,17 +18,19 @@ from __future__ import annotations
 
 import logging
 import os
-import tarfile
 
 import numpy as np
 import tqdm
 
 from lra_sparse.data import common
+from lra_sparse.errors import DataFormatError
 
 ARCHIVE = 'aclImdb_v1.tar.gz'
 ARCHIVE_URL = 'https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz'
 TFDS_NAME = 'imdb_reviews'
 SPLITS = {'train': 'train', 'validation': 'test', 'test': 'test'}
+# A review member larger than this is refused (real reviews are a few kB, tens of kB at most).
+MAX_REVIEW_BYTES = 1 << 20
 
 _log = logging.getLogger(__name__)
 
@@ -64,37 +67,54 @@ def _raw_source(root: str) -> str | None:
     return None
 
 
+def _review_key(name: str) -> tuple[str, str] | None:
+    """``'.../aclImdb/train/pos/1_9.txt'`` -> ``('train', 'pos/1_9.txt')``; None for other files."""
+    parts = name.replace('\\', '/').split('/')
+    if len(parts) >= 4 and parts[-4] == 'aclImdb' and parts[-3] in ('train', 'test') \
+            and parts[-2] in ('neg', 'pos') and parts[-1].endswith('.txt'):
+        return parts[-3], '/'.join(parts[-2:])
+    return None
+
+
+def _folder_reviews(path: str):
+    """(name, bytes) of the review files of an extracted ``aclImdb/`` folder."""
+    for split in ('train', 'test'):
+        for label in ('neg', 'pos'):
+            folder = os.path.join(path, split, label)
+            names = sorted(os.listdir(folder)) if os.path.isdir(folder) else ()
+            for fname in (n for n in names if n.endswith('.txt')):
+                with open(os.path.join(folder, fname), 'rb') as f:
+                    yield os.path.join('aclImdb', split, label, fname), f.read()
+
+
 def read_raw(path: str) -> dict[str, tuple[list[bytes], np.ndarray]]:
     """Reads ``aclImdb/{train,test}/{neg,pos}/*.txt`` from the folder or the tar.gz.
 
     Returns:
       {'train' | 'test': (documents, labels int32 [N])}, sorted by path.
+
+    Raises:
+      DataFormatError: the archive is truncated or not a gzip tar, a review member is larger than
+        :data:`MAX_REVIEW_BYTES`, or a split has no review; the message names the archive (and
+        member) and says to re-download it.
     """
-    found: dict[str, list[tuple[str, bytes]]] = {'train': [], 'test': []}
-
-    def add(name: str, read) -> None:
-        parts = name.replace('\\', '/').split('/')
-        if len(parts) >= 4 and parts[-4] == 'aclImdb' and parts[-3] in found \
-                and parts[-2] in ('neg', 'pos') and parts[-1].endswith('.txt'):
-            found[parts[-3]].append(('/'.join(parts[-2:]), read()))
-
+    fix = f're-download {ARCHIVE_URL}'
     if os.path.isdir(path):
-        for split in found:
-            for label in ('neg', 'pos'):
-                folder = os.path.join(path, split, label)
-                for fname in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
-                    full = os.path.join(folder, fname)
-                    add(os.path.join('aclImdb', split, label, fname),
-                        lambda full=full: open(full, 'rb').read())
+        files = _folder_reviews(path)
     else:
-        with tarfile.open(path, 'r:gz') as tar:
-            for member in tqdm.tqdm(tar, desc='reading ' + ARCHIVE, unit='file', leave=False):
-                if member.isfile():
-                    add(member.name, lambda m=member: tar.extractfile(m).read())
+        files = common.read_archive(path, lambda name: _review_key(name) is not None,
+                                    MAX_REVIEW_BYTES, fix)
+    found: dict[str, list[tuple[str, bytes]]] = {'train': [], 'test': []}
+    for name, body in tqdm.tqdm(files, desc='reading ' + os.path.basename(path), unit='file',
+                                leave=False):
+        key = _review_key(name)
+        if key is not None:
+            found[key[0]].append((key[1], body))
     out = {}
     for split, items in found.items():
         if not items:
-            raise common.DataFormatError(f'{path} holds no aclImdb/{split}/{{neg,pos}}/*.txt files')
+            raise DataFormatError(
+                f'{path} holds no aclImdb/{split}/{{neg,pos}}/*.txt files; {fix}')
         items.sort()
         labels = np.array([1 if key.startswith('pos/') else 0 for key, _ in items], np.int32)
         out[split] = ([doc for _, doc in items], labels)
@@ -122,3 +142,13 @@ def load(config, info: common.TaskInfo) -> dict[str, dict[str, np.ndarray]]:
                   'reference)', split, len(texts), truncated, info.seq_len)
         encoded[split] = {'inputs': inputs, 'targets': labels}
     return {name: encoded[source] for name, source in SPLITS.items()}
+
+
+TASK = common.Task(
+    name='text',
+    num_classes=2,
+    vocab_size=common.BYTE_VOCAB_SIZE,
+    load=load,
+    max_length_limit=16384,
+    max_length_note='4x the 4K variant LRA papers report',
+)
