@@ -207,7 +207,7 @@ def read_archive(path: str, wanted: Callable[[str], bool], max_member_bytes: int
                 yield member.name, tar.extractfile(member).read()
     except _ARCHIVE_ERRORS as e:
         where = f', member {current}' if current else ''
-        raise DataFormatError(f'{path}{where}: not a readable gzip tar archive '
+        raise DataFormatError(f'{path}{where}: the archive is damaged or not a gzip tar '
                               f'({type(e).__name__}: {e}); {fix}') from None
 
 
