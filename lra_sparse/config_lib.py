@@ -30,6 +30,8 @@ from lra_sparse.errors import ConfigError, config_error
 
 TASKS = tuple(data_lib.REGISTRY)  # the registered tasks, in table order
 APPLY_MODES = ('train_and_eval', 'eval_only')
+POOLING_MODES = ('CLS', 'MEAN', 'MASKED_MEAN')
+FULLY_MASKED_ROWS = ('zeros', 'reference')
 SCHEDULE_FACTORS = ('constant', 'linear_warmup', 'rsqrt_decay', 'cosine_decay')
 
 _OPTIONS = ('attention', 'impl', 'apply')
@@ -91,7 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dropout_rate = 0.1  # dropout on embeddings, residual branches and MLP
     c.model.attention_dropout_rate = 0.1  # dropout on attention probabilities
     c.model.learn_pos_emb = False  # learned N(0, 0.02) positions instead of sinusoidal
-    c.model.pooling = 'CLS'  # CLS (prepend a learned CLS token) | MEAN (mean over all positions)
+    c.model.pooling = 'CLS'  # CLS (learned CLS token) | MEAN (all positions, padding too, as the
+    # reference) | MASKED_MEAN (mean over real tokens only)
+    c.model.fully_masked_rows = 'zeros'  # attention output of a query with no valid key (a padding
+    # token): zeros | reference (sum of V over all positions, what the LRA code's -1e10 bias gives)
     c.model.dtype = 'float32'  # computation dtype: float32 | bfloat16 (params stay float32)
 
     c.data = ml_collections.ConfigDict()
@@ -201,7 +206,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'a divisor of model.qkv_dim={m.qkv_dim} ({", ".join(map(str, divisors[:12]))}...)')
     for field in ('dropout_rate', 'attention_dropout_rate'):
         _check(0.0 <= m[field] < 1.0, f'model.{field}', m[field], 'a rate in [0, 1)')
-    _check(m.pooling in ('CLS', 'MEAN'), 'model.pooling', m.pooling, 'CLS or MEAN')
+    _check(m.pooling in POOLING_MODES, 'model.pooling', m.pooling, ' or '.join(POOLING_MODES))
+    _check(m.fully_masked_rows in FULLY_MASKED_ROWS, 'model.fully_masked_rows',
+           m.fully_masked_rows, ' or '.join(FULLY_MASKED_ROWS))
     _check(m.dtype in ('float32', 'bfloat16'), 'model.dtype', m.dtype, 'float32 or bfloat16')
     for field in ('max_length', 'batch_size', 'num_train_steps', 'log_every_steps',
                   'eval_every_steps', 'checkpoint_every_steps', 'max_checkpoints_to_keep'):

@@ -82,6 +82,9 @@ class AttentionDims:
       num_layers: number of layers in the encoder.
       attention_dropout_rate: dropout on attention probabilities (training only).
       dtype: computation dtype name ('float32' or 'bfloat16').
+      fully_masked_rows: what a query with no valid key (a padding token) outputs: 'zeros', or
+        'reference': the sum of V over every position the layer sees, which is what the reference
+        LRA code computes (its -1e10 bias makes every weight of such a row exactly 1 in float32).
     """
 
     emb_dim: int
@@ -92,6 +95,7 @@ class AttentionDims:
     num_layers: int = 1
     attention_dropout_rate: float = 0.0
     dtype: str = 'float32'
+    fully_masked_rows: str = 'zeros'
 
     @property
     def head_dim(self) -> int:
@@ -277,12 +281,37 @@ class Attention(nnx.Module):
         """
         if self.cfg.get('apply', 'train_and_eval') == 'eval_only' and not deterministic:
             y, _, _ = self.dense(x, mask, deterministic, rng)
-            return AttentionOutput(y, carry, {'sparsity': jnp.zeros((), jnp.float32)}, {})
-        if getattr(self, 'record_maps', False):
-            maps = {'dense_probs': self.dense(x, mask, True, None)[1], 'mask': mask,
-                    'positions': carry.positions, **self.inspect_maps(x, mask, carry)}
-            self.sow(nnx.Intermediate, 'maps', maps)
-        return self.attend(x, mask, carry, deterministic=deterministic, rng=rng)
+            out = AttentionOutput(y, carry, {'sparsity': jnp.zeros((), jnp.float32)}, {})
+        else:
+            if getattr(self, 'record_maps', False):
+                maps = {'dense_probs': self.dense(x, mask, True, None)[1], 'mask': mask,
+                        'positions': carry.positions, **self.inspect_maps(x, mask, carry)}
+                self.sow(nnx.Intermediate, 'maps', maps)
+            out = self.attend(x, mask, carry, deterministic=deterministic, rng=rng)
+        if self.dims.fully_masked_rows == 'reference':
+            out = out._replace(y=self.reference_masked_rows(out.y, x, mask))
+        return out
+
+    def reference_masked_rows(self, y: jax.Array, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """Rows of padding queries set to what the reference LRA attention outputs for them.
+
+        The reference adds a -1e10 bias to masked pairs and normalises with
+        ``exp(w - logsumexp(w))`` in float32: for a row with no valid key, -1e10 absorbs every
+        logit, each weight is exactly 1 and the row's output is the sum of V over all positions.
+        A query row has no valid key exactly when the query is padding (a real query sees itself).
+        Every method gets this from the base class; for token-pruning methods "all positions" are
+        the tokens the layer still holds. Attention dropout is not applied to these rows.
+
+        Args:
+          y: [batch, length, emb_dim] the method's output (zeros on padding rows).
+          x: [batch, length, emb_dim] the layer input.
+          mask: bool [batch, length], True for real tokens.
+
+        Returns:
+          y with padding rows replaced by ``out(sum_k value(x)_k)``: [batch, length, emb_dim].
+        """
+        summed = self.out(jnp.sum(self.value(x), axis=1, keepdims=True))
+        return jnp.where(mask[:, :, None], y, summed.astype(y.dtype))
 
     def inspect_maps(self, x: jax.Array, mask: jax.Array, carry: LayerCarry) -> dict:
         """Method-specific maps for inspection (``lra_sparse.inspect``); default: none.

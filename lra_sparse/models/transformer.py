@@ -9,10 +9,14 @@ Dense(mlp) -> ReLU -> Dense(classes). The retrieval model is a shared-weight dua
 (no CLS token, first-position pooling) with the head concat[e1, e2] -> Dense(mlp) -> ReLU ->
 Dense(mlp/2) -> ReLU -> Dense(2).
 
-Deviation from the reference (documented): a query row with no valid key (a padded query, or the CLS
-token of an image whose first pixel is 0 when pixel 0 counts as padding) outputs zeros from
-attention, where the reference's -1e10 bias produces a uniform average over all positions.
-Valid positions are unaffected, so logits of inputs whose pooled position is valid are identical.
+Fully masked rows: a query row with no valid key (a padding token, or the CLS token of an image
+whose first pixel is 0 when pixel 0 counts as padding) gets, in the reference, weight exactly 1 on
+every position (its -1e10 bias absorbs the logits in float32), so its attention output is the
+*sum* of V over all positions. ``model.fully_masked_rows`` chooses: 'zeros' (the default for new
+work) or 'reference' (that sum; the image task's reference-exact default). Valid rows are the same
+either way; the choice reaches the logits through a padded pooled position (the image CLS token)
+and through MEAN pooling, which, as in the reference, averages over padded positions too
+(``MASKED_MEAN`` averages over real tokens only).
 """
 
 from __future__ import annotations
@@ -108,7 +112,8 @@ class Encoder(nnx.Module):
             Block(m, attn_cfg, base.AttentionDims(
                 emb_dim=m.emb_dim, qkv_dim=m.qkv_dim, num_heads=m.num_heads,
                 max_len=self.max_len, layer_index=i, num_layers=m.num_layers,
-                attention_dropout_rate=m.attention_dropout_rate, dtype=m.dtype), rngs=rngs)
+                attention_dropout_rate=m.attention_dropout_rate, dtype=m.dtype,
+                fully_masked_rows=m.fully_masked_rows), rngs=rngs)
             for i in range(m.num_layers)
         ])
         self.final_ln = nnx.LayerNorm(m.emb_dim, epsilon=1e-6, rngs=rngs)
@@ -193,11 +198,25 @@ class Classifier(nnx.Module):
 
 
 def pool(encoded: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
-    """[batch, length, emb] -> [batch, emb]: 'CLS' = first position, 'MEAN' = mean of all."""
+    """Sequence pooling of the classifier.
+
+    Args:
+      encoded: [batch, length, emb].
+      mask: bool [batch, length], True for real tokens.
+      mode: 'CLS' (first position), 'MEAN' (mean over every position, padding included, as the
+        reference ``classifier_head``) or 'MASKED_MEAN' (mean over real tokens; 0 for none).
+
+    Returns:
+      [batch, emb].
+    """
     if mode == 'CLS':
         return encoded[:, 0]
     if mode == 'MEAN':
         return jnp.mean(encoded, axis=1)
+    if mode == 'MASKED_MEAN':
+        weights = mask[:, :, None].astype(encoded.dtype)
+        count = jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+        return jnp.sum(encoded * weights, axis=1) / count
     raise ValueError(f'unknown pooling {mode!r}')
 
 
