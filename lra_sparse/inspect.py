@@ -59,14 +59,8 @@ def train_tiny(workdir: str, task: str = 'listops', attention: str = 'dense', st
     from lra_sparse import config_lib
 
     config = config_lib.load(f'configs/{task}.py:attention={attention},tiny')
-    config.num_train_steps = steps
-    config.eval_every_steps = steps
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split('.')
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config_lib.apply_overrides(
+        config, {'num_train_steps': steps, 'eval_every_steps': steps, **overrides})
     train.train_and_evaluate(config, workdir)
     return workdir
 

@@ -111,15 +111,7 @@ def point_config(spec: str, point: Point) -> ml_collections.ConfigDict:
     path, options = _split_spec(spec)
     options['attention'] = point.attention
     arg = ','.join(k if v is True else f'{k}={v}' for k, v in options.items())
-    config = config_lib.load(f'{path}:{arg}')
-    for dotted, value in point.overrides:
-        node = config
-        *parents, leaf = dotted.split('.')
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise SweepError(f'sweep override {dotted}={value!r}: config has no field {dotted!r}')
-        node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+    config = config_lib.apply_overrides(config_lib.load(f'{path}:{arg}'), point.overrides)
     config_lib.validate(config)
     return config
 
@@ -154,16 +146,6 @@ def run_sweep(spec: str, points: list[Point], workdir: str) -> list[dict]:
     return results
 
 
-def _parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep:
-            raise SweepError(f'--set {item!r}: expected field=value')
-        out[key] = value
-    return out
-
-
 def run(argv) -> int:
     """CLI body; returns the exit status."""
     del argv
@@ -174,7 +156,7 @@ def run(argv) -> int:
     try:
         points = sweep_points(_CONFIG.value, _SWEEP.value, seeds=_SEEDS.value,
                               sparsities=[float(s) for s in _SPARSITIES.value],
-                              extra=_parse_set(_SET.value))
+                              extra=dict(map(config_lib.parse_override, _SET.value)))
         if _PRINT.value:
             for p in points:
                 print(point_command(_CONFIG.value, p, _WORKDIR.value))

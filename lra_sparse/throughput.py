@@ -91,14 +91,8 @@ def run(argv) -> int:
     for task in _TASKS.value:
         for name in _ATTENTION.value:
             arg = f'attention={name}' + (',tiny' if _TINY.value else '')
-            config = config_lib.load(f'configs/{task}.py:{arg}')
-            for item in _SET.value:
-                key, _, value = item.partition('=')
-                node = config
-                *parents, leaf = key.split('.')
-                for p in parents:
-                    node = node[p]
-                node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+            config = config_lib.apply_overrides(config_lib.load(f'configs/{task}.py:{arg}'),
+                                                map(config_lib.parse_override, _SET.value))
             row = {**env, **time_config(config, _STEPS.value, _WARMUP.value)}
             rows.append(row)
             print(f'{task:10s} {name:8s} {row["dtype"]:9s} params {row["num_params"]:>9,d}  '
