@@ -17,10 +17,8 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from lra_sparse import data, train
@@ -48,8 +46,7 @@ def load_workdir(workdir: str):
         step = mngr.latest_step()
         if step is None:
             raise InspectError(f'no checkpoint in {workdir!r}/checkpoints')
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        state = train.restore_state(mngr, step, state)
     return nnx.merge(graphdef, state.params, state.rest), config, task
 
 
