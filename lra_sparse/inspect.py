@@ -22,9 +22,10 @@ import numpy as np
 from flax import nnx
 
 from lra_sparse import data, train
+from lra_sparse.errors import UserError
 
 
-class InspectError(ValueError):
+class InspectError(UserError):
     """The workdir cannot be inspected (missing, no checkpoint)."""
 
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
 import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from lra_sparse import config_lib, data, train
+from lra_sparse import cli, config_lib, data, train
 
 _TASKS = flags.DEFINE_list('tasks', ['listops', 'text', 'retrieval', 'image'], 'Tasks to time.')
 _ATTENTION = flags.DEFINE_list('attention', ['dense'], 'Attention methods to time.')
@@ -73,8 +72,9 @@ def environment() -> dict:
             'date': datetime.date.today().isoformat()}
 
 
+@cli.command
 def run(argv) -> int:
-    """CLI body."""
+    """CLI body; returns the exit status."""
     del argv
     env = environment()
     rows = []
@@ -97,7 +97,7 @@ def run(argv) -> int:
 
 def main() -> None:
     """Console entry point."""
-    app.run(lambda argv: sys.exit(run(argv)))
+    cli.main(run)
 
 
 if __name__ == '__main__':
