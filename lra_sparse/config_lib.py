@@ -16,9 +16,13 @@ Any field can still be overridden on the command line, e.g. ``--config.attention
 
 from __future__ import annotations
 
+import ast
+import difflib
 import importlib.util
 import json
 import os
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -44,7 +48,7 @@ def parse_arg(arg: str | None) -> dict:
     for item in filter(None, (part.strip() for part in (arg or '').split(','))):
         key, sep, value = item.partition('=')
         if (sep and key not in _OPTIONS) or (not sep and key not in _FLAGS):
-            raise ValueError(
+            raise ConfigError(
                 f'config option {item!r} is not allowed: use '
                 f'{", ".join(o + "=..." for o in _OPTIONS)}'
                 f' or the flags {", ".join(_FLAGS)}, comma-separated.')
@@ -136,26 +140,15 @@ def make_config(task: str, reference: dict, tiny: dict,
     c = base_config()
     c.task = task
     data_lib.get_task(task).add_fields(c)
-    _set_all(c, reference)
+    apply_overrides(c, reference)
     if options.get('tiny'):
-        _set_all(c, tiny)
+        apply_overrides(c, tiny)
     if options.get('synthetic'):
         c.data.source = 'synthetic'
     c.attention = attention_config(options.get('attention', 'dense'),
                                    options.get('impl', 'reference'),
                                    options.get('apply', 'train_and_eval'))
     return c
-
-
-def _set_all(c: ml_collections.ConfigDict, values: dict) -> None:
-    for dotted, value in values.items():
-        node = c
-        *parents, leaf = dotted.split('.')
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f'unknown config field {dotted!r}')
-        node[leaf] = value
 
 
 TINY_MODEL = {
@@ -170,12 +163,175 @@ def load(spec: str) -> ml_collections.ConfigDict:
     """Loads ``'configs/listops.py:attention=dsa,tiny'`` (path, optional ':' and option string)."""
     path, _, arg = spec.partition(':')
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'config file {path!r} does not exist')
+        raise ConfigError(f'config file {path!r} does not exist: give the path of a task '
+                          'config, e.g. configs/listops.py.')
     module_spec = importlib.util.spec_from_file_location(
         f'lra_config_{os.path.splitext(os.path.basename(path))[0]}', path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dotted-key overrides: the one way every caller (configs, sweeps, tests, notebooks) sets fields
+# ---------------------------------------------------------------------------------------------
+
+_TRUE, _FALSE = ('True', 'true', '1'), ('False', 'false', '0')
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Mapping[str, Any] | Iterable[tuple[str, Any]]
+                    ) -> ml_collections.ConfigDict:
+    """Sets every ``{'model.num_layers': 1, ...}`` item with :func:`set_field`; returns ``config``.
+
+    Args:
+      config: the ConfigDict to change in place.
+      overrides: dotted field names to values, as a mapping or (name, value) pairs, applied in
+        order.
+    """
+    items = overrides.items() if isinstance(overrides, Mapping) else overrides
+    for dotted, value in items:
+        set_field(config, dotted, value)
+    return config
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """``config.<dotted> = value``, parsing strings by the field's type.
+
+    A string is parsed as the field's type: bool from True/False/true/false/1/0; int and float as
+    numbers (an int field refuses '0.5'); tuples from comma-separated values or a Python literal,
+    elements by the type of the current elements; 'None' clears a field whose default is None
+    (an ``ml_collections`` placeholder parses by its declared type). Any other value is set as
+    given, with the type checks of ``ml_collections`` (an int is accepted by a float field).
+
+    Args:
+      config: the ConfigDict to change in place.
+      dotted: field name below ``config``, e.g. ``'attention.sparsity'``.
+      value: the new value, or its text.
+
+    Raises:
+      ConfigError: one line naming the field, the value and what is allowed; for an unknown field,
+        the closest field names.
+    """
+    node, leaf = _parent_of(config, dotted)
+    if isinstance(value, str):
+        value = _parse_text(node, leaf, dotted, value)
+    try:
+        node[leaf] = value
+    except TypeError:
+        raise config_error(dotted, value,
+                           f'a value of type {node.get_type(leaf).__name__}') from None
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """``'model.learn_pos_emb=False'`` -> ``('model.learn_pos_emb', 'False')`` (text not parsed)."""
+    dotted, sep, value = text.partition('=')
+    if not sep or not dotted.strip():
+        raise ConfigError(f'override {text!r} is not allowed: write field=value, e.g. '
+                          'model.num_layers=2.')
+    return dotted.strip(), value
+
+
+def _parent_of(config: ml_collections.ConfigDict,
+               dotted: str) -> tuple[ml_collections.ConfigDict, str]:
+    """The ConfigDict holding field ``dotted`` and the field's own name; unknown names raise."""
+    node = config
+    *parents, leaf = dotted.split('.')
+    for name in parents:
+        if not (isinstance(node, ml_collections.ConfigDict) and name in node):
+            raise _unknown_field(config, dotted)
+        node = node[name]
+    if not (isinstance(node, ml_collections.ConfigDict) and leaf in node):
+        raise _unknown_field(config, dotted)
+    return node, leaf
+
+
+def _field_names(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+    """Every dotted field name of ``config`` (groups and leaves)."""
+    names = []
+    for key, value in config.items():
+        names.append(prefix + key)
+        if isinstance(value, ml_collections.ConfigDict):
+            names.extend(_field_names(value, f'{prefix}{key}.'))
+    return names
+
+
+def _unknown_field(config: ml_collections.ConfigDict, dotted: str) -> ConfigError:
+    """ConfigError for a field that does not exist, listing the closest existing names."""
+    names = _field_names(config)
+    close = difflib.get_close_matches(dotted, names, n=3, cutoff=0.6)
+    if not close:  # the last part misspelled or given without its group: match leaf names
+        leaf = dotted.rsplit('.', 1)[-1]
+        leaves = difflib.get_close_matches(leaf, [n.rsplit('.', 1)[-1] for n in names], n=3)
+        close = [n for n in names if n.rsplit('.', 1)[-1] in leaves][:3]
+    if close:
+        hint = 'did you mean ' + (f'{", ".join(close[:-1])} or ' if close[1:] else '') + close[-1]
+        return ConfigError(f'config.{dotted} does not exist: {hint}?')
+    top = ', '.join(n for n in names if '.' not in n)
+    return ConfigError(f'config.{dotted} does not exist: the fields are {top}.')
+
+
+def _parse_text(node: ml_collections.ConfigDict, leaf: str, dotted: str, text: str) -> Any:
+    """The value of field ``leaf`` of ``node`` that ``text`` stands for."""
+    field_type, current = node.get_type(leaf), node[leaf]
+    nullable = current is None or isinstance(
+        node.to_dict(preserve_field_references=True)[leaf], config_dict.FieldReference)
+    if nullable and text.strip() == 'None':
+        return None
+    if isinstance(current, ml_collections.ConfigDict):
+        raise config_error(dotted, text, f'one value per field: config.{dotted}.<field>=...')
+    if field_type in (tuple, list):
+        return field_type(_parse_sequence(dotted, text, current))
+    if field_type is type(None):  # a None default without a declared type: a Python literal
+        return _literal_or_text(text)
+    return _parse_scalar(dotted, text.strip() if field_type is not str else text, field_type)
+
+
+def _parse_scalar(dotted: str, text: str, field_type: type) -> Any:
+    """``text`` as a bool, int, float or str field value; anything unparsable raises."""
+    if field_type is bool:
+        if text in _TRUE + _FALSE:
+            return text in _TRUE
+        raise config_error(dotted, text, f'one of {", ".join(_TRUE + _FALSE)}')
+    if field_type in (int, float):
+        try:
+            return field_type(text)
+        except ValueError:
+            kind = 'an integer' if field_type is int else 'a number'
+            raise config_error(dotted, text, kind) from None
+    if field_type is str:
+        return text
+    raise config_error(dotted, text, f'a {field_type.__name__}, which cannot be given as text')
+
+
+def _parse_sequence(dotted: str, text: str, current) -> list:
+    """Elements of a tuple field from ``'1,2'`` or ``'(1, 2)'``, each of the current elements' type.
+
+    An empty current value gives no element type: each element is read as a Python literal.
+    """
+    types = {type(x) for x in current or ()}
+    element_type = types.pop() if len(types) == 1 else None
+    stripped = text.strip()
+    if stripped[:1] in ('(', '['):
+        parsed = _literal_or_text(stripped)
+        if not isinstance(parsed, (tuple, list)):
+            raise config_error(dotted, text, 'comma-separated values or a tuple literal')
+        if element_type is None:
+            return list(parsed)
+        parts = [str(x) for x in parsed]
+    else:
+        parts = [part.strip() for part in stripped.split(',') if part.strip()]
+        if element_type is None:
+            return [_literal_or_text(part) for part in parts]
+    return [_parse_scalar(dotted, part, element_type) for part in parts]
+
+
+def _literal_or_text(text: str) -> Any:
+    """A Python literal (number, tuple, ...) if ``text`` is one, else ``text`` itself."""
+    try:
+        return ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+        return text
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:
@@ -264,4 +420,5 @@ def _check_init_from(config: ml_collections.ConfigDict) -> None:
                f'{config.model[field]!r})')
 
 
-__all__ = ['ConfigError', 'TASKS', 'base_config', 'load', 'make_config', 'parse_arg', 'validate']
+__all__ = ['ConfigError', 'TASKS', 'apply_overrides', 'base_config', 'load', 'make_config',
+           'parse_arg', 'parse_override', 'set_field', 'validate']

@@ -17,16 +17,15 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from lra_sparse import data, train
+from lra_sparse.errors import UserError
 
 
-class InspectError(ValueError):
+class InspectError(UserError):
     """The workdir cannot be inspected (missing, no checkpoint)."""
 
 
@@ -48,8 +47,7 @@ def load_workdir(workdir: str):
         step = mngr.latest_step()
         if step is None:
             raise InspectError(f'no checkpoint in {workdir!r}/checkpoints')
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        state = train.restore_state(mngr, step, state)
     return nnx.merge(graphdef, state.params, state.rest), config, task
 
 
@@ -59,14 +57,8 @@ def train_tiny(workdir: str, task: str = 'listops', attention: str = 'dense', st
     from lra_sparse import config_lib
 
     config = config_lib.load(f'configs/{task}.py:attention={attention},tiny')
-    config.num_train_steps = steps
-    config.eval_every_steps = steps
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split('.')
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config_lib.apply_overrides(
+        config, {'num_train_steps': steps, 'eval_every_steps': steps, **overrides})
     train.train_and_evaluate(config, workdir)
     return workdir
 

@@ -14,14 +14,12 @@ and what is allowed (exit status 2).
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from lra_sparse import config_lib, describe, metrics, train
-from lra_sparse.data import DataNotFoundError
+from lra_sparse import cli, config_lib, describe, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and options, e.g. configs/listops.py:attention=dsa,tiny.',
@@ -34,35 +32,26 @@ _MODE = flags.DEFINE_enum(
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() first (multi-host launches).')
 
-USER_ERRORS = (config_lib.ConfigError, DataNotFoundError, FileNotFoundError)
 
-
+@cli.command
 def run(argv) -> int:
     """Entry point body; returns the exit status."""
     del argv
-    metrics.quiet_library_logs()
     config = _CONFIG.value
     if config is None:
-        print('error: --config is required, e.g. --config=configs/listops.py:tiny', file=sys.stderr)
-        return 2
-    try:
-        config_lib.validate(config)
-        if _MODE.value == 'describe':
-            print(json.dumps(describe.describe(config), indent=2))
-            return 0
-        if not _WORKDIR.value:
-            print(f'error: --workdir is required in {_MODE.value} mode (outputs go there)',
-                  file=sys.stderr)
-            return 2
-        if _DISTRIBUTED.value:
-            jax.distributed.initialize()
-        if _MODE.value == 'evaluate':
-            results = train.evaluate_checkpoint(config, _WORKDIR.value)
-        else:
-            results = train.train_and_evaluate(config, _WORKDIR.value)
-    except USER_ERRORS as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        raise cli.UsageError('--config is required, e.g. --config=configs/listops.py:tiny')
+    config_lib.validate(config)
+    if _MODE.value == 'describe':
+        print(json.dumps(describe.describe(config), indent=2))
+        return 0
+    if not _WORKDIR.value:
+        raise cli.UsageError(f'--workdir is required in {_MODE.value} mode (outputs go there)')
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    if _MODE.value == 'evaluate':
+        results = train.evaluate_checkpoint(config, _WORKDIR.value)
+    else:
+        results = train.train_and_evaluate(config, _WORKDIR.value)
     if jax.process_index() == 0:
         print(f'final validation accuracy {results["validation"]["accuracy"]:.4f}, '
               f'test accuracy {results["test"]["accuracy"]:.4f} '
@@ -73,7 +62,7 @@ def run(argv) -> int:
 
 def main() -> None:
     """Console entry point."""
-    app.run(lambda argv: sys.exit(run(argv)))
+    cli.main(run)
 
 
 if __name__ == '__main__':

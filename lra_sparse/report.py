@@ -15,12 +15,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from lra_sparse import metrics
+from lra_sparse import cli, metrics
+from lra_sparse.errors import UserError
 
 _OUT = flags.DEFINE_string('out', None, 'Output directory (default: the first run directory).')
 
@@ -30,7 +30,7 @@ BASE_COLUMNS = ('task', 'method', 'knobs', 'runs', 'sparsity', 'val_accuracy', '
 _NOT_KNOBS = ('name', 'impl')
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """Nothing to report (no results under the given directories)."""
 
 
@@ -233,19 +233,15 @@ def report(paths: list[str], out: str | None = None) -> list[dict]:
     return rows
 
 
+@cli.command
 def run(argv) -> int:
     """CLI body; returns the exit status."""
     paths = argv[1:]
     out = _OUT.value if flags.FLAGS.is_parsed() else None
     if not paths:
-        print('error: give one or more run directories: python -m lra_sparse.report RUN_DIR...',
-              file=sys.stderr)
-        return 2
-    try:
-        rows = report(paths, out)
-    except ReportError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        raise cli.UsageError('give one or more run directories: '
+                             'python -m lra_sparse.report RUN_DIR...')
+    rows = report(paths, out)
     out = out or paths[0]
     print(markdown_table(rows))
     print(f'wrote summary.csv, summary.md, accuracy_vs_sparsity.png, training_curves.png to {out}')
@@ -254,7 +250,7 @@ def run(argv) -> int:
 
 def main() -> None:
     """Console entry point."""
-    app.run(lambda argv: sys.exit(run(argv)))
+    cli.main(run)
 
 
 if __name__ == '__main__':

@@ -25,10 +25,11 @@ import sys
 
 import ml_collections
 import tqdm
-from absl import app, flags
+from absl import flags
 
 from lra_sparse import attention as attention_lib
-from lra_sparse import config_lib, metrics
+from lra_sparse import cli, config_lib
+from lra_sparse.errors import UserError
 
 _CONFIG = flags.DEFINE_string('config', None, 'Config file and options (as for lra_sparse.main).')
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep name (see the module docstring).')
@@ -40,7 +41,7 @@ _PRINT = flags.DEFINE_bool('print_commands', False, 'Print one command per point
 _SET = flags.DEFINE_multi_string('set', [], 'Extra override for every point: field=value.')
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep that cannot be built (unknown name, bad override)."""
 
 
@@ -111,15 +112,7 @@ def point_config(spec: str, point: Point) -> ml_collections.ConfigDict:
     path, options = _split_spec(spec)
     options['attention'] = point.attention
     arg = ','.join(k if v is True else f'{k}={v}' for k, v in options.items())
-    config = config_lib.load(f'{path}:{arg}')
-    for dotted, value in point.overrides:
-        node = config
-        *parents, leaf = dotted.split('.')
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise SweepError(f'sweep override {dotted}={value!r}: config has no field {dotted!r}')
-        node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+    config = config_lib.apply_overrides(config_lib.load(f'{path}:{arg}'), point.overrides)
     config_lib.validate(config)
     return config
 
@@ -154,35 +147,20 @@ def run_sweep(spec: str, points: list[Point], workdir: str) -> list[dict]:
     return results
 
 
-def _parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep:
-            raise SweepError(f'--set {item!r}: expected field=value')
-        out[key] = value
-    return out
-
-
+@cli.command
 def run(argv) -> int:
     """CLI body; returns the exit status."""
     del argv
-    metrics.quiet_library_logs()
     if not (_CONFIG.value and _SWEEP.value and _WORKDIR.value):
-        print('error: --config, --sweep and --workdir are required', file=sys.stderr)
-        return 2
-    try:
-        points = sweep_points(_CONFIG.value, _SWEEP.value, seeds=_SEEDS.value,
-                              sparsities=[float(s) for s in _SPARSITIES.value],
-                              extra=_parse_set(_SET.value))
-        if _PRINT.value:
-            for p in points:
-                print(point_command(_CONFIG.value, p, _WORKDIR.value))
-            return 0
-        run_sweep(_CONFIG.value, points, _WORKDIR.value)
-    except (SweepError, config_lib.ConfigError, FileNotFoundError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        raise cli.UsageError('--config, --sweep and --workdir are required')
+    points = sweep_points(_CONFIG.value, _SWEEP.value, seeds=_SEEDS.value,
+                          sparsities=[float(s) for s in _SPARSITIES.value],
+                          extra=dict(map(config_lib.parse_override, _SET.value)))
+    if _PRINT.value:
+        for p in points:
+            print(point_command(_CONFIG.value, p, _WORKDIR.value))
+        return 0
+    run_sweep(_CONFIG.value, points, _WORKDIR.value)
     print(f'sweep {_SWEEP.value}: {len(points)} points in {_WORKDIR.value}; '
           f'summarise with: python -m lra_sparse.report {_WORKDIR.value}')
     return 0
@@ -190,7 +168,7 @@ def run(argv) -> int:
 
 def main() -> None:
     """Console entry point."""
-    app.run(lambda argv: sys.exit(run(argv)))
+    cli.main(run)
 
 
 if __name__ == '__main__':

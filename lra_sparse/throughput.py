@@ -12,18 +12,14 @@ jax version and date.
 from __future__ import annotations
 
 import datetime
-import functools
 import json
-import sys
 import time
 
 import jax
 import numpy as np
-from absl import app, flags
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from absl import flags
 
-from lra_sparse import config_lib, data, train
+from lra_sparse import cli, config_lib, data, train
 
 _TASKS = flags.DEFINE_list('tasks', ['listops', 'text', 'retrieval', 'image'], 'Tasks to time.')
 _ATTENTION = flags.DEFINE_list('attention', ['dense'], 'Attention methods to time.')
@@ -40,29 +36,22 @@ def time_config(config, steps: int, warmup: int) -> dict:
     config.data.synthetic_examples = max(config.batch_size * 4, 64)
     config_lib.validate(config)
     task = data.load_task(config)
-    mesh = train.create_mesh()
-    batch_sharding, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
-    graphdef, state, tx = train.init_state(config, task.info)
-    num_params = train.count_params(state.params)
-    state = jax.device_put(state, replicated)
-    step_fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
-                                        lr_fn=train.learning_rate_fn(config),
-                                        num_microbatches=config.num_microbatches),
-                      donate_argnums=0)
+    run, state = train.setup_run(config, task.info)
+    state = run.place(state)
     batches = data.train_batches(task.splits['train'], config.batch_size, seed=0)
     t0 = time.perf_counter()
-    state, _ = step_fn(state, train.shard_batch(next(batches), batch_sharding))
+    state, _ = run.train_step(state, run.shard(next(batches)))
     jax.block_until_ready(state)
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):
-        state, _ = step_fn(state, train.shard_batch(next(batches), batch_sharding))
+        state, _ = run.train_step(state, run.shard(next(batches)))
     jax.block_until_ready(state)
     times = []
     for _ in range(steps):
-        batch = train.shard_batch(next(batches), batch_sharding)
+        batch = run.shard(next(batches))
         jax.block_until_ready(batch)
         t0 = time.perf_counter()
-        state, metrics = step_fn(state, batch)
+        state, metrics = run.train_step(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     median = float(np.median(times))
@@ -70,7 +59,7 @@ def time_config(config, steps: int, warmup: int) -> dict:
             'impl': config.attention.impl, 'dtype': config.model.dtype,
             'batch_size': config.batch_size, 'num_microbatches': config.num_microbatches,
             'seq_len': task.info.seq_len,
-            'num_params': num_params, 'compile_seconds': compile_s,
+            'num_params': run.num_params, 'compile_seconds': compile_s,
             'median_step_seconds': median, 'steps_per_second': 1.0 / median,
             'examples_per_second': config.batch_size / median, 'timed_steps': steps}
 
@@ -83,22 +72,17 @@ def environment() -> dict:
             'date': datetime.date.today().isoformat()}
 
 
+@cli.command
 def run(argv) -> int:
-    """CLI body."""
+    """CLI body; returns the exit status."""
     del argv
     env = environment()
     rows = []
     for task in _TASKS.value:
         for name in _ATTENTION.value:
             arg = f'attention={name}' + (',tiny' if _TINY.value else '')
-            config = config_lib.load(f'configs/{task}.py:{arg}')
-            for item in _SET.value:
-                key, _, value = item.partition('=')
-                node = config
-                *parents, leaf = key.split('.')
-                for p in parents:
-                    node = node[p]
-                node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+            config = config_lib.apply_overrides(config_lib.load(f'configs/{task}.py:{arg}'),
+                                                map(config_lib.parse_override, _SET.value))
             row = {**env, **time_config(config, _STEPS.value, _WARMUP.value)}
             rows.append(row)
             print(f'{task:10s} {name:8s} {row["dtype"]:9s} params {row["num_params"]:>9,d}  '
@@ -113,7 +97,7 @@ def run(argv) -> int:
 
 def main() -> None:
     """Console entry point."""
-    app.run(lambda argv: sys.exit(run(argv)))
+    cli.main(run)
 
 
 if __name__ == '__main__':

@@ -5,16 +5,20 @@ dropout key is ``fold_in(rng, s)``, so a run resumed from a checkpoint at step `
 exactly as if it had never stopped. Batches are sharded over every device of every host along the
 mesh axis ``data``; parameters are replicated (data parallel). Attention statistics and auxiliary
 losses come out of the model as dictionaries and are logged without the loop knowing the method.
+
+:func:`setup_run` builds what training, evaluation (:func:`evaluate_checkpoint`) and the throughput
+benchmark share: the mesh, the shardings, the model, the optimizer and the jitted steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -29,6 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lra_sparse import config_lib, data, metrics
+from lra_sparse.errors import UserError
 from lra_sparse.models import transformer
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +225,7 @@ def summarize(step_metrics: list[dict]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run
+# Set-up shared by training, evaluation and throughput
 # ---------------------------------------------------------------------------------------------
 
 
@@ -253,6 +258,100 @@ def init_state(config: ml_collections.ConfigDict, info) -> tuple[Any, TrainState
     return graphdef, state, tx
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What a run builds once from its config: device placement, the model, the jitted steps.
+
+    Attributes:
+      config: the run's config.
+      mesh: 1-D mesh over every device of every host, axis 'data'.
+      batch_sharding: batches split along their first axis over 'data'.
+      replicated: the same value on every device (parameters, optimizer state, metrics).
+      graphdef: the model's nnx GraphDef.
+      tx: the optax optimizer.
+      abstract_state: shapes and dtypes of the TrainState (the target of checkpoint restores).
+      num_params: trainable scalars of the model.
+      train_step: jitted ``(state, batch) -> (state, metrics)``; donates ``state``.
+      eval_step: jitted ``(params, rest, batch) -> metrics`` (no dropout).
+    """
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    batch_sharding: NamedSharding
+    replicated: NamedSharding
+    graphdef: Any
+    tx: optax.GradientTransformation
+    abstract_state: TrainState
+    num_params: int
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    eval_step: Callable[[Any, Any, dict], dict]
+
+    def place(self, state: TrainState) -> TrainState:
+        """A host (or restored) TrainState replicated on every device."""
+        return jax.device_put(state, self.replicated)
+
+    def shard(self, batch: dict) -> dict:
+        """A host-local numpy batch as a global array sharded along the batch axis."""
+        return shard_batch(batch, self.batch_sharding)
+
+    def evaluate(self, state: TrainState, split: dict) -> dict[str, float]:
+        """Exact example-weighted metrics over a split (or ``num_eval_steps`` batches of it).
+
+        Also reports ``examples_per_second``: inference throughput of this evaluation (wall time
+        of the whole loop, host batching included; the first evaluation of a run includes
+        compilation).
+        """
+        limit = self.config.num_eval_steps
+        batches = data.eval_batches(split, self.config.batch_size,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+        results, t_start = [], time.perf_counter()
+        for i, batch in enumerate(batches):
+            if limit > 0 and i >= limit:
+                break
+            results.append(self.eval_step(state.params, state.rest, self.shard(batch)))
+        summary = summarize(results)  # device_get: waits for the last step
+        summary['examples_per_second'] = summary['num_examples'] / (time.perf_counter() - t_start)
+        return summary
+
+
+def setup_run(config: ml_collections.ConfigDict, info) -> tuple[Run, TrainState]:
+    """The mesh, shardings, model, optimizer and jitted steps of ``config``, and its fresh state.
+
+    Args:
+      config: a validated config.
+      info: the task's metadata (``data.TaskInfo``: classes, vocabulary, sequence length).
+
+    Returns:
+      (the Run, the freshly initialised TrainState on the host; place it with ``run.place`` once
+      it is restored or initialised from another run).
+    """
+    mesh = create_mesh()
+    batch_sharding, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+    graphdef, state, tx = init_state(config, info)
+    state_sharding = jax.tree.map(lambda _: replicated, state)
+    train_fn = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=learning_rate_fn(config),
+                          num_microbatches=config.num_microbatches),
+        in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
+        donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated)
+    run = Run(config=config, mesh=mesh, batch_sharding=batch_sharding, replicated=replicated,
+              graphdef=graphdef, tx=tx,
+              abstract_state=jax.tree.map(ocp.utils.to_shape_dtype_struct, state),
+              num_params=count_params(state.params), train_step=train_fn, eval_step=eval_fn)
+    return run, state
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+class CheckpointError(UserError):
+    """A run directory holds no checkpoint to restore (the message names the directory)."""
+
+
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     """Orbax manager under ``workdir/checkpoints`` (atomic saves; old ones pruned)."""
     return ocp.CheckpointManager(
@@ -261,15 +360,27 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
             max_to_keep=config.max_checkpoints_to_keep, create=True))
 
 
+def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state) -> TrainState:
+    """The TrainState saved at ``step``, with the structure, shapes and dtypes of the target.
+
+    Args:
+      mngr: the run's checkpoint manager.
+      step: a step the manager holds.
+      abstract_state: a TrainState (or its ``jax.ShapeDtypeStruct`` tree) to restore into.
+    """
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
 def restore_params(workdir: str) -> dict:
     """Parameters (pure nested dict) of the latest checkpoint of a finished or running run."""
     directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f'no checkpoints in {workdir!r} (expected {directory})')
+        raise CheckpointError(f'no checkpoints in {workdir!r} (expected {directory})')
     with ocp.CheckpointManager(directory) as mngr:
         step = mngr.latest_step()
         if step is None:
-            raise FileNotFoundError(f'no checkpoints in {directory}')
+            raise CheckpointError(f'no checkpoints in {directory}')
         restored = mngr.restore(step, args=ocp.args.StandardRestore())
     return restored['params']
 
@@ -330,22 +441,9 @@ def init_from_workdir(state: TrainState, source: str) -> TrainState:
     return state.replace(params=params)
 
 
-def evaluate(eval_fn, params, rest, split: dict, config, sharding) -> dict[str, float]:
-    """Exact example-weighted metrics over a split (or ``num_eval_steps`` batches of it).
-
-    Also reports ``examples_per_second``: inference throughput of this evaluation (wall time of
-    the whole loop, host batching included; the first evaluation of a run includes compilation).
-    """
-    batches = data.eval_batches(split, config.batch_size, process_index=jax.process_index(),
-                                process_count=jax.process_count())
-    results, t_start = [], time.perf_counter()
-    for i, batch in enumerate(batches):
-        if config.num_eval_steps > 0 and i >= config.num_eval_steps:
-            break
-        results.append(eval_fn(params, rest, shard_batch(batch, sharding)))
-    summary = summarize(results)  # device_get: waits for the last step
-    summary['examples_per_second'] = summary['num_examples'] / (time.perf_counter() - t_start)
-    return summary
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -363,82 +461,127 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_main = jax.process_index() == 0
     if is_main:
         _write_json(workdir, 'config.json', json.loads(config.to_json_best_effort()))
-
-    mesh = create_mesh()
-    batch_sharding = NamedSharding(mesh, P('data'))
-    replicated = NamedSharding(mesh, P())
-    graphdef, state, tx = init_state(config, task.info)
-    num_params = count_params(state.params)
-
+    run, state = setup_run(config, task.info)
     mngr = checkpoint_manager(workdir, config)
-    start_step = mngr.latest_step() or 0
-    if start_step:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state = mngr.restore(start_step, args=ocp.args.StandardRestore(abstract))
-    elif config.init_from:
-        state = init_from_workdir(state, config.init_from)
-    state = jax.device_put(state, replicated)
-
-    lr_fn = learning_rate_fn(config)
-    state_sharding = jax.tree.map(lambda _: replicated, state)
-    p_train = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn,
-                                        num_microbatches=config.num_microbatches),
-                      in_shardings=(state_sharding, batch_sharding),
-                      out_shardings=(state_sharding, replicated), donate_argnums=0)
-    p_eval = jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated)
-
+    state, start_step = restore_or_init(run, state, mngr)
     writer = metrics.MetricWriter(workdir, enabled=is_main, resume_step=start_step)
-    train_iter: Iterator[dict] = data.train_batches(
-        task.splits['train'], config.batch_size, seed=config.seed, start_step=start_step,
-        process_index=jax.process_index(), process_count=jax.process_count())
-
-    total = config.num_train_steps
-    window, t_window, steps_in_window = [], time.perf_counter(), 0
-    t_start, last_eval = time.perf_counter(), {}
-    bar = tqdm.tqdm(total=total, initial=start_step, disable=not is_main, desc=_run_name(config),
-                    unit='step', dynamic_ncols=True)
-    for step in range(start_step, total):
-        batch = shard_batch(next(train_iter), batch_sharding)
-        state, step_metrics = p_train(state, batch)
-        window.append(step_metrics)
-        steps_in_window += 1
-        done = step + 1
-        bar.update(1)
-        if done % config.log_every_steps == 0 or done == total:
-            summary = summarize(window)
-            if not math.isfinite(summary['loss']):
-                raise FloatingPointError(f'non-finite training loss at step {done}: {summary}')
-            elapsed = time.perf_counter() - t_window
-            summary['steps_per_second'] = steps_in_window / max(elapsed, 1e-9)
-            writer.write(done, 'train', summary)
-            bar.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{summary["accuracy"]:.3f}')
-            window, t_window, steps_in_window = [], time.perf_counter(), 0
-        if done % config.eval_every_steps == 0 or done == total:
-            last_eval = evaluate(p_eval, state.params, state.rest, task.splits['validation'],
-                                 config, batch_sharding)
-            writer.write(done, 'validation', last_eval)
-            if config.eval_test_every_eval:
-                writer.write(done, 'test', evaluate(p_eval, state.params, state.rest,
-                                                    task.splits['test'], config, batch_sharding))
-            t_window = time.perf_counter()  # keep eval time out of steps_per_second
-        if done % config.checkpoint_every_steps == 0 or done == total:
-            mngr.save(done, args=ocp.args.StandardSave(state))
-    bar.close()
+    t_start = time.perf_counter()
+    state, last_eval = train_loop(run, state, start_step, task, writer, mngr)
     mngr.wait_until_finished()
     mngr.close()
-
-    if not last_eval:  # resumed a finished run: evaluate the restored state once more
-        last_eval = evaluate(p_eval, state.params, state.rest, task.splits['validation'], config,
-                             batch_sharding)
-    test = evaluate(p_eval, state.params, state.rest, task.splits['test'], config,
-                    batch_sharding)
-    writer.write(total, 'test', test)
-    results = _results(config, num_params, total, start_step, time.perf_counter() - t_start,
-                       last_eval, test)
+    validation, test = final_evaluation(run, state, task, last_eval)
+    writer.write(config.num_train_steps, 'test', test)
+    results = _results(config, run.num_params, config.num_train_steps, start_step,
+                       time.perf_counter() - t_start, validation, test)
     if is_main:
         _write_json(workdir, 'results.json', results)
     writer.close()
     return results
+
+
+def restore_or_init(run: Run, state: TrainState,
+                    mngr: ocp.CheckpointManager) -> tuple[TrainState, int]:
+    """The run's latest checkpoint, else the weights of ``config.init_from``, else ``state``.
+
+    Args:
+      run: the Run.
+      state: the fresh TrainState from :func:`setup_run`.
+      mngr: the workdir's checkpoint manager.
+
+    Returns:
+      (the state placed on the devices, the step it continues from).
+    """
+    start_step = mngr.latest_step() or 0
+    if start_step:
+        state = restore_state(mngr, start_step, run.abstract_state)
+    elif run.config.init_from:
+        state = init_from_workdir(state, run.config.init_from)
+    return run.place(state), start_step
+
+
+def train_loop(run: Run, state: TrainState, start_step: int, task, writer: metrics.MetricWriter,
+               mngr: ocp.CheckpointManager) -> tuple[TrainState, dict]:
+    """Steps ``start_step`` to ``num_train_steps``: logs, evaluates and checkpoints on schedule.
+
+    The last step is always logged, evaluated and saved.
+
+    Returns:
+      (the final state, the metrics of the last validation; empty if no step ran).
+    """
+    config, total = run.config, run.config.num_train_steps
+    batches: Iterator[dict] = data.train_batches(
+        task.splits['train'], config.batch_size, seed=config.seed, start_step=start_step,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    window, last_eval = _TrainWindow(), {}
+    bar = tqdm.tqdm(total=total, initial=start_step, disable=jax.process_index() != 0,
+                    desc=_run_name(config), unit='step', dynamic_ncols=True)
+    for step in range(start_step, total):
+        state, step_metrics = run.train_step(state, run.shard(next(batches)))
+        window.add(step_metrics)
+        done = step + 1
+        bar.update(1)
+        if done % config.log_every_steps == 0 or done == total:
+            summary = window.summary(done)
+            writer.write(done, 'train', summary)
+            bar.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{summary["accuracy"]:.3f}')
+        if done % config.eval_every_steps == 0 or done == total:
+            last_eval = evaluate_during_training(run, state, task, done, writer)
+            window.restart_clock()  # keep evaluation time out of steps_per_second
+        if done % config.checkpoint_every_steps == 0 or done == total:
+            mngr.save(done, args=ocp.args.StandardSave(state))
+    bar.close()
+    return state, last_eval
+
+
+class _TrainWindow:
+    """Train-step metrics since the last log line and the training time they took."""
+
+    def __init__(self):
+        self.step_metrics: list[dict] = []
+        self.t_start = time.perf_counter()
+
+    def add(self, step_metrics: dict) -> None:
+        """Records one step's (device) metrics."""
+        self.step_metrics.append(step_metrics)
+
+    def restart_clock(self) -> None:
+        """Starts the window's time now (after work that is not training)."""
+        self.t_start = time.perf_counter()
+
+    def summary(self, done: int) -> dict[str, float]:
+        """The window's summary with ``steps_per_second``; empties the window.
+
+        Raises:
+          FloatingPointError: the mean training loss of the window is not finite.
+        """
+        summary = summarize(self.step_metrics)
+        if not math.isfinite(summary['loss']):
+            raise FloatingPointError(f'non-finite training loss at step {done}: {summary}')
+        elapsed = time.perf_counter() - self.t_start
+        summary['steps_per_second'] = len(self.step_metrics) / max(elapsed, 1e-9)
+        self.step_metrics, self.t_start = [], time.perf_counter()
+        return summary
+
+
+def evaluate_during_training(run: Run, state: TrainState, task, done: int,
+                             writer: metrics.MetricWriter) -> dict[str, float]:
+    """Validation (and test, with ``eval_test_every_eval``) at step ``done``; returns validation."""
+    validation = run.evaluate(state, task.splits['validation'])
+    writer.write(done, 'validation', validation)
+    if run.config.eval_test_every_eval:
+        writer.write(done, 'test', run.evaluate(state, task.splits['test']))
+    return validation
+
+
+def final_evaluation(run: Run, state: TrainState, task,
+                     last_eval: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """(validation, test) metrics of the final state.
+
+    The validation of the last step is reused; a resumed finished run (no step ran) evaluates the
+    restored state once more.
+    """
+    validation = last_eval or run.evaluate(state, task.splits['validation'])
+    return validation, run.evaluate(state, task.splits['test'])
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -462,20 +605,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     t_start = time.perf_counter()
-    mesh = create_mesh()
-    batch_sharding, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
-    graphdef, state, _ = init_state(config, task.info)
-    state = jax.device_put(init_from_workdir(state, config.init_from), replicated)
-    p_eval = jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated)
+    run, state = setup_run(config, task.info)
+    state = run.place(init_from_workdir(state, config.init_from))
     source_steps = restored_step(config.init_from)
     writer = metrics.MetricWriter(workdir, enabled=is_main)
     splits = {}
     for split in ('validation', 'test'):
-        splits[split] = evaluate(p_eval, state.params, state.rest, task.splits[split], config,
-                                 batch_sharding)
+        splits[split] = run.evaluate(state, task.splits[split])
         writer.write(source_steps, split, splits[split])
     writer.close()
-    results = _results(config, count_params(state.params), 0, 0, time.perf_counter() - t_start,
+    results = _results(config, run.num_params, 0, 0, time.perf_counter() - t_start,
                        splits['validation'], splits['test'])
     results.update(mode='evaluate', init_from=config.init_from)
     if is_main:

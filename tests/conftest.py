@@ -25,10 +25,4 @@ def tiny_config(task='listops', arg='', /, **overrides):
     from lra_sparse import config_lib
 
     config = config_lib.load(f'configs/{task}.py:tiny' + (f',{arg}' if arg else ''))
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split('.')
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return config_lib.apply_overrides(config, overrides)
