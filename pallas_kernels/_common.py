@@ -33,8 +33,8 @@ MAX_HEAD_DIM = 256  # widest head the kernels keep in registers (after padding t
 
 
 # Backward tiles: at most 64 × 64 by default. Offline Triton compiles for sm_90 show the 128 × 128
-# dQ and dK/dV programs spilling registers (four float32 tiles live at once); 64-row tiles with
-# 4 warps do not (docs/BENCHMARKS.md).
+# dQ and dK/dV programs spilling registers (four float32 tiles live at once); 64 × 64 tiles with
+# the default warps do not (docs/BENCHMARKS.md).
 DEFAULT_BWD_BLOCK = 64
 WARPS = (1, 2, 4, 8, 16)
 LOG2E = math.log2(math.e)  # exp(x) = exp2(x · log2(e)): scores are kept in base-2 units
@@ -53,16 +53,16 @@ class BlockSizes:
       block_q: query rows per tile (a power of two >= 16 dividing q_len); for the block-sparse
         kernel also the granularity of the index lists.
       block_k: keys per tile (a power of two >= 16 dividing kv_len; >= 16·M for N:M).
-      num_warps: Triton warps per forward program (None: the kernel's default; block-sparse: 4
-        when a row of q (head_dim padded to a power of two) is at most 128 bytes, else 8; N:M:
-        8).
+      num_warps: Triton warps per forward program (None: the kernel's default; block-sparse: 8
+        when a row of q (head_dim padded to a power of two) is over 128 bytes and block_q >= 64,
+        else 4; N:M: 8).
       num_stages: Triton software-pipelining stages of the forward kernel.
       block_q_bwd: query rows per tile of the backward kernels (dQ and dK/dV), a power of two
         in [16, block_q] (None: min(block_q, 64)).
       block_k_bwd: keys per backward tile, a power of two in [16, block_k] (None: min(block_k,
         64); N:M: at least 16·M).
-      num_warps_bwd: Triton warps per backward program (None: 4 when a row of q is at most 128
-        bytes, else 8).
+      num_warps_bwd: Triton warps per backward program (None: 8 when a row of q is over 128 bytes
+        and the backward tiles have >= 64 rows, else 4).
       num_stages_bwd: Triton pipelining stages of the backward kernels (None: num_stages).
     """
 
@@ -103,13 +103,15 @@ class KernelConfig:
         return PRECISIONS[self.precision]
 
 
-def default_warps(head_dim: int, dtype) -> int:
-    """Triton warps for a tile program: 4 when a row of q is at most 128 bytes, else 8.
+def default_warps(head_dim: int, dtype, rows: int) -> int:
+    """Triton warps for a tile program of ``rows`` query (or key) rows.
 
-    Offline sm_90 compiles (docs/BENCHMARKS.md): with head_dim 64, bfloat16 programs fit 4 warps
-    without spilling; float32 ones (twice the bytes per row) spill with 4 and not with 8.
+    4 when a row of q is at most 128 bytes or the tile has fewer than 64 rows, else 8. Offline
+    sm_90 compiles (docs/BENCHMARKS.md): with head_dim 64, bfloat16 programs fit 4 warps without
+    spilling; float32 ones (twice the bytes per row) spill with 4 and not with 8.
     """
-    return 4 if padded_head_dim(head_dim) * jnp.dtype(dtype).itemsize <= 128 else 8
+    wide = padded_head_dim(head_dim) * jnp.dtype(dtype).itemsize > 128
+    return 8 if wide and rows >= 64 else 4
 
 
 def launch_params(block_sizes: BlockSizes, head_dim: int, dtype, interpret: bool | None,
@@ -117,19 +119,20 @@ def launch_params(block_sizes: BlockSizes, head_dim: int, dtype, interpret: bool
                   min_block_k_bwd: int = MIN_BLOCK) -> dict:
     """The KernelConfig fields from the tiles, head width, dtype, ``interpret`` and precision.
 
-    Unset fields of ``block_sizes`` get their defaults: :func:`default_warps` (forward:
-    ``forward_warps`` when the kernel gives one), backward tiles min(tile, 64) (keys: at least
-    ``min_block_k_bwd``), backward stages = forward stages.
+    Unset fields of ``block_sizes`` get their defaults: backward tiles min(tile, 64) (keys: at
+    least ``min_block_k_bwd``), :func:`default_warps` of the tiles (forward: ``forward_warps``
+    when the kernel gives one), backward stages = forward stages.
     """
-    warps = default_warps(head_dim, dtype)
     bs = block_sizes
+    block_q_bwd = bs.block_q_bwd or min(bs.block_q, DEFAULT_BWD_BLOCK)
+    block_k_bwd = bs.block_k_bwd or min(bs.block_k, max(DEFAULT_BWD_BLOCK, min_block_k_bwd))
     return dict(
         block_q=bs.block_q, block_k=bs.block_k,
         interpret=default_interpret() if interpret is None else bool(interpret),
-        num_warps=bs.num_warps or forward_warps or warps, num_stages=bs.num_stages,
-        block_q_bwd=bs.block_q_bwd or min(bs.block_q, DEFAULT_BWD_BLOCK),
-        block_k_bwd=bs.block_k_bwd or min(bs.block_k, max(DEFAULT_BWD_BLOCK, min_block_k_bwd)),
-        num_warps_bwd=bs.num_warps_bwd or warps,
+        num_warps=bs.num_warps or forward_warps or default_warps(head_dim, dtype, bs.block_q),
+        num_stages=bs.num_stages, block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd,
+        num_warps_bwd=bs.num_warps_bwd or default_warps(head_dim, dtype,
+                                                        max(block_q_bwd, block_k_bwd)),
         num_stages_bwd=bs.num_stages if bs.num_stages_bwd is None else bs.num_stages_bwd,
         precision=precision)
 
