@@ -12,14 +12,19 @@ Inside the kept tiles an optional padding mask applies: ``k_valid`` marks real k
 ``q_valid`` real queries (padded query rows output zeros). A query row with nothing attended
 (no kept block, or only padding in its kept blocks) outputs zeros, never NaN.
 
-Kernels (one program per (batch, head, query block) for the forward pass and dQ, one per
-(batch, head, key block) for dK/dV):
+Kernels (one program per (batch, head, query block) for the forward pass, per (batch, head,
+``block_q_bwd`` rows) for dQ and per (batch, head, ``block_k_bwd`` keys) for dK/dV):
 
-* forward: online softmax (FlashAttention-2) over the listed key blocks only; no ``L × L``
-  buffer; saves the row log-sum-exp for the backward pass;
-* dQ: the same loop, recomputing the probabilities from the saved log-sum-exp;
-* dK/dV: loops over the query blocks that list the key block (the transposed lists, built on
-  device from the forward lists in O(q_blocks · k_blocks) work, small next to ``L²``).
+* forward: online softmax (FlashAttention-2, in base 2: ``exp2`` with log2(e)·scale folded into
+  the scores) over the listed key blocks only; no ``L × L`` buffer; saves the row log-sum-exp;
+* dQ: the same loop, recomputing the probabilities from the saved log-sum-exp, over the
+  ``block_k_bwd`` sub-tiles of the listed key blocks (backward tiles default to 64 × 64, which
+  keep the programs out of register spills);
+* dK/dV: loops over the query blocks that list the key block (:func:`transposed_lists`: one
+  sort of the ``q_blocks · max_blocks`` list entries on device, no dense block mask).
+
+float32 inputs use TF32-class dots by default (``precision='default'``; ``'highest'`` keeps IEEE
+float32, for checks); bfloat16/float16 inputs always use their tensor-core dots.
 
 Lowerings (``backend``):
 
@@ -27,15 +32,19 @@ Lowerings (``backend``):
   ``lax.fori_loop`` whose trip count is the list's count (scalar prefetch is TPU-only), K/V tiles
   are loaded with ``ref[pl.ds(block * block_k, block_k)]``.
 * ``'tpu'`` (default on TPU): Mosaic TPU. The tables go through scalar prefetch
-  (``pltpu.PrefetchScalarGridSpec``); the grid's last axis walks the list slots and the K/V
-  ``index_map`` reads the block index from the prefetched table (slots past the count repeat the
-  last block, so the pipeline fetches nothing new, and compute is skipped). Checked in TPU
-  interpret mode only (no TPU was available): Mosaic's layout rules (e.g. tiles of 128 keys for
-  full lanes) and the SMEM size of large tables are not verified.
+  (``pltpu.PrefetchScalarGridSpec``) as flat int32 vectors in SMEM; forward and dQ walk the
+  ``max_blocks`` slots of every list in the grid's last axis (the K/V ``index_map`` reads the
+  block from the table; slots past the count repeat the last block, so nothing new is fetched,
+  and compute is skipped); dK/dV walk one slot per listed (query block, key block) pair plus one
+  per key block, sorted by key block, so the work and the tables grow with the kept blocks, not
+  with ``(L / tile)²``. The tables are checked against SMEM (:data:`TPU_TABLE_SHARE` of it) before
+  launch: e.g. at L = 16384 with 128-tiles, B = 4, H = 8, lists of up to 13 blocks (10%) need
+  229 KB. Lowering for ``tpu`` is checked on CPU (``jax.export``); the kernels have run in TPU
+  interpret mode only, never on a TPU.
 
-On CPU the kernels run in interpret mode automatically (``jax.default_backend() == 'cpu'``):
-the HLO interpreter for ``'triton'``, TPU interpret mode (``pltpu.InterpretParams``) for
-``'tpu'``.
+On CPU the kernels run in interpret mode automatically (when the platform they are traced for,
+JAX's default backend or the one set by ``pallas_kernels.lowering_platform``, is the CPU): the HLO
+interpreter for ``'triton'``, TPU interpret mode (``pltpu.InterpretParams``) for ``'tpu'``.
 
 Preconditions the kernel does not check on device: the indices of one list (within its count)
 are distinct (a repeated block would be counted twice in the forward pass). Indices outside
@@ -129,6 +138,41 @@ def indices_to_block_mask(block_indices: jax.Array, block_counts: jax.Array,
     return (hits > 0).reshape(*lead, num_k_blocks)
 
 
+def transposed_lists(block_indices: jax.Array, block_counts: jax.Array,
+                     num_k_blocks: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Forward lists -> for every key block, the query blocks that list it (one sorted run each).
+
+    O(q_blocks · max_blocks) memory and a sort of that size: no dense block mask.
+
+    Args:
+      block_indices: int [B', H', q_blocks, max_blocks] (out-of-range values clamped).
+      block_counts: int [B', H', q_blocks] (clamped to [0, max_blocks]).
+      num_k_blocks: number of key blocks.
+
+    Returns:
+      (q_blocks int32 [B', H', q_blocks · max_blocks]: the listing query blocks, sorted by key
+      block then query block, unused slots last; start int32 [B', H', num_k_blocks]: where each
+      key block's run begins; count int32 [B', H', num_k_blocks]: its length).
+    """
+    bp, hp, nqb, mb = block_indices.shape
+    kb, live = _live_blocks(block_indices, block_counts, num_k_blocks)
+    qb = jnp.broadcast_to(jnp.arange(nqb, dtype=jnp.int32)[:, None], kb.shape)
+    keys = jnp.where(live, kb, num_k_blocks) * nqb + qb  # unused slots sort last
+    q_blocks = (jnp.sort(keys.reshape(bp, hp, nqb * mb), axis=-1) % nqb).astype(jnp.int32)
+    rows = jnp.arange(bp * hp, dtype=jnp.int32)[:, None]
+    count = jnp.zeros((bp * hp, num_k_blocks + 1), jnp.int32).at[
+        rows, jnp.where(live, kb, num_k_blocks).reshape(bp * hp, -1)].add(1)
+    count = count[:, :num_k_blocks].reshape(bp, hp, num_k_blocks)
+    return q_blocks, jnp.cumsum(count, axis=-1, dtype=jnp.int32) - count, count
+
+
+def _live_blocks(idx, cnt, num_k_blocks):
+    """(clamped key blocks int32 [..., q_blocks, max_blocks], the slot is within its count)."""
+    mb = idx.shape[-1]
+    live = jnp.arange(mb, dtype=jnp.int32) < c.clamp(cnt.astype(jnp.int32), 0, mb)[..., None]
+    return c.clamp(idx.astype(jnp.int32), 0, num_k_blocks - 1), live
+
+
 # -- checks -----------------------------------------------------------------------------------
 def _check_tables(block_indices, block_counts, batch: int, heads: int, nqb: int,
                   nkb: int) -> None:
@@ -159,9 +203,54 @@ def _check_tables(block_indices, block_counts, batch: int, heads: int, nqb: int,
                          f'{idx_np[bad][0]} at {tuple(int(i) for i in np.argwhere(bad)[0])}.')
 
 
-def _prepare(q, k, v, block_indices, block_counts, q_valid, k_valid, sm_scale, block_sizes):
+# The TPU kernels keep their index tables in SMEM (scalar prefetch). They may use this share of
+# it: Mosaic keeps scalars of its own there too (the exact headroom is unverified).
+TPU_TABLE_SHARE = 0.75
+_TPU_DEFAULT_SMEM = 1 << 20  # TPU v4 and later: 1 MiB per core
+_TPU_MAX_BLOCKS = 1 << 14  # block numbers packed in 14 bits (see _tpu_dkv_slots)
+
+
+def tpu_smem_bytes() -> int:
+    """SMEM per TPU core: the device's when running on a TPU, else 1 MiB (TPU v4 and later)."""
+    if jax.default_backend() == 'tpu':
+        try:
+            return int(pltpu.get_tpu_info().smem_capacity_bytes)
+        except Exception:  # noqa: BLE001 - an unknown chip: keep the default
+            pass
+    return _TPU_DEFAULT_SMEM
+
+
+def tpu_table_bytes(table_shape: tuple[int, ...], num_k_blocks: int) -> int:
+    """SMEM bytes of the largest index table of the TPU kernels.
+
+    Forward and dQ: the lists and counts, B'·H'·q_blocks·(max_blocks + 1) int32; dK/dV: one
+    packed word per (query block, key block) pair that may exist plus one per key block,
+    B'·H'·(q_blocks·max_blocks + k_blocks) int32.
+    """
+    bp, hp, nqb, mb = table_shape
+    return 4 * bp * hp * max(nqb * (mb + 1), nqb * mb + num_k_blocks)
+
+
+def _check_tpu_tables(table_shape: tuple[int, ...], num_k_blocks: int) -> None:
+    """Raises ValueError when the TPU kernels' tables cannot fit SMEM (before launch)."""
+    nqb = table_shape[2]
+    if max(nqb, num_k_blocks) > _TPU_MAX_BLOCKS:
+        raise ValueError(f"backend='tpu' supports at most {_TPU_MAX_BLOCKS} blocks per sequence, "
+                         f'got {nqb} query and {num_k_blocks} key blocks: use larger tiles.')
+    need, budget = tpu_table_bytes(table_shape, num_k_blocks), int(
+        TPU_TABLE_SHARE * tpu_smem_bytes())
+    if need > budget:
+        raise ValueError(
+            f"backend='tpu': the index tables need {need} bytes of SMEM (block_indices.shape="
+            f'{tuple(table_shape)}, {num_k_blocks} key blocks), more than the {budget} allowed '
+            f'({TPU_TABLE_SHARE:.0%} of {tpu_smem_bytes()}): use larger tiles, fewer '
+            'max_blocks, or fewer batch elements or heads per call.')
+
+
+def _prepare(q, k, v, block_indices, block_counts, q_valid, k_valid, sm_scale, block_sizes,
+             precision):
     """Validates a call; returns (head_dim, scale)."""
-    b, lq, lk, h, d = c.check_call(q, k, v, q_valid, k_valid, block_sizes)
+    b, lq, lk, h, d = c.check_call(q, k, v, q_valid, k_valid, block_sizes, precision)
     _check_tables(block_indices, block_counts, b, h, lq // block_sizes.block_q,
                   lk // block_sizes.block_k)
     return d, c.softmax_scale(d, sm_scale)
@@ -172,8 +261,8 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
                            block_counts: jax.Array, q_valid: jax.Array | None = None,
                            k_valid: jax.Array | None = None, *, sm_scale: float | None = None,
                            block_sizes: BlockSizes = BlockSizes(),
-                           interpret: bool | None = None,
-                           backend: str | None = None) -> jax.Array:
+                           interpret: bool | None = None, backend: str | None = None,
+                           precision: str = 'default') -> jax.Array:
     """Softmax attention restricted to the listed tiles (Pallas kernels, differentiable).
 
     Args:
@@ -188,17 +277,23 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
       block_sizes: the tiles (powers of two >= 16 dividing the lengths) and GPU parameters.
       interpret: run the kernels in interpret mode (default: on CPU only).
       backend: 'triton' (GPU) or 'tpu' (Mosaic); default 'tpu' on a TPU backend, else 'triton'.
+      precision: 'default' (float32 inputs use TF32 tensor cores on GPU) or 'highest' (IEEE
+        float32 dots, for checks).
 
     Returns:
       [batch, q_len, heads, head_dim] in q's dtype. Rows with nothing attended are zeros.
 
     Raises:
-      ValueError: naming the offending shape, dtype, block size or index value, before launch.
+      ValueError: naming the offending shape, dtype, block size, index value or (TPU) table
+        size, before launch.
     """
     d, scale = _prepare(q, k, v, block_indices, block_counts, q_valid, k_valid, sm_scale,
-                        block_sizes)
-    cfg = _Config(scale=scale, backend=c.resolve_backend(backend),
-                  **c.launch_params(block_sizes, d, interpret))
+                        block_sizes, precision)
+    backend = c.resolve_backend(backend)
+    if backend == 'tpu':
+        _check_tpu_tables(block_indices.shape, k.shape[1] // block_sizes.block_k)
+    cfg = _Config(scale=scale, backend=backend,
+                  **c.launch_params(block_sizes, d, q.dtype, interpret, precision))
     return _run(q, k, v, block_indices.astype(jnp.int32), block_counts.astype(jnp.int32),
                 c.as_int_mask(q_valid), c.as_int_mask(k_valid), cfg=cfg)
 
@@ -210,16 +305,17 @@ def block_sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
                                      sm_scale: float | None = None,
                                      block_sizes: BlockSizes = BlockSizes(),
                                      interpret: bool | None = None,
-                                     backend: str | None = None) -> jax.Array:
+                                     backend: str | None = None,
+                                     precision: str = 'default') -> jax.Array:
     """Dense masked-softmax twin of :func:`block_sparse_attention` (plain jnp, XLA autodiff).
 
-    Same arguments and result (``interpret`` and ``backend`` are ignored). Builds the ``L × L``
-    keep mask from the lists (clamped like the kernel): the obviously-correct oracle, not a fast
-    path.
+    Same arguments and result (``interpret``, ``backend`` and ``precision`` are ignored: the
+    reference always uses float32 'highest' matmuls). Builds the ``L × L`` keep mask from the
+    lists (clamped like the kernel): the obviously-correct oracle, not a fast path.
     """
     del interpret, backend
     _, scale = _prepare(q, k, v, block_indices, block_counts, q_valid, k_valid, sm_scale,
-                        block_sizes)
+                        block_sizes, precision)
     bq, bk = block_sizes.block_q, block_sizes.block_k
     lk = k.shape[1]
     tiles = indices_to_block_mask(block_indices, block_counts, lk // bk)  # [B', H', nqb, nkb]
@@ -277,21 +373,21 @@ def _attention_fwd(q, k, v, idx, cnt, qv, kv, cfg):
 def _attention_bwd(cfg, res, do):
     q, k, v, idx, cnt, qv, kv, o, lse = res
     delta = c.row_delta(o, do)  # [B, H, Lq]
-    nkb, nqb = k.shape[1] // cfg.block_k, q.shape[1] // cfg.block_q
-    tiles_t = jnp.swapaxes(indices_to_block_mask(idx, cnt, nkb), -1, -2)  # [B', H', nkb, nqb]
-    idx_t, cnt_t = block_mask_to_indices(tiles_t, nqb)
+    nkb = k.shape[1] // cfg.block_k
     if cfg.backend == 'tpu':
-        dq, dk, dv = _tpu_backward(q, k, v, idx, cnt, idx_t, cnt_t, qv, kv, do, lse, delta, cfg)
+        slots = _tpu_dkv_slots(idx, cnt, nkb)
+        dq, dk, dv = _tpu_backward(q, k, v, idx, cnt, slots, qv, kv, do, lse, delta, cfg)
     else:
         dq = _backward_dq(q, k, v, idx, cnt, qv, kv, do, lse, delta, cfg)
-        dk, dv = _backward_dkv(q, k, v, idx_t, cnt_t, qv, kv, do, lse, delta, cfg)
+        dk, dv = _backward_dkv(q, k, v, transposed_lists(idx, cnt, nkb), qv, kv, do, lse,
+                               delta, cfg)
     return dq, dk, dv, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-# -- pallas calls -----------------------------------------------------------------------------
+# -- pallas calls (Triton) ----------------------------------------------------------------------
 def _table_map(shape):
     """Index map for a [B' , H', rows, ...] table: broadcast axes (size 1) always read block 0."""
     def pick(b, h):
@@ -299,11 +395,28 @@ def _table_map(shape):
     return pick
 
 
-def _specs_for_tables(idx, cnt):
-    """BlockSpecs of a list table (one list per program) and its counts."""
-    pick = _table_map(idx.shape)
-    return [pl.BlockSpec((_SQ, _SQ, _SQ, idx.shape[3]), lambda b, h, i: (*pick(b, h), i, 0)),
-            pl.BlockSpec((_SQ, _SQ, 1), lambda b, h, i: (*pick(b, h), i))]
+def _row_of_table(table, per_row: int = 1):
+    """BlockSpec of entry (or list) i // per_row of a [B', H', rows(, n)] table.
+
+    Program (b, h, i) reads row ``i // per_row``: ``per_row`` programs share a row.
+    """
+    pick = _table_map(table.shape)
+    if table.ndim == 4:
+        return pl.BlockSpec((_SQ, _SQ, _SQ, table.shape[3]),
+                            lambda b, h, i: (*pick(b, h), i // per_row, 0))
+    return pl.BlockSpec((_SQ, _SQ, 1), lambda b, h, i: (*pick(b, h), i // per_row))
+
+
+def _whole_table(table):
+    """BlockSpec of the whole [B', H', n] table row of program (b, h, i)."""
+    pick = _table_map(table.shape)
+    return pl.BlockSpec((_SQ, _SQ, table.shape[2]), lambda b, h, i: (*pick(b, h), 0))
+
+
+def _flags(cfg, qv, kv):
+    """Kernel keyword arguments shared by the Triton kernels."""
+    return dict(scale_log2=cfg.scale * c.LOG2E, prec=cfg.dot_precision, has_qv=qv is not None,
+                has_kv=kv is not None)
 
 
 def _forward(q, k, v, idx, cnt, qv, kv, cfg):
@@ -312,11 +425,11 @@ def _forward(q, k, v, idx, cnt, qv, kv, cfg):
     lk = k.shape[1]
     bq, bk = cfg.block_q, cfg.block_k
     mspecs, margs = c.mask_specs(qv, kv, bq, None, lq, lk)
-    in_specs = _specs_for_tables(idx, cnt) + [c.row_block(bq, d), c.row_full(lk, d),
-                                              c.row_full(lk, d)] + mspecs
+    in_specs = [_row_of_table(idx), _row_of_table(cnt), c.row_block(bq, d), c.row_full(lk, d),
+                c.row_full(lk, d)] + mspecs
     args = [idx, cnt, q, k, v, *margs]
-    kernel = functools.partial(_fwd_kernel, scale=cfg.scale, block_k=bk, num_k_blocks=lk // bk,
-                               has_qv=qv is not None, has_kv=kv is not None)
+    kernel = functools.partial(_fwd_kernel, block_k=bk, num_k_blocks=lk // bk,
+                               **_flags(cfg, qv, kv))
     out_specs = [c.row_block(bq, d), c.stat_block(bq)]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, lq), jnp.float32)]
@@ -324,8 +437,8 @@ def _forward(q, k, v, idx, cnt, qv, kv, cfg):
                          'block_sparse_fwd')(*args)
 
 
-def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *rest, scale, block_k, num_k_blocks,
-                has_qv, has_kv):
+def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *rest, scale_log2, prec, block_k,
+                num_k_blocks, has_qv, has_kv):
     """One (batch, head, query block): online softmax over the listed key blocks."""
     qv_ref, kv_ref, (o_ref, lse_ref) = c.split_masks(rest, has_qv, has_kv)
     bq, d = q_ref.shape
@@ -336,9 +449,9 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *rest, scale, block_k, nu
     def body(j, carry):
         start = pl.multiple_of(c.clamp(idx_ref[j], 0, num_k_blocks - 1) * block_k, block_k)
         rows = pl.ds(start, block_k)
-        s = c.dot_nt(q, k_ref[rows, :]) * scale
+        s = c.dot_nt(q, k_ref[rows, :], prec) * scale_log2
         valid = c.pair_valid(q_ok, (kv_ref[rows] != 0) if has_kv else None)
-        return c.online_update(*carry, s, valid, v_ref[rows, :])
+        return c.online_update(*carry, s, valid, v_ref[rows, :], prec)
 
     init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), c.MASK_VALUE, jnp.float32),
             jnp.zeros((bq,), jnp.float32))
@@ -348,128 +461,213 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *rest, scale, block_k, nu
     lse_ref[...] = lse
 
 
-def _probs(q, k, lse, scale, valid):
-    """Recomputed probabilities of a tile: float32 [rows, cols] (0 where not valid)."""
-    p = jnp.exp(c.dot_nt(q, k) * scale - lse[:, None])
+def _probs(q, k, lse2, scale_log2, valid, prec):
+    """Recomputed probabilities of a tile: float32 [rows, cols] (0 where not valid).
+
+    ``lse2``: float32 [rows] log-sum-exp in base 2 (natural lse · log2(e)).
+    """
+    p = jnp.exp2(c.dot_nt(q, k, prec) * scale_log2 - lse2[:, None])
     return p if valid is None else jnp.where(valid, p, 0.0)
 
 
+def _sub_tile(t, parts: int):
+    """Loop step t >= 0 over (list slot, sub-tile) pairs -> (slot, sub-tile)."""
+    if parts == 1:
+        return t, 0
+    parts = jnp.int32(parts)
+    return lax.div(t, parts), lax.rem(t, parts)  # lax ops: jnp's floor division trips Triton
+
+
 def _backward_dq(q, k, v, idx, cnt, qv, kv, do, lse, delta, cfg):
-    """The dQ kernel: one program per (batch, head, query block), loop over its key blocks."""
+    """The dQ kernel: one program per (batch, head, block_q_bwd rows).
+
+    Each program loops over the block_k_bwd sub-tiles of its rows' listed key blocks.
+    """
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    bq, bk = cfg.block_q, cfg.block_k
-    rows_vec = c.stat_block(bq)
-    mspecs, margs = c.mask_specs(qv, kv, bq, None, lq, lk)
-    in_specs = _specs_for_tables(idx, cnt) + [
-        c.row_block(bq, d), c.row_full(lk, d), c.row_full(lk, d), c.row_block(bq, d), rows_vec,
-        rows_vec] + mspecs
+    rq, rk = cfg.block_q_bwd, cfg.block_k_bwd
+    per_list = cfg.block_q // rq
+    rows_vec = c.stat_block(rq)
+    mspecs, margs = c.mask_specs(qv, kv, rq, None, lq, lk)
+    in_specs = [_row_of_table(idx, per_list), _row_of_table(cnt, per_list), c.row_block(rq, d),
+                c.row_full(lk, d), c.row_full(lk, d), c.row_block(rq, d), rows_vec,
+                rows_vec] + mspecs
     args = [idx, cnt, q, k, v, do, lse, delta, *margs]
-    kernel = functools.partial(_dq_kernel, scale=cfg.scale, block_k=bk, num_k_blocks=lk // bk,
-                               has_qv=qv is not None, has_kv=kv is not None)
+    kernel = functools.partial(_dq_kernel, scale=cfg.scale, block_k=cfg.block_k, sub_k=rk,
+                               num_k_blocks=lk // cfg.block_k, **_flags(cfg, qv, kv))
     out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    return c.triton_call(kernel, (b, h, lq // bq), in_specs, c.row_block(bq, d), out_shape, cfg,
-                         'block_sparse_dq')(*args)
+    return c.triton_call(kernel, (b, h, lq // rq), in_specs, c.row_block(rq, d), out_shape, cfg,
+                         'block_sparse_dq', backward=True)(*args)
 
 
 def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, scale,
-               block_k, num_k_blocks, has_qv, has_kv):
+               scale_log2, prec, block_k, sub_k, num_k_blocks, has_qv, has_kv):
     qv_ref, kv_ref, (dq_ref,) = c.split_masks(rest, has_qv, has_kv)
-    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    q, do, delta = q_ref[...], do_ref[...], delta_ref[...]
+    lse2 = lse_ref[...] * c.LOG2E
     q_ok = (qv_ref[...] != 0) if has_qv else None
+    parts = block_k // sub_k
     count = c.clamp(cnt_ref[0], 0, idx_ref.shape[0])
 
-    def body(j, dq):
-        start = pl.multiple_of(c.clamp(idx_ref[j], 0, num_k_blocks - 1) * block_k, block_k)
-        rows = pl.ds(start, block_k)
+    def body(t, dq):
+        slot, part = _sub_tile(t, parts)
+        block = c.clamp(idx_ref[slot], 0, num_k_blocks - 1)
+        rows = pl.ds(pl.multiple_of(block * block_k + part * sub_k, sub_k), sub_k)
         k, v = k_ref[rows, :], v_ref[rows, :]
-        p = _probs(q, k, lse, scale, c.pair_valid(q_ok, (kv_ref[rows] != 0) if has_kv else None))
-        ds = p * (c.dot_nt(do, v) - delta[:, None])
-        return dq + c.dot_nn(ds.astype(k.dtype), k)
+        valid = c.pair_valid(q_ok, (kv_ref[rows] != 0) if has_kv else None)
+        p = _probs(q, k, lse2, scale_log2, valid, prec)
+        ds = p * (c.dot_nt(do, v, prec) - delta[:, None])
+        return dq + c.dot_nn(ds.astype(k.dtype), k, prec)
 
-    dq = lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
+    dq = lax.fori_loop(0, count * parts, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _backward_dkv(q, k, v, idx_t, cnt_t, qv, kv, do, lse, delta, cfg):
-    """The dK/dV kernel: one program per (batch, head, key block), loop over its query blocks."""
+def _backward_dkv(q, k, v, tables, qv, kv, do, lse, delta, cfg):
+    """The dK/dV kernel: one program per (batch, head, block_k_bwd keys).
+
+    Each program loops over the block_q_bwd sub-tiles of the query blocks that list its key
+    block (``tables``: :func:`transposed_lists`).
+    """
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    bq, bk = cfg.block_q, cfg.block_k
+    rq, rk = cfg.block_q_bwd, cfg.block_k_bwd
+    per_list = cfg.block_k // rk
+    q_blocks, start, count = tables
     rows_full = c.stat_full(lq)
-    mspecs, margs = c.mask_specs(qv, kv, None, bk, lq, lk)
-    in_specs = _specs_for_tables(idx_t, cnt_t) + [
-        c.row_full(lq, d), c.row_block(bk, d), c.row_block(bk, d), c.row_full(lq, d), rows_full,
-        rows_full] + mspecs
-    args = [idx_t, cnt_t, q, k, v, do, lse, delta, *margs]
-    kernel = functools.partial(_dkv_kernel, scale=cfg.scale, block_q=bq, num_q_blocks=lq // bq,
-                               has_qv=qv is not None, has_kv=kv is not None)
+    mspecs, margs = c.mask_specs(qv, kv, None, rk, lq, lk)
+    in_specs = [_whole_table(q_blocks), _row_of_table(start, per_list),
+                _row_of_table(count, per_list), c.row_full(lq, d), c.row_block(rk, d),
+                c.row_block(rk, d), c.row_full(lq, d), rows_full, rows_full] + mspecs
+    args = [q_blocks, start, count, q, k, v, do, lse, delta, *margs]
+    kernel = functools.partial(_dkv_kernel, scale=cfg.scale, block_q=cfg.block_q, sub_q=rq,
+                               num_q_blocks=lq // cfg.block_q, **_flags(cfg, qv, kv))
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-    out_specs = [c.row_block(bk, d), c.row_block(bk, d)]
-    return c.triton_call(kernel, (b, h, lk // bk), in_specs, out_specs, out_shape, cfg,
-                         'block_sparse_dkv')(*args)
+    out_specs = [c.row_block(rk, d), c.row_block(rk, d)]
+    return c.triton_call(kernel, (b, h, lk // rk), in_specs, out_specs, out_shape, cfg,
+                         'block_sparse_dkv', backward=True)(*args)
 
 
-def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, scale,
-                block_q, num_q_blocks, has_qv, has_kv):
+def _dkv_kernel(qb_ref, start_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                *rest, scale, scale_log2, prec, block_q, sub_q, num_q_blocks, has_qv, has_kv):
     qv_ref, kv_ref, (dk_ref, dv_ref) = c.split_masks(rest, has_qv, has_kv)
     k, v = k_ref[...], v_ref[...]
     k_ok = (kv_ref[...] != 0) if has_kv else None
-    count = c.clamp(cnt_ref[0], 0, idx_ref.shape[0])
+    parts = block_q // sub_q
+    first = c.clamp(start_ref[0], 0, qb_ref.shape[0])
+    count = c.clamp(count_ref[0], 0, qb_ref.shape[0] - first)
 
-    def body(j, carry):
+    def body(t, carry):
         dk, dv = carry
-        start = pl.multiple_of(c.clamp(idx_ref[j], 0, num_q_blocks - 1) * block_q, block_q)
-        rows = pl.ds(start, block_q)
+        slot, part = _sub_tile(t, parts)
+        block = c.clamp(qb_ref[first + slot], 0, num_q_blocks - 1)
+        rows = pl.ds(pl.multiple_of(block * block_q + part * sub_q, sub_q), sub_q)
         q, do = q_ref[rows, :], do_ref[rows, :]
-        lse, delta = lse_ref[rows], delta_ref[rows]
-        p = _probs(q, k, lse, scale, c.pair_valid((qv_ref[rows] != 0) if has_qv else None, k_ok))
-        dv = dv + c.dot_tn(p.astype(do.dtype), do)
-        ds = p * (c.dot_nt(do, v) - delta[:, None])
-        dk = dk + c.dot_tn(ds.astype(q.dtype), q)
+        lse2, delta = lse_ref[rows] * c.LOG2E, delta_ref[rows]
+        valid = c.pair_valid((qv_ref[rows] != 0) if has_qv else None, k_ok)
+        p = _probs(q, k, lse2, scale_log2, valid, prec)
+        dv = dv + c.dot_tn(p.astype(do.dtype), do, prec)
+        ds = p * (c.dot_nt(do, v, prec) - delta[:, None])
+        dk = dk + c.dot_tn(ds.astype(q.dtype), q, prec)
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, count, body, (zeros, zeros))
+    dk, dv = lax.fori_loop(0, count * parts, body, (zeros, zeros))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 # -- TPU (Mosaic) lowering ----------------------------------------------------------------------
 # Head-major layout [B, H, L, D]; row statistics as [B, H, L, 1] columns; masks as [B, L, 1]
-# (query side, a column) and [B, 1, L] (key side, a row). Grid (B, H, rows, slots): the last axis
-# walks a list, the accumulators live in VMEM scratch, the output block is written at the last
-# slot.
+# (query side, a column) and [B, 1, L] (key side, a row). Index tables are flat int32 vectors in
+# SMEM (scalar prefetch; flat, so SMEM holds no padding). Forward and dQ: grid (B, H, q_blocks,
+# max_blocks), the last axis walks a list. dK/dV: grid (B, H, slots) over the packed pairs of
+# _tpu_dkv_slots, sorted by key block. Accumulators live in VMEM scratch; an output block is
+# written at the last step that visits it.
+_Q_SHIFT, _K_SHIFT, _BLOCK_BITS = 3, 17, (1 << 14) - 1
+
+
 def _tpu_call(kernel, grid, num_prefetch, in_specs, out_specs, out_shape, scratch, cfg, name):
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=num_prefetch, grid=grid, in_specs=in_specs, out_specs=out_specs,
         scratch_shapes=scratch)
+    semantics = ('parallel', 'parallel') + ('parallel', 'arbitrary')[-(len(grid) - 2):]
     return pl.pallas_call(
         kernel, grid_spec=grid_spec, out_shape=out_shape,
         interpret=pltpu.InterpretParams() if cfg.interpret else False,
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
-        name=name)
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics), name=name)
+
+
+def _flat_row(shape):
+    """(b, h) -> the row of a flattened [B', H', rows] table (broadcast axes read row 0)."""
+    pick = _table_map(shape)
+
+    def row(b, h):
+        tb, th = pick(b, h)
+        return tb * shape[1] + th
+    return row
 
 
 def _tpu_maps(table_shape, num_blocks):
-    """Index maps of a grid (b, h, i, j) with prefetched (idx, cnt) tables.
+    """Index maps of a grid (b, h, i, j) with prefetched flat (idx, cnt) tables.
 
     Returns:
       (own, listed): ``own`` picks block i of the program's own rows; ``listed`` picks the block
       in slot j of list (b, h, i) (slots past the count repeat the last listed block).
     """
-    pick = _table_map(table_shape)
+    row = _flat_row(table_shape)
+    nqb, mb = table_shape[2], table_shape[3]
 
     def own(b, h, i, j, idx_ref, cnt_ref):
         return b, h, i, 0
 
     def listed(b, h, i, j, idx_ref, cnt_ref):
-        tb, th = pick(b, h)
-        slot = jnp.minimum(j, jnp.maximum(cnt_ref[tb, th, i] - 1, 0))
-        return b, h, c.clamp(idx_ref[tb, th, i, slot], 0, num_blocks - 1), 0
+        base = row(b, h) * nqb + i
+        slot = jnp.minimum(j, jnp.maximum(cnt_ref[base] - 1, 0))
+        return b, h, c.clamp(idx_ref[base * mb + slot], 0, num_blocks - 1), 0
 
     return own, listed
+
+
+def _unpack_slot(word):
+    """Packed dK/dV slot -> (key block, query block to fetch, first, last, live)."""
+    k_block = lax.shift_right_logical(word, _K_SHIFT)
+    q_block = lax.shift_right_logical(word, _Q_SHIFT) & _BLOCK_BITS
+    return k_block, q_block, (word & 4) != 0, (word & 2) != 0, (word & 1) != 0
+
+
+def _tpu_dkv_slots(idx, cnt, num_k_blocks):
+    """The dK/dV walk of the TPU kernels: int32 [B'·H'·S] packed slots, sorted by key block.
+
+    S = q_blocks · max_blocks + num_k_blocks slots per (b, h).
+
+    Every (query block, key block) pair of the lists is one slot; every key block also gets one
+    empty slot (so its dK/dV block is written, zero when no query lists it); unused list slots
+    sort last, empty, under the last key block. A slot packs (key block << 17) | (query block to
+    fetch << 3) | first << 2 | last << 1 | live, where first/last mark the key block's run and an
+    empty slot fetches the previous live query block (no new DMA).
+    """
+    bp, hp, nqb, mb = idx.shape
+    kb, live = _live_blocks(idx, cnt, num_k_blocks)
+    width = nqb + 1  # key = key block · width + query block + 1 (0: the empty slot)
+    qb = jnp.arange(1, nqb + 1, dtype=jnp.int32)[:, None]
+    pairs = jnp.where(live, kb * width + qb, num_k_blocks * width).reshape(bp, hp, nqb * mb)
+    empties = jnp.broadcast_to(jnp.arange(num_k_blocks, dtype=jnp.int32) * width,
+                               (bp, hp, num_k_blocks))
+    keys = jnp.sort(jnp.concatenate([pairs, empties], axis=-1), axis=-1)
+    k_block, q_plus = keys // width, keys % width
+    live = (q_plus > 0) & (k_block < num_k_blocks)
+    k_block = jnp.minimum(k_block, num_k_blocks - 1)
+    edge = k_block[..., 1:] != k_block[..., :-1]
+    true = jnp.ones((bp, hp, 1), bool)
+    first, last = (jnp.concatenate([true, edge], -1), jnp.concatenate([edge, true], -1))
+    pos = jnp.arange(keys.shape[-1], dtype=jnp.int32)
+    source = lax.cummax(jnp.where(live, pos, -1), axis=2)  # the last live slot so far
+    q_fetch = jnp.where(source >= 0, jnp.take_along_axis(q_plus - 1, jnp.maximum(source, 0),
+                                                         axis=-1), 0)
+    word = ((k_block << _K_SHIFT) | (q_fetch << _Q_SHIFT) | (first.astype(jnp.int32) << 2)
+            | (last.astype(jnp.int32) << 1) | live.astype(jnp.int32))
+    return word.reshape(-1)
 
 
 def _tpu_mask_specs(qv, kv, q_rows, k_rows, q_map, k_map):
@@ -497,6 +695,10 @@ def _heads_first(x):
     return jnp.swapaxes(x, 1, 2)
 
 
+def _flat_tables(idx, cnt):
+    return idx.reshape(-1), cnt.reshape(-1)
+
+
 def _tpu_forward(q, k, v, idx, cnt, qv, kv, cfg):
     """TPU forward. Returns (o [B, Lq, H, D], lse float32 [B, H, Lq])."""
     b, lq, h, d = q.shape
@@ -505,7 +707,8 @@ def _tpu_forward(q, k, v, idx, cnt, qv, kv, cfg):
     tile_q = pl.BlockSpec((_SQ, _SQ, bq, d), own)
     tile_k = pl.BlockSpec((_SQ, _SQ, bk, d), listed)
     mspecs, margs = _tpu_mask_specs(qv, kv, bq, bk, own, listed)
-    kernel = functools.partial(_tpu_fwd_kernel, scale=cfg.scale, pick=_table_map(idx.shape),
+    kernel = functools.partial(_tpu_fwd_kernel, scale_log2=cfg.scale * c.LOG2E,
+                               prec=cfg.dot_precision, state=_tpu_list_state(idx.shape),
                                has_qv=qv is not None, has_kv=kv is not None)
     o, lse = _tpu_call(
         kernel, (b, h, lq // bq, idx.shape[3]), 2, [tile_q, tile_k, tile_k] + mspecs,
@@ -514,22 +717,30 @@ def _tpu_forward(q, k, v, idx, cnt, qv, kv, cfg):
          jax.ShapeDtypeStruct((b, h, lq, 1), jnp.float32)],
         [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
          pltpu.VMEM((bq, d), jnp.float32)], cfg, 'block_sparse_fwd_tpu',
-    )(idx, cnt, _heads_first(q), _heads_first(k), _heads_first(v), *margs)
+    )(*_flat_tables(idx, cnt), _heads_first(q), _heads_first(k), _heads_first(v), *margs)
     return _heads_first(o), lse[..., 0]
 
 
-def _tpu_list_state(cnt_ref, pick):
-    """(first slot, last slot, the slot holds a listed block) of this program."""
-    b, h, i, j = (pl.program_id(a) for a in range(4))
-    tb, th = pick(b, h)
-    count = c.clamp(cnt_ref[tb, th, i], 0, pl.num_programs(3))
-    return j == 0, j == pl.num_programs(3) - 1, j < count
+def _tpu_list_state(table_shape):
+    """Count table ref -> (first slot, last slot, live slot) of the running program (b, h, i, j).
+
+    ``live``: the slot holds a listed block.
+    """
+    row = _flat_row(table_shape)
+    nqb = table_shape[2]
+
+    def state(cnt_ref):
+        b, h, i, j = (pl.program_id(a) for a in range(4))
+        count = c.clamp(cnt_ref[row(b, h) * nqb + i], 0, pl.num_programs(3))
+        return j == 0, j == pl.num_programs(3) - 1, j < count
+    return state
 
 
-def _tpu_fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *rest, scale, pick, has_qv, has_kv):
+def _tpu_fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *rest, scale_log2, prec, state,
+                    has_qv, has_kv):
     del idx_ref  # used by the index maps
     qv_ref, kv_ref, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = c.split_masks(rest, has_qv, has_kv)
-    first, last, live = _tpu_list_state(cnt_ref, pick)
+    first, last, live = state(cnt_ref)
 
     @pl.when(first)
     def _init():
@@ -539,18 +750,18 @@ def _tpu_fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *rest, scale, pick, h
 
     @pl.when(live)
     def _step():
-        s = c.dot_nt(q_ref[...], k_ref[...]) * scale
+        s = c.dot_nt(q_ref[...], k_ref[...], prec) * scale_log2
         valid = _tpu_valid(qv_ref, kv_ref)
         if valid is not None:
             s = jnp.where(valid, s, c.MASK_VALUE)
         m_prev = m_sc[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
-        alpha = jnp.exp(m_prev - m_new)
-        p = jnp.exp(s - m_new)
+        alpha = jnp.exp2(m_prev - m_new)
+        p = jnp.exp2(s - m_new)
         if valid is not None:
             p = jnp.where(valid, p, 0.0)
         l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=-1, keepdims=True)
-        acc_sc[...] = alpha * acc_sc[...] + c.dot_nn(p.astype(v_ref.dtype), v_ref[...])
+        acc_sc[...] = alpha * acc_sc[...] + c.dot_nn(p.astype(v_ref.dtype), v_ref[...], prec)
         m_sc[...] = m_new
 
     @pl.when(last)
@@ -559,55 +770,64 @@ def _tpu_fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *rest, scale, pick, h
         ok = l_i > 0.0
         safe = jnp.where(ok, l_i, 1.0)
         o_ref[...] = jnp.where(ok, acc_sc[...] / safe, 0.0).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(ok, m_sc[...] + jnp.log(safe), -jnp.inf)
+        lse_ref[...] = jnp.where(ok, (m_sc[...] + jnp.log2(safe)) * c.LN2, -jnp.inf)
 
 
-def _tpu_backward(q, k, v, idx, cnt, idx_t, cnt_t, qv, kv, do, lse, delta, cfg):
+def _tpu_backward(q, k, v, idx, cnt, slots, qv, kv, do, lse, delta, cfg):
     """TPU dQ and dK/dV kernels. Returns (dq, dk, dv) in [B, L, H, D]."""
     b, lq, h, d = q.shape
     lk = k.shape[1]
     bq, bk = cfg.block_q, cfg.block_k
     qh, kh, vh, doh = (_heads_first(x) for x in (q, k, v, do))
-    lse, delta = lse[..., None], delta[..., None]  # [B, H, Lq, 1]
-    flags = dict(scale=cfg.scale, has_qv=qv is not None, has_kv=kv is not None)
+    lse2, delta = (lse * c.LOG2E)[..., None], delta[..., None]  # [B, H, Lq, 1]
+    flags = dict(scale=cfg.scale, scale_log2=cfg.scale * c.LOG2E, prec=cfg.dot_precision,
+                 has_qv=qv is not None, has_kv=kv is not None)
 
     own, listed = _tpu_maps(idx.shape, lk // bk)
     q_tile, q_col = pl.BlockSpec((_SQ, _SQ, bq, d), own), pl.BlockSpec((_SQ, _SQ, bq, 1), own)
     k_tile = pl.BlockSpec((_SQ, _SQ, bk, d), listed)
     mspecs, margs = _tpu_mask_specs(qv, kv, bq, bk, own, listed)
     dq = _tpu_call(
-        functools.partial(_tpu_dq_kernel, pick=_table_map(idx.shape), **flags),
+        functools.partial(_tpu_dq_kernel, state=_tpu_list_state(idx.shape), **flags),
         (b, h, lq // bq, idx.shape[3]), 2,
         [q_tile, k_tile, k_tile, q_tile, q_col, q_col] + mspecs, q_tile,
         jax.ShapeDtypeStruct(qh.shape, q.dtype), [pltpu.VMEM((bq, d), jnp.float32)], cfg,
-        'block_sparse_dq_tpu')(idx, cnt, qh, kh, vh, doh, lse, delta, *margs)
+        'block_sparse_dq_tpu')(*_flat_tables(idx, cnt), qh, kh, vh, doh, lse2, delta, *margs)
 
-    own_k, listed_q = _tpu_maps(idx_t.shape, lq // bq)
+    per_head = slots.shape[0] // (idx.shape[0] * idx.shape[1])
+    row = _flat_row(idx.shape)
+
+    def own_k(b, h, s, slots_ref):
+        return b, h, _unpack_slot(slots_ref[row(b, h) * per_head + s])[0], 0
+
+    def listed_q(b, h, s, slots_ref):
+        return b, h, _unpack_slot(slots_ref[row(b, h) * per_head + s])[1], 0
+
     k_own = pl.BlockSpec((_SQ, _SQ, bk, d), own_k)
     q_listed = pl.BlockSpec((_SQ, _SQ, bq, d), listed_q)
     col_listed = pl.BlockSpec((_SQ, _SQ, bq, 1), listed_q)
     mspecs, margs = _tpu_mask_specs(qv, kv, bq, bk, listed_q, own_k)
     dk, dv = _tpu_call(
-        functools.partial(_tpu_dkv_kernel, pick=_table_map(idx_t.shape), **flags),
-        (b, h, lk // bk, idx_t.shape[3]), 2,
+        functools.partial(_tpu_dkv_kernel, row=row, per_head=per_head, **flags),
+        (b, h, per_head), 1,
         [q_listed, k_own, k_own, q_listed, col_listed, col_listed] + mspecs, [k_own, k_own],
         [jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
         [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)], cfg,
-        'block_sparse_dkv_tpu')(idx_t, cnt_t, qh, kh, vh, doh, lse, delta, *margs)
+        'block_sparse_dkv_tpu')(slots, qh, kh, vh, doh, lse2, delta, *margs)
     return _heads_first(dq), _heads_first(dk), _heads_first(dv)
 
 
-def _tpu_probs(q_ref, k_ref, lse_ref, scale, valid):
+def _tpu_probs(q_ref, k_ref, lse2_ref, scale_log2, valid, prec):
     """Recomputed probabilities of the tile: float32 [bq, bk]."""
-    p = jnp.exp(c.dot_nt(q_ref[...], k_ref[...]) * scale - lse_ref[...])
+    p = jnp.exp2(c.dot_nt(q_ref[...], k_ref[...], prec) * scale_log2 - lse2_ref[...])
     return p if valid is None else jnp.where(valid, p, 0.0)
 
 
-def _tpu_dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
-                   scale, pick, has_qv, has_kv):
+def _tpu_dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *rest,
+                   scale, scale_log2, prec, state, has_qv, has_kv):
     del idx_ref
     qv_ref, kv_ref, (dq_ref, dq_sc) = c.split_masks(rest, has_qv, has_kv)
-    first, last, live = _tpu_list_state(cnt_ref, pick)
+    first, last, live = state(cnt_ref)
 
     @pl.when(first)
     def _init():
@@ -615,20 +835,20 @@ def _tpu_dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
 
     @pl.when(live)
     def _step():
-        p = _tpu_probs(q_ref, k_ref, lse_ref, scale, _tpu_valid(qv_ref, kv_ref))
-        ds = p * (c.dot_nt(do_ref[...], v_ref[...]) - delta_ref[...])
-        dq_sc[...] += c.dot_nn(ds.astype(k_ref.dtype), k_ref[...])
+        p = _tpu_probs(q_ref, k_ref, lse2_ref, scale_log2, _tpu_valid(qv_ref, kv_ref), prec)
+        ds = p * (c.dot_nt(do_ref[...], v_ref[...], prec) - delta_ref[...])
+        dq_sc[...] += c.dot_nn(ds.astype(k_ref.dtype), k_ref[...], prec)
 
     @pl.when(last)
     def _finish():
         dq_ref[...] = (dq_sc[...] * scale).astype(dq_ref.dtype)
 
 
-def _tpu_dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
-                    scale, pick, has_qv, has_kv):
-    del idx_ref
+def _tpu_dkv_kernel(slots_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *rest, scale,
+                    scale_log2, prec, row, per_head, has_qv, has_kv):
     qv_ref, kv_ref, (dk_ref, dv_ref, dk_sc, dv_sc) = c.split_masks(rest, has_qv, has_kv)
-    first, last, live = _tpu_list_state(cnt_ref, pick)
+    b, h, s = (pl.program_id(a) for a in range(3))
+    _, _, first, last, live = _unpack_slot(slots_ref[row(b, h) * per_head + s])
 
     @pl.when(first)
     def _init():
@@ -637,11 +857,11 @@ def _tpu_dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
 
     @pl.when(live)
     def _step():
-        p = _tpu_probs(q_ref, k_ref, lse_ref, scale, _tpu_valid(qv_ref, kv_ref))
+        p = _tpu_probs(q_ref, k_ref, lse2_ref, scale_log2, _tpu_valid(qv_ref, kv_ref), prec)
         do = do_ref[...]
-        dv_sc[...] += c.dot_tn(p.astype(do.dtype), do)
-        ds = p * (c.dot_nt(do, v_ref[...]) - delta_ref[...])
-        dk_sc[...] += c.dot_tn(ds.astype(q_ref.dtype), q_ref[...])
+        dv_sc[...] += c.dot_tn(p.astype(do.dtype), do, prec)
+        ds = p * (c.dot_nt(do, v_ref[...], prec) - delta_ref[...])
+        dk_sc[...] += c.dot_tn(ds.astype(q_ref.dtype), q_ref[...], prec)
 
     @pl.when(last)
     def _finish():

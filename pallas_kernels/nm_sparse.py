@@ -24,8 +24,14 @@ lse_all)`` is the softmax mass the kept entries carry. Selection carries no grad
 
 Kernels: forward and dQ (one program per (batch, head, query block), a loop over all key blocks)
 and dK/dV (one program per (batch, head, key block), a loop over all query blocks); each
-recomputes the selection. Lowering: Pallas-Triton on GPU, interpret mode on CPU (automatic when
-``jax.default_backend() == 'cpu'``). There is no TPU (Mosaic) lowering of this kernel.
+recomputes the selection; the backward kernels use their own tiles (``block_q_bwd`` ×
+``block_k_bwd``, 64 × 64 by default) and launch parameters. The online softmax runs in base 2
+(``exp2`` with log2(e)·scale folded into the scores); float32 inputs use TF32 dots on GPU unless
+``precision='highest'``.
+
+Lowering: Pallas-Triton on GPU, interpret mode on CPU (automatic when the platform the call is
+traced for is the CPU). There is no TPU (Mosaic) lowering: ``backend='tpu'`` (the default on a
+TPU) raises ``ValueError`` before anything is traced.
 """
 
 from __future__ import annotations
@@ -44,8 +50,9 @@ from pallas_kernels._common import BlockSizes  # re-exported: this kernel's tile
 
 _HIGHEST = lax.Precision.HIGHEST
 SUPPORTED_M = (2, 4)
-
-
+# The forward program holds M score sub-tiles and their masks: with 4 warps the 128 × 128 tiles
+# spill registers in offline sm_90 compiles, with 8 they do not (docs/BENCHMARKS.md).
+FORWARD_WARPS = 8
 
 
 class NMStats(NamedTuple):
@@ -114,16 +121,27 @@ def nm_keep_mask(scores: jax.Array, valid: jax.Array | None, n: int, m: int) -> 
 
 
 # -- checks -----------------------------------------------------------------------------------
-def _prepare(q, k, v, q_valid, k_valid, n, m, sm_scale, block_sizes):
+def _prepare(q, k, v, q_valid, k_valid, n, m, sm_scale, block_sizes, precision):
     """Validates a call; returns the scale."""
     if m not in SUPPORTED_M or not isinstance(n, int) or not 1 <= n < m:
         raise ValueError(f'n:m={n}:{m} is not supported: M in {SUPPORTED_M}, 1 <= N < M '
                          '(e.g. 1:2, 2:4).')
-    d = c.check_call(q, k, v, q_valid, k_valid, block_sizes)[4]
-    if block_sizes.block_k < c.MIN_BLOCK * m:
-        raise ValueError(f'block_sizes.block_k={block_sizes.block_k} must be >= {c.MIN_BLOCK}·M'
-                         f'={c.MIN_BLOCK * m} (each of the M strided sub-tiles feeds a matmul).')
+    d = c.check_call(q, k, v, q_valid, k_valid, block_sizes, precision)[4]
+    for name in ('block_k', 'block_k_bwd'):
+        block = getattr(block_sizes, name)
+        if block is not None and block < c.MIN_BLOCK * m:
+            raise ValueError(f'block_sizes.{name}={block} must be >= {c.MIN_BLOCK}·M='
+                             f'{c.MIN_BLOCK * m} (each of the M strided sub-tiles feeds a '
+                             'matmul).')
     return c.softmax_scale(d, sm_scale)
+
+
+def _check_backend(backend: str | None) -> None:
+    """Raises ValueError for the TPU: this kernel has a Triton lowering only."""
+    if c.resolve_backend(backend) == 'tpu':
+        raise ValueError("backend='tpu' is not supported by nm_sparse_attention: the N:M kernel "
+                         "has no TPU (Mosaic) lowering; use backend='triton' (GPU, or interpret "
+                         'mode anywhere) or the reference.')
 
 
 # -- public API -------------------------------------------------------------------------------
@@ -131,7 +149,8 @@ def nm_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                         q_valid: jax.Array | None = None, k_valid: jax.Array | None = None, *,
                         n: int = 2, m: int = 4, sm_scale: float | None = None,
                         block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None,
-                        return_stats: bool = False) -> jax.Array | tuple[jax.Array, NMStats]:
+                        return_stats: bool = False, backend: str | None = None,
+                        precision: str = 'default') -> jax.Array | tuple[jax.Array, NMStats]:
     """N:M-pruned softmax attention (Pallas kernels, differentiable); see the module docstring.
 
     Args:
@@ -144,17 +163,24 @@ def nm_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       block_sizes: the tiles and GPU parameters.
       interpret: run the kernels in interpret mode (default: on CPU only).
       return_stats: also return :class:`NMStats`.
+      backend: 'triton' or None (the default backend); 'tpu', and None on a TPU, raise.
+      precision: 'default' (float32 inputs use TF32 tensor cores on GPU, so near-tied scores may
+        select differently from the float32 reference) or 'highest' (IEEE float32 dots).
 
     Returns:
       out [batch, q_len, heads, head_dim] in q's dtype (rows with nothing kept are zeros), and
       NMStats when ``return_stats``.
 
     Raises:
-      ValueError: naming the offending shape, dtype, pattern or block size, before launch.
+      ValueError: naming the offending shape, dtype, pattern, block size or backend, before
+        launch.
     """
-    scale = _prepare(q, k, v, q_valid, k_valid, n, m, sm_scale, block_sizes)
+    _check_backend(backend)
+    scale = _prepare(q, k, v, q_valid, k_valid, n, m, sm_scale, block_sizes, precision)
     d = q.shape[-1]
-    cfg = _Config(n=n, m=m, scale=scale, **c.launch_params(block_sizes, d, interpret))
+    cfg = _Config(n=n, m=m, scale=scale,
+                  **c.launch_params(block_sizes, d, q.dtype, interpret, precision,
+                                    forward_warps=FORWARD_WARPS, min_block_k_bwd=c.MIN_BLOCK * m))
     o, lse_kept, lse_all = _run(q, k, v, c.as_int_mask(q_valid), c.as_int_mask(k_valid),
                                 cfg=cfg)
     if return_stats:
@@ -168,15 +194,17 @@ def nm_sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
                                   sm_scale: float | None = None,
                                   block_sizes: BlockSizes = BlockSizes(),
                                   interpret: bool | None = None,
-                                  return_stats: bool = False
+                                  return_stats: bool = False, backend: str | None = None,
+                                  precision: str = 'default'
                                   ) -> jax.Array | tuple[jax.Array, NMStats]:
     """Dense jnp twin of :func:`nm_sparse_attention` (same arguments and result).
 
     Forms the ``L × L`` scores, :func:`nm_keep_mask` and a masked softmax (XLA autodiff; the
-    selection is under ``stop_gradient``). ``interpret`` is ignored.
+    selection is under ``stop_gradient``). ``interpret``, ``backend`` and ``precision`` are
+    ignored: the reference always uses float32 'highest' matmuls.
     """
-    del interpret
-    scale = _prepare(q, k, v, q_valid, k_valid, n, m, sm_scale, block_sizes)
+    del interpret, backend
+    scale = _prepare(q, k, v, q_valid, k_valid, n, m, sm_scale, block_sizes, precision)
     s = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32,
                    precision=_HIGHEST)
     valid = None
@@ -240,22 +268,24 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 # -- pallas calls -----------------------------------------------------------------------------
 def _kernel_args(cfg, qv, kv):
-    return dict(n=cfg.n, m=cfg.m, scale=cfg.scale, has_qv=qv is not None, has_kv=kv is not None)
+    return dict(n=cfg.n, m=cfg.m, scale=cfg.scale, scale_log2=cfg.scale * c.LOG2E,
+                prec=cfg.dot_precision, has_qv=qv is not None, has_kv=kv is not None)
 
 
-def _tile(q, k_parts, q_ok, k_ok_parts, n):
+def _tile(q, k_parts, q_ok, k_ok_parts, n, prec):
     """Raw scores, candidates and kept entries of one tile, as M strided sub-tiles.
 
     Args:
       q: [rows, d]; k_parts: M arrays [cols / M, d] (sub-tile j = keys j, j + M, ...).
       q_ok: bool [rows] or None; k_ok_parts: M bool arrays [cols / M] or None.
       n: kept per group.
+      prec: the score matmuls' precision.
 
     Returns:
       (s, valid, keep): M float32 [rows, cols / M] raw scores, M validity masks (broadcastable;
       None when no mask is given), M bool kept masks.
     """
-    s = [c.dot_nt(q, kj) for kj in k_parts]
+    s = [c.dot_nt(q, kj, prec) for kj in k_parts]
     valid = [c.pair_valid(q_ok, None if k_ok_parts is None else k_ok_parts[j])
              for j in range(len(s))]
     keys = s if valid[0] is None else [jnp.where(vj, sj, -jnp.inf) for sj, vj in zip(s, valid)]
@@ -282,8 +312,10 @@ def _forward(q, k, v, qv, kv, cfg):
                          'nm_sparse_fwd')(q, k, v, *margs)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, *rest, n, m, scale, block_k, num_k_blocks, has_qv, has_kv):
-    """One (batch, head, query block): select, online softmax over kept entries, PV."""
+def _fwd_kernel(q_ref, k_ref, v_ref, *rest, n, m, scale, scale_log2, prec, block_k, num_k_blocks,
+                has_qv, has_kv):
+    """One (batch, head, query block): select, online softmax (base 2) over kept entries, PV."""
+    del scale
     qv_ref, kv_ref, (o_ref, lse_ref, lse_all_ref) = c.split_masks(rest, has_qv, has_kv)
     bq, d = q_ref.shape
     g = block_k // m
@@ -294,13 +326,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, n, m, scale, block_k, num_k_blocks, 
         acc, m_i, l_i, l_all = carry
         parts = [pl.ds(kb * block_k + j, g, stride=m) for j in range(m)]
         k_ok = [kv_ref[p] != 0 for p in parts] if has_kv else None
-        s, valid, keep = _tile(q, [k_ref[p, :] for p in parts], q_ok, k_ok, n)
-        s = [x * scale for x in s]
+        s, valid, keep = _tile(q, [k_ref[p, :] for p in parts], q_ok, k_ok, n, prec)
+        s = [x * scale_log2 for x in s]
         m_tile = functools.reduce(jnp.maximum, [
             jnp.max(jnp.where(kp, x, c.MASK_VALUE), axis=-1) for x, kp in zip(s, keep)])
         m_new = jnp.maximum(m_i, m_tile)
-        alpha = jnp.exp(m_i - m_new)
-        e = [jnp.exp(x - m_new[:, None]) for x in s]
+        alpha = jnp.exp2(m_i - m_new)
+        e = [jnp.exp2(x - m_new[:, None]) for x in s]
         e_all = e if valid[0] is None else [jnp.where(vj, ej, 0.0) for ej, vj in zip(e, valid)]
         p = [jnp.where(kp, ej, 0.0) for ej, kp in zip(e, keep)]
         l_i = alpha * l_i + sum(jnp.sum(pj, axis=-1) for pj in p)
@@ -308,7 +340,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, n, m, scale, block_k, num_k_blocks, 
         acc = alpha[:, None] * acc
         for pj, part in zip(p, parts):
             vj = v_ref[part, :]
-            acc = acc + c.dot_nn(pj.astype(vj.dtype), vj)
+            acc = acc + c.dot_nn(pj.astype(vj.dtype), vj, prec)
         return acc, m_new, l_i, l_all
 
     zeros = jnp.zeros((bq,), jnp.float32)
@@ -321,42 +353,47 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, n, m, scale, block_k, num_k_blocks, 
     lse_all_ref[...] = c.finish_rows(acc, m_i, l_all)[1]
 
 
-def _kept_probs(s, keep, lse, scale):
-    """Recomputed probabilities of kept entries: M float32 [rows, cols / M]."""
-    return [jnp.where(kp, jnp.exp(x * scale - lse[:, None]), 0.0) for x, kp in zip(s, keep)]
+def _kept_probs(s, keep, lse2, scale_log2):
+    """Recomputed probabilities of kept entries: M float32 [rows, cols / M].
+
+    ``s``: M raw score sub-tiles; ``lse2``: float32 [rows] base-2 log-sum-exp (lse · log2(e)).
+    """
+    return [jnp.where(kp, jnp.exp2(x * scale_log2 - lse2[:, None]), 0.0)
+            for x, kp in zip(s, keep)]
 
 
 def _backward_dq(q, k, v, qv, kv, do, lse, delta, cfg):
     """The dQ kernel: one program per (batch, head, query block), loop over all key blocks."""
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    bq = cfg.block_q
+    bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     rows_vec = c.stat_block(bq)
     mspecs, margs = c.mask_specs(qv, kv, bq, None, lq, lk)
-    kernel = functools.partial(_dq_kernel, block_k=cfg.block_k, num_k_blocks=lk // cfg.block_k,
+    kernel = functools.partial(_dq_kernel, block_k=bk, num_k_blocks=lk // bk,
                                **_kernel_args(cfg, qv, kv))
     in_specs = [c.row_block(bq, d), c.row_full(lk, d), c.row_full(lk, d), c.row_block(bq, d),
                 rows_vec, rows_vec] + mspecs
     out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
     return c.triton_call(kernel, (b, h, lq // bq), in_specs, c.row_block(bq, d), out_shape, cfg,
-                         'nm_sparse_dq')(q, k, v, do, lse, delta, *margs)
+                         'nm_sparse_dq', backward=True)(q, k, v, do, lse, delta, *margs)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, n, m, scale, block_k,
-               num_k_blocks, has_qv, has_kv):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, n, m, scale, scale_log2,
+               prec, block_k, num_k_blocks, has_qv, has_kv):
     qv_ref, kv_ref, (dq_ref,) = c.split_masks(rest, has_qv, has_kv)
     g = block_k // m
-    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    q, do, delta = q_ref[...], do_ref[...], delta_ref[...]
+    lse2 = lse_ref[...] * c.LOG2E
     q_ok = (qv_ref[...] != 0) if has_qv else None
 
     def body(kb, dq):
         parts = [pl.ds(kb * block_k + j, g, stride=m) for j in range(m)]
         k_parts = [k_ref[p, :] for p in parts]
         k_ok = [kv_ref[p] != 0 for p in parts] if has_kv else None
-        s, _, keep = _tile(q, k_parts, q_ok, k_ok, n)
-        for pj, kj, part in zip(_kept_probs(s, keep, lse, scale), k_parts, parts):
-            ds = pj * (c.dot_nt(do, v_ref[part, :]) - delta[:, None])
-            dq = dq + c.dot_nn(ds.astype(kj.dtype), kj)
+        s, _, keep = _tile(q, k_parts, q_ok, k_ok, n, prec)
+        for pj, kj, part in zip(_kept_probs(s, keep, lse2, scale_log2), k_parts, parts):
+            ds = pj * (c.dot_nt(do, v_ref[part, :], prec) - delta[:, None])
+            dq = dq + c.dot_nn(ds.astype(kj.dtype), kj, prec)
         return dq
 
     dq = lax.fori_loop(0, num_k_blocks, body, jnp.zeros(q.shape, jnp.float32))
@@ -367,21 +404,21 @@ def _backward_dkv(q, k, v, qv, kv, do, lse, delta, cfg):
     """The dK/dV kernel: one program per (batch, head, key block), loop over all query blocks."""
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    bk = cfg.block_k
+    bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     rows_full = c.stat_full(lq)
     mspecs, margs = c.mask_specs(qv, kv, None, bk, lq, lk)
-    kernel = functools.partial(_dkv_kernel, block_q=cfg.block_q,
-                               num_q_blocks=lq // cfg.block_q, **_kernel_args(cfg, qv, kv))
+    kernel = functools.partial(_dkv_kernel, block_q=bq, num_q_blocks=lq // bq,
+                               **_kernel_args(cfg, qv, kv))
     in_specs = [c.row_full(lq, d), c.row_block(bk, d), c.row_block(bk, d), c.row_full(lq, d),
                 rows_full, rows_full] + mspecs
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     out_specs = [c.row_block(bk, d), c.row_block(bk, d)]
     return c.triton_call(kernel, (b, h, lk // bk), in_specs, out_specs, out_shape, cfg,
-                         'nm_sparse_dkv')(q, k, v, do, lse, delta, *margs)
+                         'nm_sparse_dkv', backward=True)(q, k, v, do, lse, delta, *margs)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, n, m, scale, block_q,
-                num_q_blocks, has_qv, has_kv):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, n, m, scale, scale_log2,
+                prec, block_q, num_q_blocks, has_qv, has_kv):
     qv_ref, kv_ref, (dk_ref, dv_ref) = c.split_masks(rest, has_qv, has_kv)
     bk, d = k_ref.shape
     g = bk // m
@@ -393,15 +430,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, n, m, sc
     def body(qb, carry):
         dk, dv = carry
         rows = pl.ds(pl.multiple_of(qb * block_q, block_q), block_q)
-        q, do, lse, delta = q_ref[rows, :], do_ref[rows, :], lse_ref[rows], delta_ref[rows]
+        q, do, delta = q_ref[rows, :], do_ref[rows, :], delta_ref[rows]
+        lse2 = lse_ref[rows] * c.LOG2E
         q_ok = (qv_ref[rows] != 0) if has_qv else None
-        s, _, keep = _tile(q, k_parts, q_ok, k_ok, n)
-        probs = _kept_probs(s, keep, lse, scale)
+        s, _, keep = _tile(q, k_parts, q_ok, k_ok, n, prec)
+        probs = _kept_probs(s, keep, lse2, scale_log2)
         dk, dv = list(dk), list(dv)
         for j, pj in enumerate(probs):
-            dv[j] = dv[j] + c.dot_tn(pj.astype(do.dtype), do)
-            ds = pj * (c.dot_nt(do, v_parts[j]) - delta[:, None])
-            dk[j] = dk[j] + c.dot_tn(ds.astype(q.dtype), q)
+            dv[j] = dv[j] + c.dot_tn(pj.astype(do.dtype), do, prec)
+            ds = pj * (c.dot_nt(do, v_parts[j], prec) - delta[:, None])
+            dk[j] = dk[j] + c.dot_tn(ds.astype(q.dtype), q, prec)
         return tuple(dk), tuple(dv)
 
     zeros = tuple(jnp.zeros((g, d), jnp.float32) for _ in range(m))

@@ -434,3 +434,120 @@ def test_pallas_rejected_where_unsupported(overrides, field):
                          **{'model.attention_dropout_rate': 0.0, **overrides})
     with pytest.raises(base.ConfigError, match=rf'config\.{field}=.*not allowed'):
         config_lib.validate(config)
+
+
+# -- backward sub-tiles, transposed lists, TPU dK/dV walk, launch checks ------------------------
+@pytest.mark.parametrize('kernel,sizes', [
+    ('block_sparse', dict(block_q=64, block_k=64, block_q_bwd=16, block_k_bwd=32)),
+    ('block_sparse', dict(block_q=32, block_k=64, block_q_bwd=32, block_k_bwd=16)),
+    ('nm_sparse', dict(block_q=64, block_k=128, block_q_bwd=16, block_k_bwd=64)),
+])
+def test_backward_sub_tiles_match_reference(kernel, sizes):
+    """Backward tiles smaller than the forward tiles (each listed tile split into sub-tiles)."""
+    case = Case('sub', 'float32', 2, 128, 128, 2, 32, sizes['block_q'], sizes['block_k'], 0.4,
+                (2, 4), 'both', False)
+    rng = np.random.default_rng(21)
+    q, k, v = qkv(rng, case)
+    q_valid, k_valid = padding_masks(rng, case)
+    block_sizes = _common.BlockSizes(**sizes)
+    if kernel == 'block_sparse':
+        idx, cnt = random_lists(rng, case)
+        args, kw = (idx, cnt, q_valid, k_valid), {}
+        run, ref = bs.block_sparse_attention, bs.block_sparse_attention_reference
+    else:
+        args, kw = (q_valid, k_valid), dict(n=2, m=4)
+        run, ref = nm.nm_sparse_attention, nm.nm_sparse_attention_reference
+    cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    out, grads = out_and_grads(
+        lambda q, k, v: run(q, k, v, *args, block_sizes=block_sizes, **kw), q, k, v, cot)
+    want, want_grads = out_and_grads(
+        lambda q, k, v: ref(q, k, v, *args, block_sizes=block_sizes, **kw), q, k, v, cot)
+    assert_close(out, want, TOL['float32']['out'], 'output')
+    for name, g, w in zip(('dq', 'dk', 'dv'), grads, want_grads):
+        assert_close(g, w, TOL['float32']['grad'], name)
+
+
+def test_transposed_lists_list_every_pair_once():
+    rng = np.random.default_rng(5)
+    nkb = 6
+    idx = jnp.asarray(rng.integers(-2, nkb + 2, size=(2, 3, 5, 4)), jnp.int32)  # clamped
+    cnt = jnp.asarray(rng.integers(0, 6, size=(2, 3, 5)), jnp.int32)  # clamped to [0, 4]
+    q_blocks, start, count = bs.transposed_lists(idx, cnt, nkb)
+    mask = np.asarray(bs.indices_to_block_mask(idx, cnt, nkb))  # [2, 3, 5, nkb]
+    assert q_blocks.shape == (2, 3, 20) and start.shape == count.shape == (2, 3, nkb)
+    for b, h, j in np.ndindex(2, 3, nkb):
+        run = np.asarray(q_blocks[b, h, start[b, h, j]:start[b, h, j] + count[b, h, j]])
+        assert list(run) == sorted(run)
+        assert set(run.tolist()) == set(np.flatnonzero(mask[b, h, :, j]).tolist())
+    np.testing.assert_array_equal(np.asarray(start)[..., 1:],
+                                  np.cumsum(np.asarray(count), -1)[..., :-1])
+
+
+def test_block_sparse_tpu_walk_with_unlisted_key_blocks_matches_reference():
+    """TPU interpret mode: key blocks no query lists get zero dK/dV; ragged counts."""
+    case = Case('tpu-sparse', 'float32', 2, 64, 128, 2, 16, 16, 16, 0.25, (2, 4), 'keys', False)
+    rng = np.random.default_rng(8)
+    q, k, v = qkv(rng, case)
+    idx, cnt = random_lists(rng, case)
+    _, k_valid = padding_masks(rng, case)
+    sizes = bs.BlockSizes(case.block_q, case.block_k)
+    listed = np.asarray(bs.indices_to_block_mask(idx, cnt, 8)).any(axis=2)  # [B, H, nkb]
+    assert not listed.all()
+
+    def run(q, k, v):
+        return bs.block_sparse_attention(q, k, v, idx, cnt, None, k_valid, block_sizes=sizes,
+                                         backend='tpu', interpret=True)
+
+    def ref(q, k, v):
+        return bs.block_sparse_attention_reference(q, k, v, idx, cnt, None, k_valid,
+                                                   block_sizes=sizes)
+
+    cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    (out, grads), (want, want_grads) = (out_and_grads(f, q, k, v, cot) for f in (run, ref))
+    assert_close(out, want, TOL['float32']['out'], 'output')
+    for name, g, w in zip(('dq', 'dk', 'dv'), grads, want_grads):
+        assert_close(g, w, TOL['float32']['grad'], name)
+    dk = np.asarray(grads[1]).reshape(2, 8, 16, 2, 16)  # [B, nkb, block, H, D]
+    assert (dk.transpose(0, 3, 1, 2, 4)[~listed] == 0).all()
+
+
+def _bad_launches():
+    q = np.ones((1, 64, 2, 16), np.float32)
+    idx, cnt = np.zeros((1, 2, 2, 1), np.int32), np.ones((1, 2, 2), np.int32)
+    blk = functools.partial(bs.block_sparse_attention, q, q, q, idx, cnt)
+    nmk = functools.partial(nm.nm_sparse_attention, q, q, q)
+    return [
+        ('bwd tile too big', lambda: blk(block_sizes=bs.BlockSizes(32, 32, block_q_bwd=64)),
+         r'block_sizes.block_q_bwd=64 must be a power of two in \[16, block_sizes.block_q=32\]'),
+        ('bwd tile not pow2', lambda: blk(block_sizes=bs.BlockSizes(32, 32, block_k_bwd=24)),
+         r'block_sizes.block_k_bwd=24 must be a power of two'),
+        ('warps', lambda: blk(block_sizes=bs.BlockSizes(32, 32, num_warps=3)),
+         r'block_sizes.num_warps=3 must be one of \(1, 2, 4, 8, 16\)'),
+        ('bwd stages', lambda: blk(block_sizes=bs.BlockSizes(32, 32, num_stages_bwd=0)),
+         r'block_sizes.num_stages_bwd=0 must be an integer >= 1 or None'),
+        ('precision', lambda: blk(block_sizes=bs.BlockSizes(32, 32), precision='tf32'),
+         r"precision='tf32' is not supported: 'default'"),
+        ('nm bwd block_k', lambda: nmk(block_sizes=nm.BlockSizes(16, 64, block_k_bwd=32)),
+         r'block_k_bwd=32 must be >= 16·M=64'),
+        ('nm tpu', lambda: nmk(block_sizes=nm.BlockSizes(16, 64), backend='tpu'),
+         r"backend='tpu' is not supported by nm_sparse_attention"),
+        ('platform', lambda: _common.lowering_platform('metal').__enter__(),
+         r"platform='metal' is not supported"),
+    ]
+
+
+@pytest.mark.parametrize('name,call,match', _bad_launches(), ids=[b[0] for b in _bad_launches()])
+def test_bad_launch_parameters_raise_value_error_before_launch(name, call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_lowering_platform_sets_the_defaults_inside_the_block_only():
+    default = jax.default_backend()
+    with _common.lowering_platform('cuda'):
+        assert _common.target_platform() == 'gpu' and not _common.default_interpret()
+        assert _common.resolve_backend(None) == 'triton'
+        with _common.lowering_platform('tpu'):
+            assert _common.resolve_backend(None) == 'tpu' and not _common.default_interpret()
+        assert _common.target_platform() == 'gpu'
+    assert _common.target_platform() == default
