@@ -67,3 +67,17 @@ def test_verbosity_1_adds_the_traceback():
     assert out.returncode == 2
     assert 'Traceback' in out.stderr and 'ReportError' in out.stderr
     assert out.stderr.splitlines()[-1] == "error: 'no/such/dir' is not a directory"
+
+
+@pytest.mark.parametrize('args,overrides,rest', [
+    (['--config.seed=3', '--mode=x'], [('seed', '3')], ['--mode=x']),
+    (['--config.schedule', 'constant', 'pos'], [('schedule', 'constant')], ['pos']),
+    (['-config.model.learn_pos_emb', '--workdir=w'], [('model.learn_pos_emb', 'True')],
+     ['--workdir=w']),
+    (['--noconfig.model.learn_pos_emb'], [('model.learn_pos_emb', 'False')], []),
+    (['--config.init_from=a=b', '--config=c.py'], [('init_from', 'a=b')], ['--config=c.py']),
+    (['--', '--config.seed=3'], [], ['--', '--config.seed=3']),
+])
+def test_config_overrides_are_split_from_the_other_flags(args, overrides, rest):
+    got_rest, got = cli._split_overrides(['prog', *args])
+    assert got == overrides and got_rest == ['prog', *rest]
