@@ -20,7 +20,7 @@ import json
 import jax
 from absl import flags
 
-from lra_sparse import cli, config_lib, describe, train
+from lra_sparse import cli, config_lib, describe
 
 _CONFIG = cli.define_config()
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (outputs, checkpoints; resumes).')
@@ -46,6 +46,8 @@ def run(argv) -> int:
     if not _WORKDIR.value:
         raise cli.UsageError(f'--workdir is required in {_MODE.value} mode (outputs go there)')
     cli.check_output_dir(_WORKDIR.value, '--workdir')
+    from lra_sparse import train  # heavy import (orbax) only when training or evaluating
+
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     if _MODE.value == 'evaluate':
