@@ -18,7 +18,6 @@ notebooks and tests use; ``--config.<field> value``, ``--config.<bool field>`` a
 from __future__ import annotations
 
 import functools
-import os
 import re
 import sys
 import traceback
@@ -122,17 +121,9 @@ def check_output_dir(path: str, flag: str) -> None:
       path: the directory a command writes to.
       flag: the flag that gave it (named in the message), e.g. ``'--workdir'``.
     """
-    target = os.path.abspath(os.path.expanduser(path))
-    existing = target
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    inside = '' if existing == target else f' (its ancestor {existing!r})'
-    if not os.path.isdir(existing):
-        raise UsageError(f'{flag}={path!r} cannot be a directory: it{inside} is a file; give a '
-                         'directory for the outputs')
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f'{flag}={path!r} is not writable{inside}: give a directory you can '
-                         'write to')
+    problem = config_lib.directory_problem(path)
+    if problem:
+        raise UsageError(f'{flag}={path!r} {problem}: give a directory you can write to')
 
 
 def command(body: Callable[[list[str]], int]) -> Callable[[list[str]], int]:

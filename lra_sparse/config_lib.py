@@ -412,6 +412,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     examples = config.data.synthetic_examples
     _check(_is_int(examples) and examples > 0, 'data.synthetic_examples', examples,
            'a positive integer')
+    if config.cache_dir:
+        problem = directory_problem(config.cache_dir)
+        _check(problem is None, 'cache_dir', config.cache_dir,
+               f'a directory you can write to (it {problem})')
     data_lib.validate_task(config)
     if config.init_from:
         _check_init_from(config)
@@ -481,6 +485,25 @@ def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
            'a finite number > 0, or None (None disables clipping)')
 
 
+def directory_problem(path: str) -> str | None:
+    """Why ``path`` cannot be written to as a directory; None if it can (or can be created).
+
+    Returns:
+      e.g. ``'is a file'``, ``"is inside the file 'runs'"``, ``'is not writable'`` or
+      ``"cannot be created in the unwritable 'runs'"``.
+    """
+    target = os.path.abspath(os.path.expanduser(path))
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return 'is a file' if existing == target else f'is inside the file {existing!r}'
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return ('is not writable' if existing == target
+                else f'cannot be created in the unwritable {existing!r}')
+    return None
+
+
 MODEL_SHAPE_FIELDS = ('emb_dim', 'qkv_dim', 'mlp_dim', 'num_heads', 'num_layers', 'pooling',
                       'learn_pos_emb')
 
@@ -510,5 +533,6 @@ def _check_init_from(config: ml_collections.ConfigDict) -> None:
                f'{config.model[field]!r})')
 
 
-__all__ = ['ConfigError', 'TASKS', 'apply_overrides', 'base_config', 'load', 'make_config',
-           'field_type', 'options_help', 'parse_arg', 'parse_override', 'set_field', 'validate']
+__all__ = ['ConfigError', 'TASKS', 'apply_overrides', 'base_config', 'directory_problem',
+           'field_type', 'load', 'make_config', 'options_help', 'parse_arg', 'parse_override',
+           'set_field', 'validate']

@@ -239,14 +239,16 @@ CASES = [
     ('positional_argument', 'main', [TINY, '{run}'], "unexpected argument '", None),
     # Workdirs
     ('workdir_is_a_file', 'main', [TINY, '--workdir={tmp}/afile'],
-     "afile' cannot be a directory: it is a file", 'workdir_file'),
+     "afile' is a file: give a directory you can write to", 'workdir_file'),
     ('workdir_inside_a_file', 'main', [TINY, '--workdir={tmp}/afile/run'],
-     "afile/run' cannot be a directory: it (its ancestor", 'workdir_file'),
+     "afile/run' is inside the file '", 'workdir_file'),
     ('workdir_read_only', 'main', [TINY, '--workdir={run}'], "run' is not writable",
      'read_only'),
     ('new_workdir_in_read_only_dir', 'main', [TINY, '--workdir={run}/new'],
-     "run/new' is not writable (its ancestor", 'read_only'),
+     "run/new' cannot be created in the unwritable '", 'read_only'),
     # Data
+    ('cache_dir_is_a_file', 'main', [TINY, '--config.cache_dir={tmp}/afile', '--workdir={run}'],
+     "afile' is not allowed: a directory you can write to (it is a file)", 'workdir_file'),
     ('listops_data_dir_missing', 'main', [TINY, '--config.data_dir={tmp}/nope',
                                           '--workdir={run}'],
      "nope' does not exist: point it at the folder", None),
@@ -306,7 +308,7 @@ CASES = [
                                      '--workdir={run}'],
      "Unknown command line flag 'set'", None),
     ('sweep_workdir_is_a_file', 'sweep', [TINY, '--sweep=learning_rate', '--workdir={tmp}/afile'],
-     "afile' cannot be a directory: it is a file", 'workdir_file'),
+     "afile' is a file", 'workdir_file'),
     ('sweep_missing_flags', 'sweep', [TINY, '--workdir={run}'],
      '--config, --sweep and --workdir are required', None),
     # Reports
@@ -320,7 +322,7 @@ CASES = [
      'results_list'),
     ('report_not_a_directory', 'report', ['{tmp}/nope'], "nope' is not a directory", None),
     ('report_out_is_a_file', 'report', ['{run}', '--out={run}/results.json'],
-     "results.json' cannot be a directory: it is a file", None),
+     "results.json' is a file", None),
     ('report_no_arguments', 'report', [], 'give one or more run directories', None),
     # Throughput
     ('throughput_unknown_field', 'throughput', [TINY, '--config.model.emb_dm=8'],
