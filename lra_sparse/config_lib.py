@@ -20,6 +20,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -42,18 +43,39 @@ _OPTIONS = ('attention', 'impl', 'apply')
 _FLAGS = ('tiny', 'synthetic')
 
 
+def options_help() -> str:
+    """The options after ``:`` in ``--config=path:options``, with the registered choices."""
+    impls = dict.fromkeys(impl for method in attention_lib.REGISTRY.values()
+                          for impl in method.impls)
+    return (f'attention={"|".join(attention_lib.REGISTRY)}, impl={"|".join(impls)}, '
+            f'apply={"|".join(APPLY_MODES)}, tiny (CPU-sized model and data), synthetic (random '
+            'data of the task\'s shapes, no download), comma-separated')
+
+
 def parse_arg(arg: str | None) -> dict:
-    """'attention=dsa,tiny' -> {'attention': 'dsa', 'tiny': True}; unknown options raise."""
+    """``'attention=dsa,tiny'`` -> ``{'attention': 'dsa', 'tiny': True}``.
+
+    Raises:
+      ConfigError: an option that does not exist, or one given twice (``attention=dsa,
+        attention=dense``), naming it and listing the options.
+    """
     parsed = {}
     for item in filter(None, (part.strip() for part in (arg or '').split(','))):
         key, sep, value = item.partition('=')
+        key = key.strip()
         if (sep and key not in _OPTIONS) or (not sep and key not in _FLAGS):
-            raise ConfigError(
-                f'config option {item!r} is not allowed: use '
-                f'{", ".join(o + "=..." for o in _OPTIONS)}'
-                f' or the flags {", ".join(_FLAGS)}, comma-separated.')
-        parsed[key] = value if sep else True
+            raise ConfigError(f'config option {item!r} is not allowed: the options are '
+                              f'{options_help()}.')
+        if key in parsed:
+            raise ConfigError(f'config option {key!r} is given twice ({_option_text(key, parsed)}'
+                              f' and {item!r}): give each option once.')
+        parsed[key] = value.strip() if sep else True
     return parsed
+
+
+def _option_text(key: str, parsed: dict) -> str:
+    """How option ``key`` was written, e.g. ``'attention=dsa'`` or ``'tiny'``."""
+    return repr(key if parsed[key] is True else f'{key}={parsed[key]}')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -160,7 +182,12 @@ TINY_MODEL = {
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
-    """Loads ``'configs/listops.py:attention=dsa,tiny'`` (path, optional ':' and option string)."""
+    """Loads ``'configs/listops.py:attention=dsa,tiny'`` (path, optional ':' and option string).
+
+    Raises:
+      ConfigError: the file does not exist, has a syntax error or no ``get_config``, or an option
+        is not allowed; one line naming the file (and line) or the option.
+    """
     path, _, arg = spec.partition(':')
     if not os.path.isfile(path):
         raise ConfigError(f'config file {path!r} does not exist: give the path of a task '
@@ -168,7 +195,14 @@ def load(spec: str) -> ml_collections.ConfigDict:
     module_spec = importlib.util.spec_from_file_location(
         f'lra_config_{os.path.splitext(os.path.basename(path))[0]}', path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise ConfigError(f'config file {path!r} has a syntax error at line {error.lineno}: '
+                          f'{error.msg}.') from None
+    if not callable(getattr(module, 'get_config', None)):
+        raise ConfigError(f'config file {path!r} defines no get_config(arg): give the path of '
+                          'a task config, e.g. configs/listops.py.')
     return module.get_config(arg) if arg else module.get_config()
 
 
@@ -221,6 +255,12 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
     except TypeError:
         raise config_error(dotted, value,
                            f'a value of type {node.get_type(leaf).__name__}') from None
+
+
+def field_type(config: ml_collections.ConfigDict, dotted: str) -> type:
+    """The declared type of field ``dotted`` (unknown names raise ConfigError, as in set_field)."""
+    node, leaf = _parent_of(config, dotted)
+    return node.get_type(leaf)
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -339,13 +379,23 @@ def _check(ok: bool, field: str, value, allowed: str) -> None:
         raise config_error(field, value, allowed)
 
 
+def _is_int(value) -> bool:
+    """An int that is not a bool (``True`` is an ``int`` to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the field, the value and what is allowed; touches no data.
 
-    Checks the task (registered), attention name/impl/apply, model dims, rates, steps, the
-    schedule, the batch split over devices, the data source, then the task's own checks
-    (``data.validate_task``: its ``max_length`` bound and fields), ``init_from`` and last the
-    attention method's own validator.
+    Checks every shared field: the task (registered), attention name/impl/apply, the model, the
+    step counts and the batch split over devices, the optimizer and its schedule, the data source;
+    then the task's own checks (``data.validate_task``: its ``max_length`` bound and fields),
+    ``init_from`` and last the attention method's own validator.
     """
     data_lib.get_task(config.task)
     method = attention_lib.get_method(config.attention.name)
@@ -353,48 +403,105 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'{config.attention.name} supports {", ".join(method.impls)}')
     _check(config.attention.apply in APPLY_MODES, 'attention.apply', config.attention.apply,
            f'one of {", ".join(APPLY_MODES)}')
-    m = config.model
-    for field in ('emb_dim', 'qkv_dim', 'mlp_dim', 'num_heads', 'num_layers'):
-        value = m[field]
-        _check(isinstance(value, int) and value > 0, f'model.{field}', value, 'a positive integer')
-    divisors = [h for h in range(1, m.qkv_dim + 1) if m.qkv_dim % h == 0]
-    _check(m.qkv_dim % m.num_heads == 0, 'model.num_heads', m.num_heads,
-           f'a divisor of model.qkv_dim={m.qkv_dim} ({", ".join(map(str, divisors[:12]))}...)')
-    for field in ('dropout_rate', 'attention_dropout_rate'):
-        _check(0.0 <= m[field] < 1.0, f'model.{field}', m[field], 'a rate in [0, 1)')
-    _check(m.pooling in POOLING_MODES, 'model.pooling', m.pooling, ' or '.join(POOLING_MODES))
-    _check(m.fully_masked_rows in FULLY_MASKED_ROWS, 'model.fully_masked_rows',
-           m.fully_masked_rows, ' or '.join(FULLY_MASKED_ROWS))
-    _check(m.dtype in ('float32', 'bfloat16'), 'model.dtype', m.dtype, 'float32 or bfloat16')
-    for field in ('max_length', 'batch_size', 'num_train_steps', 'log_every_steps',
-                  'eval_every_steps', 'checkpoint_every_steps', 'max_checkpoints_to_keep'):
-        _check(isinstance(config[field], int) and config[field] > 0, field, config[field],
-               'a positive integer')
-    _check(config.num_eval_steps == -1 or config.num_eval_steps > 0, 'num_eval_steps',
-           config.num_eval_steps, '-1 (whole split) or a positive integer')
-    n_dev = jax.device_count()
-    _check(config.batch_size % n_dev == 0, 'batch_size', config.batch_size,
-           f'a multiple of the {n_dev} devices')
-    n_micro = config.num_microbatches
-    _check(isinstance(n_micro, int) and n_micro > 0
-           and config.batch_size % (n_micro * n_dev) == 0, 'num_microbatches', n_micro,
-           f'a positive integer such that batch_size={config.batch_size} is a multiple of '
-           f'num_microbatches * {n_dev} devices')
-    factors = [f.strip() for f in config.schedule.split('*')]
-    _check(all(f in SCHEDULE_FACTORS for f in factors), 'schedule', config.schedule,
-           f'a product of {", ".join(SCHEDULE_FACTORS)}')
-    _check(config.learning_rate > 0, 'learning_rate', config.learning_rate, 'a positive number')
-    _check(config.weight_decay >= 0, 'weight_decay', config.weight_decay, 'a number >= 0')
-    _check(config.warmup_steps >= 0, 'warmup_steps', config.warmup_steps, 'an integer >= 0')
+    _check(_is_int(config.seed), 'seed', config.seed, 'an integer')
+    _validate_model(config.model)
+    _validate_steps(config)
+    _validate_optimizer(config)
     _check(config.data.source in ('real', 'synthetic'), 'data.source', config.data.source,
            'real or synthetic')
     examples = config.data.synthetic_examples
-    _check(isinstance(examples, int) and examples > 0, 'data.synthetic_examples', examples,
+    _check(_is_int(examples) and examples > 0, 'data.synthetic_examples', examples,
            'a positive integer')
+    if config.cache_dir:
+        problem = directory_problem(config.cache_dir)
+        _check(problem is None, 'cache_dir', config.cache_dir,
+               f'a directory you can write to (it {problem})')
     data_lib.validate_task(config)
     if config.init_from:
         _check_init_from(config)
     method.validate(config)
+
+
+def _validate_model(m: ml_collections.ConfigDict) -> None:
+    """``config.model``: positive dims, heads dividing qkv_dim, rates, pooling, dtype, booleans."""
+    for field in ('emb_dim', 'qkv_dim', 'mlp_dim', 'num_heads', 'num_layers'):
+        value = m[field]
+        _check(_is_int(value) and value > 0, f'model.{field}', value, 'a positive integer')
+    divisors = [h for h in range(1, m.qkv_dim + 1) if m.qkv_dim % h == 0]
+    _check(m.qkv_dim % m.num_heads == 0, 'model.num_heads', m.num_heads,
+           f'a divisor of model.qkv_dim={m.qkv_dim} ({", ".join(map(str, divisors[:12]))}...)')
+    for field in ('dropout_rate', 'attention_dropout_rate'):
+        _check(_is_number(m[field]) and 0.0 <= m[field] < 1.0, f'model.{field}', m[field],
+               'a rate in [0, 1)')
+    _check(isinstance(m.learn_pos_emb, bool), 'model.learn_pos_emb', m.learn_pos_emb,
+           'True or False')
+    _check(m.pooling in POOLING_MODES, 'model.pooling', m.pooling, ' or '.join(POOLING_MODES))
+    _check(m.fully_masked_rows in FULLY_MASKED_ROWS, 'model.fully_masked_rows',
+           m.fully_masked_rows, ' or '.join(FULLY_MASKED_ROWS))
+    _check(m.dtype in ('float32', 'bfloat16'), 'model.dtype', m.dtype, 'float32 or bfloat16')
+
+
+def _validate_steps(config: ml_collections.ConfigDict) -> None:
+    """Length, batch, step counts, frequencies; the batch split over devices and microbatches."""
+    for field in ('max_length', 'batch_size', 'num_train_steps', 'log_every_steps',
+                  'eval_every_steps', 'checkpoint_every_steps', 'max_checkpoints_to_keep'):
+        _check(_is_int(config[field]) and config[field] > 0, field, config[field],
+               'a positive integer')
+    _check(_is_int(config.num_eval_steps) and (config.num_eval_steps == -1
+                                               or config.num_eval_steps > 0),
+           'num_eval_steps', config.num_eval_steps, '-1 (whole split) or a positive integer')
+    _check(isinstance(config.eval_test_every_eval, bool), 'eval_test_every_eval',
+           config.eval_test_every_eval, 'True or False')
+    n_dev = jax.device_count()
+    _check(config.batch_size % n_dev == 0, 'batch_size', config.batch_size,
+           f'a multiple of the {n_dev} devices')
+    n_micro = config.num_microbatches
+    _check(_is_int(n_micro) and n_micro > 0
+           and config.batch_size % (n_micro * n_dev) == 0, 'num_microbatches', n_micro,
+           f'a positive integer such that batch_size={config.batch_size} is a multiple of '
+           f'num_microbatches * {n_dev} devices')
+
+
+def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
+    """Learning rate, schedule factors and their step counts, weight decay, gradient clipping."""
+    _check(_is_number(config.learning_rate) and config.learning_rate > 0, 'learning_rate',
+           config.learning_rate, 'a finite number > 0')
+    factors = [f.strip() for f in config.schedule.split('*')]
+    _check(all(f in SCHEDULE_FACTORS for f in factors), 'schedule', config.schedule,
+           f'a product of {", ".join(SCHEDULE_FACTORS)}')
+    _check(_is_int(config.warmup_steps) and config.warmup_steps >= 0, 'warmup_steps',
+           config.warmup_steps, 'an integer >= 0')
+    _check('rsqrt_decay' not in factors or config.warmup_steps > 0, 'warmup_steps',
+           config.warmup_steps, 'an integer > 0 with rsqrt_decay in the schedule (its factor '
+           '1/sqrt(max(step, warmup_steps)) is infinite at step 0)')
+    _check('cosine_decay' not in factors
+           or (_is_int(config.steps_per_cycle) and config.steps_per_cycle > 0),
+           'steps_per_cycle', config.steps_per_cycle,
+           'a positive integer with cosine_decay in the schedule')
+    _check(_is_number(config.weight_decay) and config.weight_decay >= 0, 'weight_decay',
+           config.weight_decay, 'a finite number >= 0')
+    clip = config.grad_clip_norm
+    _check(clip is None or (_is_number(clip) and clip > 0), 'grad_clip_norm', clip,
+           'a finite number > 0, or None (None disables clipping)')
+
+
+def directory_problem(path: str) -> str | None:
+    """Why ``path`` cannot be written to as a directory; None if it can (or can be created).
+
+    Returns:
+      e.g. ``'is a file'``, ``"is inside the file 'runs'"``, ``'is not writable'`` or
+      ``"cannot be created in the unwritable 'runs'"``.
+    """
+    target = os.path.abspath(os.path.expanduser(path))
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return 'is a file' if existing == target else f'is inside the file {existing!r}'
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return ('is not writable' if existing == target
+                else f'cannot be created in the unwritable {existing!r}')
+    return None
 
 
 MODEL_SHAPE_FIELDS = ('emb_dim', 'qkv_dim', 'mlp_dim', 'num_heads', 'num_layers', 'pooling',
@@ -407,8 +514,14 @@ def _check_init_from(config: ml_collections.ConfigDict) -> None:
     saved = os.path.join(source, 'config.json')
     _check(os.path.isfile(saved) and os.path.isdir(os.path.join(source, 'checkpoints')),
            'init_from', config.init_from, 'the workdir of a run with config.json and checkpoints/')
-    with open(saved) as f:
-        other = json.load(f)
+    try:
+        with open(saved) as f:
+            other = json.load(f)
+    except (OSError, ValueError) as error:
+        raise config_error('init_from', config.init_from,
+                           f'a run whose {saved} is readable JSON ({error})') from None
+    _check(isinstance(other, dict), 'init_from', config.init_from,
+           f'a run whose {saved} holds a config (a JSON object)')
     _check(other.get('task') == config.task and other.get('max_length') == config.max_length,
            'init_from', config.init_from,
            f'a run of task {config.task!r} with max_length {config.max_length} (it has '
@@ -420,5 +533,6 @@ def _check_init_from(config: ml_collections.ConfigDict) -> None:
                f'{config.model[field]!r})')
 
 
-__all__ = ['ConfigError', 'TASKS', 'apply_overrides', 'base_config', 'load', 'make_config',
-           'parse_arg', 'parse_override', 'set_field', 'validate']
+__all__ = ['ConfigError', 'TASKS', 'apply_overrides', 'base_config', 'directory_problem',
+           'field_type', 'load', 'make_config', 'options_help', 'parse_arg', 'parse_override',
+           'set_field', 'validate']

@@ -7,8 +7,10 @@
   python -m lra_sparse.main --config=configs/listops.py:attention=dfss,tiny --mode=evaluate \
       --config.init_from=runs/x --workdir=runs/x_dfss_eval
 
-Invalid configs and missing data stop before any compute with one line naming the field, the value
-and what is allowed (exit status 2).
+Options after ``:``: attention=<method>, impl=<impl>, apply=<where>, tiny, synthetic (``--help``
+lists the choices). Invalid configs, flags, workdirs and missing or malformed data stop before any
+compute with one line naming the field (or flag, or file), the value and what is allowed (exit
+status 2).
 """
 
 from __future__ import annotations
@@ -17,13 +19,10 @@ import json
 
 import jax
 from absl import flags
-from ml_collections import config_flags
 
-from lra_sparse import cli, config_lib, describe, train
+from lra_sparse import cli, config_lib, describe
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file and options, e.g. configs/listops.py:attention=dsa,tiny.',
-    lock_config=True)
+_CONFIG = cli.define_config()
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (outputs, checkpoints; resumes).')
 _MODE = flags.DEFINE_enum(
     'mode', 'train', ['train', 'evaluate', 'describe'],
@@ -36,7 +35,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
 @cli.command
 def run(argv) -> int:
     """Entry point body; returns the exit status."""
-    del argv
+    cli.no_arguments(argv)
     config = _CONFIG.value
     if config is None:
         raise cli.UsageError('--config is required, e.g. --config=configs/listops.py:tiny')
@@ -46,6 +45,9 @@ def run(argv) -> int:
         return 0
     if not _WORKDIR.value:
         raise cli.UsageError(f'--workdir is required in {_MODE.value} mode (outputs go there)')
+    cli.check_output_dir(_WORKDIR.value, '--workdir')
+    from lra_sparse import train  # heavy import (orbax) only when training or evaluating
+
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     if _MODE.value == 'evaluate':

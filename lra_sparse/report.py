@@ -6,8 +6,11 @@ Finds every run (a folder with ``results.json``) under the given directories and
 (default: the first directory): ``summary.csv`` and ``summary.md`` (one row per configuration: task,
 method, knobs, achieved sparsity, validation and test accuracy as mean ± std over seeds, params,
 steps/s, method statistics), ``accuracy_vs_sparsity.png`` (one curve per method, dense as a
-reference line, the Pareto front marked) and ``training_curves.png``
-(validation accuracy against steps).
+reference line, the Pareto front marked) and ``training_curves.png`` (validation accuracy against
+steps; the legend names the method and the config fields that differ between the runs).
+
+A run whose ``results.json`` is torn or incomplete is named in one warning line and left out; with
+no readable run at all the report stops with one line.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 
 import numpy as np
 from absl import flags
 
 from lra_sparse import cli, metrics
+from lra_sparse import results as results_lib
 from lra_sparse.errors import UserError
 
 _OUT = flags.DEFINE_string('out', None, 'Output directory (default: the first run directory).')
@@ -31,11 +36,11 @@ _NOT_KNOBS = ('name', 'impl')
 
 
 class ReportError(UserError):
-    """Nothing to report (no results under the given directories)."""
+    """Nothing to report (no finished runs under the given directories)."""
 
 
 def find_runs(paths: list[str]) -> list[str]:
-    """Every directory at or below ``paths`` that holds a results.json, sorted."""
+    """Every directory at or below ``paths`` that holds a results.json (valid or not), sorted."""
     runs = []
     for path in paths:
         if not os.path.isdir(path):
@@ -49,35 +54,86 @@ def find_runs(paths: list[str]) -> list[str]:
     return sorted(runs)
 
 
+def load_runs(workdirs: list[str]) -> list[dict]:
+    """The records of the runs that can be read; one warning line on stderr per other run.
+
+    Raises:
+      ReportError: none of ``workdirs`` can be read (the message names the first problem).
+    """
+    records, problems = [], []
+    for workdir in workdirs:
+        try:
+            records.append(load_run(workdir))
+        except results_lib.UnreadableResultsError as error:
+            problems.append(str(error))
+    if not records:
+        raise ReportError(f'no finished runs: {len(problems)} run(s) with an unreadable '
+                          f'results.json, e.g. {problems[0]}')
+    for problem in problems:
+        print(f'warning: left out of the report: {problem}', file=sys.stderr)
+    return records
+
+
 def load_run(workdir: str) -> dict:
-    """One run as a flat record: identity, knobs, final metrics, statistics."""
-    with open(os.path.join(workdir, 'results.json')) as f:
-        results = json.load(f)
+    """One run as a flat record: identity, knobs, final metrics, statistics, curve, config.
+
+    Raises:
+      UnreadableResultsError: results.json is missing, torn or lacks a required key.
+    """
+    results = results_lib.read_results(workdir)
     attn = results.get('attention_config', {})
     knobs = {k: v for k, v in sorted(attn.items()) if k not in _NOT_KNOBS}
-    val, test = results.get('validation', {}), results.get('test', {})
+    val, test = results['validation'], results['test']
     stats = {k: v for k, v in test.items()
              if '/' not in k and k not in ('loss', 'accuracy', 'num_examples')}
-    train_events = [e for e in metrics.read_metrics(workdir) if e['split'] == 'train']
+    events = _read_events(workdir)
+    train_events = [e for e in events if e.get('split') == 'train']
     speeds = [e['steps_per_second'] for e in train_events[1:] if 'steps_per_second' in e]
+    config = _read_config(workdir)
     return {
-        'workdir': workdir, 'task': results.get('task'), 'method': results.get('attention'),
+        'workdir': workdir, 'task': results['task'], 'method': results['attention'],
         'knobs': ' '.join(f'{k}={v}' for k, v in knobs.items()),
-        'seed': _seed(workdir), 'sparsity': test.get('sparsity', 0.0),
+        'seed': config.get('seed'), 'sparsity': test.get('sparsity', 0.0),
         'val_accuracy': val.get('accuracy'), 'test_accuracy': test.get('accuracy'),
         'num_params': results.get('num_params'),
         'steps_per_second': float(np.median(speeds)) if speeds else results.get(
             'train_steps_per_second'),
         'stats': stats,
+        'curve': [(e['step'], e['accuracy']) for e in events
+                  if e.get('split') == 'validation' and 'accuracy' in e],
+        'config': config,
     }
 
 
-def _seed(workdir: str):
-    path = os.path.join(workdir, 'config.json')
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f).get('seed')
-    return None
+def _read_events(workdir: str) -> list[dict]:
+    """metrics.jsonl events with a step (a torn file: a warning and no events)."""
+    try:
+        events = metrics.read_metrics(workdir)
+    except (OSError, ValueError) as error:
+        print(f'warning: {os.path.join(workdir, "metrics.jsonl")} is not readable ({error}): '
+              'its training curve and steps/s are left out', file=sys.stderr)
+        return []
+    return [e for e in events if isinstance(e, dict) and 'step' in e]
+
+
+def _read_config(workdir: str) -> dict:
+    """The run's config.json flattened to ``{'model.num_layers': 2, ...}`` ({} if unreadable)."""
+    try:
+        with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return _flatten(config) if isinstance(config, dict) else {}
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -194,6 +250,23 @@ def plot_accuracy_vs_sparsity(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def curve_labels(records: list[dict]) -> list[str]:
+    """Legend of each run: its method and the config fields that differ between the runs.
+
+    Fields equal in every run (the common overrides) are left out, and so is the ``attention.``
+    prefix: e.g. ``['dsa sparsity=0.9', 'dsa sparsity=0.95', 'dense']``.
+    """
+    keys = sorted({k for r in records for k in r['config']} - {'attention.name'})
+    varying = [k for k in keys
+               if len({json.dumps(r['config'].get(k), sort_keys=True) for r in records}) > 1]
+    labels = []
+    for r in records:
+        knobs = [f'{k.removeprefix("attention.")}={r["config"][k]}' for k in varying
+                 if k in r['config']]
+        labels.append(' '.join([r['method'], *knobs]))
+    return labels
+
+
 def plot_training_curves(records: list[dict], path: str) -> None:
     """Validation accuracy against steps, one line per run."""
     import matplotlib
@@ -202,17 +275,15 @@ def plot_training_curves(records: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r in records:
-        events = [e for e in metrics.read_metrics(r['workdir']) if e['split'] == 'validation']
-        if events:
-            label = f'{r["method"]} {r["knobs"]}'.strip()
-            ax.plot([e['step'] for e in events], [100 * e['accuracy'] for e in events],
-                    marker='.', label=label[:60])
+    curves = [(r, label) for r, label in zip(records, curve_labels(records)) if r['curve']]
+    for r, label in curves:
+        steps, accuracies = zip(*r['curve'])
+        ax.plot(steps, [100 * a for a in accuracies], marker='.', label=label)
     ax.set_xlabel('training step')
     ax.set_ylabel('validation accuracy (%)')
     ax.set_title('Training curves')
     ax.grid(alpha=0.3)
-    if len(records) <= 16:
+    if 0 < len(curves) <= 16:
         ax.legend(fontsize=7, loc='best')
     fig.tight_layout()
     fig.savefig(path)
@@ -221,7 +292,7 @@ def plot_training_curves(records: list[dict], path: str) -> None:
 
 def report(paths: list[str], out: str | None = None) -> list[dict]:
     """Writes summary.csv, summary.md and the two PNGs; returns the summary rows."""
-    records = [load_run(w) for w in find_runs(paths)]
+    records = load_runs(find_runs(paths))
     rows = summarize(records)
     out = out or paths[0]
     os.makedirs(out, exist_ok=True)
@@ -241,6 +312,7 @@ def run(argv) -> int:
     if not paths:
         raise cli.UsageError('give one or more run directories: '
                              'python -m lra_sparse.report RUN_DIR...')
+    cli.check_output_dir(out or paths[0], '--out' if out else 'the output directory')
     rows = report(paths, out)
     out = out or paths[0]
     print(markdown_table(rows))

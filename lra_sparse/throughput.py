@@ -1,18 +1,22 @@
 """Training throughput of full-size configs on synthetic data (no download needed).
 
-  python -m lra_sparse.throughput --tasks=listops,text,retrieval,image --attention=dense \
-      [--steps=50] [--warmup=5] [--out=throughput.json] [--set=model.dtype=bfloat16]
+  python -m lra_sparse.throughput --config=configs/listops.py \
+      --config=configs/text.py:attention=dsa [--steps=50] [--warmup=5] [--out=throughput.json] \
+      [--config.model.dtype=bfloat16]
 
-For every (task, attention) it builds the real config (reference hyperparameters), compiles the
-real jitted train step, runs ``warmup`` steps, then times ``steps`` steps one by one
-(``block_until_ready``) and reports the median step time, steps/s and examples/s, with the device,
-jax version and date.
+``--config=path:options`` and ``--config.<field>=value`` are those of ``lra_sparse.main``;
+``--config`` may be repeated and the overrides apply to every config. For every config (the
+reference hyperparameters unless ``tiny`` or overrides say otherwise) it compiles the real jitted
+train step on synthetic data of the task's shapes, runs ``warmup`` steps, then times ``steps``
+steps one by one (``block_until_ready``) and reports the median step time, steps/s and
+examples/s, with the device, jax version and date.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import time
 
 import jax
@@ -21,20 +25,22 @@ from absl import flags
 
 from lra_sparse import cli, config_lib, data, train
 
-_TASKS = flags.DEFINE_list('tasks', ['listops', 'text', 'retrieval', 'image'], 'Tasks to time.')
-_ATTENTION = flags.DEFINE_list('attention', ['dense'], 'Attention methods to time.')
+_CONFIGS = cli.define_config(multi=True, help_text='Config to time')
 _STEPS = flags.DEFINE_integer('steps', 50, 'Timed steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 5, 'Untimed steps after compilation.')
 _OUT = flags.DEFINE_string('out', None, 'Write the rows as JSON here.')
-_SET = flags.DEFINE_multi_string('set', [], 'Override for every config: field=value.')
-_TINY = flags.DEFINE_bool('tiny', False, 'Time the tiny configs instead (CPU check).')
+
+
+def synthetic_config(config) -> None:
+    """Switches ``config`` to synthetic data (a few batches) and validates it."""
+    config.data.source = 'synthetic'
+    config.data.synthetic_examples = max(config.batch_size * 4, 64)
+    config_lib.validate(config)
 
 
 def time_config(config, steps: int, warmup: int) -> dict:
     """Median train-step time of ``config`` on synthetic data."""
-    config.data.source = 'synthetic'
-    config.data.synthetic_examples = max(config.batch_size * 4, 64)
-    config_lib.validate(config)
+    synthetic_config(config)
     task = data.load_task(config)
     run, state = train.setup_run(config, task.info)
     state = run.place(state)
@@ -75,19 +81,29 @@ def environment() -> dict:
 @cli.command
 def run(argv) -> int:
     """CLI body; returns the exit status."""
-    del argv
+    cli.no_arguments(argv)
+    if not _CONFIGS.configs:
+        raise cli.UsageError('--config is required, e.g. --config=configs/listops.py '
+                             '--config=configs/text.py:attention=dsa')
+    if _STEPS.value < 1 or _WARMUP.value < 0:
+        raise cli.UsageError(f'--steps={_STEPS.value} --warmup={_WARMUP.value} are not allowed: '
+                             'at least one timed step and no negative warmup')
+    for config in _CONFIGS.configs:  # every config is valid before any compute
+        synthetic_config(config)
+    if _OUT.value:
+        if os.path.isdir(_OUT.value):
+            raise cli.UsageError(f'--out={_OUT.value!r} is a directory: give a file name, e.g. '
+                                 'throughput.json')
+        cli.check_output_dir(os.path.dirname(_OUT.value) or '.', '--out')
     env = environment()
     rows = []
-    for task in _TASKS.value:
-        for name in _ATTENTION.value:
-            arg = f'attention={name}' + (',tiny' if _TINY.value else '')
-            config = config_lib.apply_overrides(config_lib.load(f'configs/{task}.py:{arg}'),
-                                                map(config_lib.parse_override, _SET.value))
-            row = {**env, **time_config(config, _STEPS.value, _WARMUP.value)}
-            rows.append(row)
-            print(f'{task:10s} {name:8s} {row["dtype"]:9s} params {row["num_params"]:>9,d}  '
-                  f'{row["steps_per_second"]:8.2f} steps/s  {row["examples_per_second"]:9.1f} '
-                  f'ex/s  (compile {row["compile_seconds"]:.1f} s)', flush=True)
+    for config in _CONFIGS.configs:
+        row = {**env, **time_config(config, _STEPS.value, _WARMUP.value)}
+        rows.append(row)
+        print(f'{row["task"]:10s} {row["attention"]:8s} {row["dtype"]:9s} params '
+              f'{row["num_params"]:>9,d}  {row["steps_per_second"]:8.2f} steps/s  '
+              f'{row["examples_per_second"]:9.1f} ex/s  (compile {row["compile_seconds"]:.1f} s)',
+              flush=True)
     if _OUT.value:
         with open(_OUT.value, 'w') as f:
             json.dump(rows, f, indent=2)

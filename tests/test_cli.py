@@ -50,10 +50,13 @@ def _cli(module, *args):
     ('sweep', ['--config=configs/listops.py:tiny'], '--config, --sweep and --workdir'),
     ('report', ['no/such/dir'], "'no/such/dir' is not a directory"),
     ('report', [], 'give one or more run directories'),
-    ('throughput', ['--tiny', '--tasks=listops', '--set=model.emb_dm=8'],
+    ('throughput', ['--config=configs/listops.py:tiny', '--config.model.emb_dm=8'],
      'config.model.emb_dm does not exist: did you mean model.emb_dim'),
-    ('throughput', ['--tiny', '--tasks=listops', '--set=model.learn_pos_emb=maybe'],
+    ('throughput', ['--config=configs/listops.py:tiny', '--config.model.learn_pos_emb=maybe'],
      "config.model.learn_pos_emb='maybe' is not allowed"),
+    ('throughput', ['--steps=3'], '--config is required'),
+    ('sweep', ['--config=configs/listops.py:tiny', '--sweep=learning_rate', '--workdir=unused',
+               '--config.learning_rate=0.2'], "--config.learning_rate sets a field that sweep"),
 ])
 def test_cli_user_error_is_one_line_and_status_2(module, args, needle):
     out = _cli(module, *args)
@@ -67,3 +70,40 @@ def test_verbosity_1_adds_the_traceback():
     assert out.returncode == 2
     assert 'Traceback' in out.stderr and 'ReportError' in out.stderr
     assert out.stderr.splitlines()[-1] == "error: 'no/such/dir' is not a directory"
+
+
+@pytest.mark.parametrize('args,overrides,rest', [
+    (['--config.seed=3', '--mode=x'], [('seed', '3')], ['--mode=x']),
+    (['--config.schedule', 'constant', 'pos'], [('schedule', 'constant')], ['pos']),
+    (['-config.model.learn_pos_emb', '--workdir=w'], [('model.learn_pos_emb', 'True')],
+     ['--workdir=w']),
+    (['--noconfig.model.learn_pos_emb'], [('model.learn_pos_emb', 'False')], []),
+    (['--config.init_from=a=b', '--config=c.py'], [('init_from', 'a=b')], ['--config=c.py']),
+    (['--', '--config.seed=3'], [], ['--', '--config.seed=3']),
+])
+def test_config_overrides_are_split_from_the_other_flags(args, overrides, rest):
+    got_rest, got = cli._split_overrides(['prog', *args])
+    assert got == overrides and got_rest == ['prog', *rest]
+
+
+@pytest.mark.parametrize('module', ['main', 'sweep', 'throughput'])
+def test_help_lists_the_config_options(module):
+    from lra_sparse import attention
+
+    out = _cli(module, '--help')
+    text = ' '.join(out.stdout.split())
+    assert f'attention={"|".join(attention.REGISTRY)}' in text, out.stdout
+    for option in ('impl=reference|xla|pallas', 'apply=train_and_eval|eval_only', 'tiny',
+                   'synthetic', '--config.<field>=value'):
+        assert option in text, option
+
+
+def test_sweep_print_commands_use_the_config_syntax(tmp_path):
+    out = _cli('sweep', '--config=configs/listops.py:tiny', '--sweep=learning_rate',
+               f'--workdir={tmp_path}', '--config.num_train_steps=7', '--seeds=0,1',
+               '--print_commands')
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 4
+    assert f'--workdir={tmp_path}/dense__learning_rate=0.05__seed=1' in lines[1]
+    assert '--config.num_train_steps=7' in lines[1] and '--config.seed=1' in lines[1]

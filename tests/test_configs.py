@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -54,13 +55,44 @@ BAD = [
     ({'attention.apply': 'sometimes'}, 'config.attention.apply'),
     ({'schedule': 'constant * warmup'}, 'config.schedule'),
     ({'data.listops_max_length': 5000}, 'config.data.listops_max_length'),
+    ({'grad_clip_norm': -1.0}, 'config.grad_clip_norm=-1.0 is not allowed: a finite number > 0, '
+                               'or None (None disables clipping)'),
+    ({'grad_clip_norm': 0.0}, 'config.grad_clip_norm=0.0'),
+    ({'grad_clip_norm': float('inf')}, 'config.grad_clip_norm=inf'),
+    ({'learning_rate': float('inf')}, 'config.learning_rate=inf'),
+    ({'learning_rate': float('nan')}, 'config.learning_rate=nan'),
+    ({'learning_rate': 0.0}, 'config.learning_rate=0.0'),
+    ({'weight_decay': float('nan')}, 'config.weight_decay=nan'),
+    ({'weight_decay': -0.1}, 'config.weight_decay=-0.1'),
+    ({'warmup_steps': -1}, 'config.warmup_steps=-1'),
+    ({'warmup_steps': 0}, 'config.warmup_steps=0 is not allowed: an integer > 0 with rsqrt_decay'),
+    ({'schedule': 'constant * cosine_decay', 'steps_per_cycle': 0}, 'config.steps_per_cycle=0'),
+    ({'model.attention_dropout_rate': float('nan')}, 'config.model.attention_dropout_rate=nan'),
+    ({'num_eval_steps': 0}, 'config.num_eval_steps=0'),
+    ({'data.synthetic_examples': 0}, 'config.data.synthetic_examples=0'),
 ]
 
 
 @pytest.mark.parametrize('overrides,field', BAD)
 def test_bad_config_names_the_field(overrides, field):
     config = tiny_config('listops', **overrides)
-    with pytest.raises(config_lib.ConfigError, match=field.replace('.', r'\.')):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(field)):
+        config_lib.validate(config)
+
+
+def test_fields_checked_only_where_they_matter():
+    config = tiny_config('listops', **{'schedule': 'constant * linear_warmup',
+                                       'warmup_steps': 0, 'steps_per_cycle': 0})
+    config_lib.validate(config)  # no rsqrt_decay, no cosine_decay
+    config_lib.validate(tiny_config('listops', grad_clip_norm=1.0))
+
+
+@pytest.mark.parametrize('field', ['seed', 'batch_size', 'num_eval_steps', 'model.num_layers',
+                                   'data.synthetic_examples'])
+def test_a_bool_in_an_int_field_is_refused(field):
+    """ml_collections lets True into an int field (bool is an int to Python); validate does not."""
+    config = tiny_config('listops', **{field: True})
+    with pytest.raises(config_lib.ConfigError, match=rf'config\.{re.escape(field)}=True'):
         config_lib.validate(config)
 
 
@@ -72,6 +104,37 @@ def test_unknown_attention_lists_registered_names():
 def test_unknown_option_is_refused():
     with pytest.raises(ValueError, match='tinyy'):
         config_lib.load('configs/listops.py:tinyy')
+
+
+@pytest.mark.parametrize('arg,needle', [
+    ('attention=dsa,attention=dense', "'attention' is given twice ('attention=dsa' and "
+                                      "'attention=dense')"),
+    ('tiny,tiny', "'tiny' is given twice"),
+    ('impl=xla,tiny,impl=xla', "'impl' is given twice"),
+])
+def test_repeated_option_is_refused(arg, needle):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(needle)):
+        config_lib.parse_arg(arg)
+
+
+def test_options_help_lists_the_registered_choices():
+    text = config_lib.options_help()
+    assert f'attention={"|".join(attention.REGISTRY)}' in text
+    assert 'impl=reference|xla|pallas' in text and 'apply=train_and_eval|eval_only' in text
+    assert 'tiny' in text and 'synthetic' in text
+
+
+def test_config_file_errors_are_one_line(tmp_path):
+    broken = tmp_path / 'broken.py'
+    broken.write_text('def get_config(arg=None):\n    return {\n')
+    with pytest.raises(config_lib.ConfigError, match=r"broken.py' has a syntax error at line 2"):
+        config_lib.load(str(broken))
+    empty = tmp_path / 'empty.py'
+    empty.write_text('X = 1\n')
+    with pytest.raises(config_lib.ConfigError, match=r'defines no get_config'):
+        config_lib.load(str(empty))
+    with pytest.raises(config_lib.ConfigError, match=r"'configs/nope.py' does not exist"):
+        config_lib.load('configs/nope.py:tiny')
 
 
 def test_sparsity_out_of_range_is_refused():

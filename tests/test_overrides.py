@@ -31,7 +31,7 @@ def test_bool_refuses_other_text(text):
 
 
 def test_sweep_override_false_is_false():
-    """The text 'False' from --set used to become True (bool('False'))."""
+    """The text 'False' of a sweep override used to become True (bool('False'))."""
     point = sweep.Point('dense', (('model.learn_pos_emb', 'False'), ('num_train_steps', '7')))
     config = sweep.point_config('configs/listops.py:tiny', point)
     assert config.model.learn_pos_emb is False and config.num_train_steps == 7

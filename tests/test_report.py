@@ -62,3 +62,57 @@ def test_no_results_is_a_clear_error(tmp_path):
     with pytest.raises(report.ReportError, match='no finished runs'):
         report.report([str(tmp_path)])
     assert report.run(['report', str(tmp_path / 'missing')]) == 2
+
+
+@pytest.mark.parametrize('content,reason', [
+    ('{"task": "listops", "attention"', 'is not readable JSON'),
+    ('[1, 2]', 'holds a list, not an object'),
+    ('{"task": "listops", "attention": "dense", "validation": {"accuracy": 0.3}, "test": {}}',
+     "has no 'test.accuracy'"),
+    (b'\xff\xfe{}', 'is not readable JSON'),
+])
+def test_unreadable_runs_are_named_and_the_rest_reported(tmp_path, capsys, content, reason):
+    make_run(tmp_path / 'good', 'listops', 'dense', 0, 0.30, 0.32, 0.0)
+    make_run(tmp_path / 'torn', 'listops', 'dsa', 0, 0.28, 0.30, 0.9, {'sparsity': 0.9})
+    torn = tmp_path / 'torn' / 'results.json'
+    torn.write_bytes(content if isinstance(content, bytes) else content.encode())
+    rows = report.report([str(tmp_path)])
+    assert [r['method'] for r in rows] == ['dense']
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith('warning: left out of the report: ')
+    assert str(torn) in warnings[0] and reason in warnings[0]
+
+
+def test_only_unreadable_runs_is_one_error(tmp_path, capsys):
+    make_run(tmp_path / 'torn', 'listops', 'dense', 0, 0.30, 0.32, 0.0)
+    (tmp_path / 'torn' / 'results.json').write_text('{"task": ')
+    with pytest.raises(report.ReportError, match='no finished runs: 1 run'):
+        report.report([str(tmp_path)])
+    assert capsys.readouterr().err == ''
+    assert not (tmp_path / 'summary.csv').exists()
+
+
+def test_a_torn_metrics_file_leaves_out_only_the_curve(tmp_path, capsys):
+    make_run(tmp_path / 'd0', 'listops', 'dense', 0, 0.30, 0.32, 0.0)
+    with open(tmp_path / 'd0' / 'metrics.jsonl', 'a') as f:
+        f.write('{"step": 40, "spl')
+    rows = report.report([str(tmp_path)])
+    assert rows[0]['test_accuracy'] == pytest.approx(0.32)
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'metrics.jsonl is not readable' in err
+
+
+def test_legends_name_only_the_fields_that_differ(tmp_path):
+    common = {'num_train_steps': 400, 'model': {'num_layers': 2}}
+    configs = [{'seed': 0, 'attention': {'name': 'dense'}},
+               {'seed': 0, 'attention': {'name': 'dsa', 'sparsity': 0.9}},
+               {'seed': 0, 'attention': {'name': 'dsa', 'sparsity': 0.95}},
+               {'seed': 1, 'attention': {'name': 'dsa', 'sparsity': 0.95}}]
+    for i, config in enumerate(configs):
+        make_run(tmp_path / f'r{i}', 'listops', config['attention']['name'], 0, 0.3, 0.3, 0.0)
+        with open(tmp_path / f'r{i}' / 'config.json', 'w') as f:
+            json.dump({**common, **config}, f)
+    records = [report.load_run(str(tmp_path / f'r{i}')) for i in range(4)]
+    assert report.curve_labels(records) == [
+        'dense seed=0', 'dsa sparsity=0.9 seed=0', 'dsa sparsity=0.95 seed=0',
+        'dsa sparsity=0.95 seed=1']
