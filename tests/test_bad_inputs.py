@@ -87,7 +87,8 @@ def _read_only(path: str) -> None:
     os.chmod(path, 0o555)
     if os.access(path, os.W_OK):  # root ignores permission bits
         subprocess.run(['chattr', '+i', path], check=False, capture_output=True)
-    assert not os.access(path, os.W_OK), f'cannot make {path} read-only on this machine'
+    if os.access(path, os.W_OK):  # e.g. a file system without the immutable attribute
+        pytest.skip(f'cannot make {path} read-only on this file system as this user')
 
 
 def _writable_again(path: str) -> None:

@@ -72,7 +72,8 @@ def test_microbatches_give_the_same_update_as_one_pass(attention):
     """
     config = tiny_config('listops', f'synthetic,attention={attention}', **{
         'model.num_layers': 1, 'model.dropout_rate': 0.0, 'model.attention_dropout_rate': 0.0,
-        'batch_size': 8, 'data.synthetic_examples': 16, 'warmup_steps': 0})
+        'batch_size': 8, 'data.synthetic_examples': 16, 'schedule': 'constant',
+        'learning_rate': 1e-3})  # a learning rate > 0 at step 0, so the update is compared
     rng = np.random.default_rng(0)
     length = config.max_length
     inputs = rng.integers(1, 15, size=(8, length)).astype(np.int32)
@@ -85,7 +86,10 @@ def test_microbatches_give_the_same_update_as_one_pass(attention):
         np.testing.assert_allclose(four[key], one[key], rtol=2e-5, atol=1e-7, err_msg=key)
     if attention == 'dsa':
         assert float(one['aux_loss']) > 0
-    for a, b in zip(_flatten_state(one_state), _flatten_state(four_state), strict=True):
+    initial = _flatten_state(train.init_state(config, data.task_info(config))[1])
+    for a, b, start in zip(_flatten_state(one_state), _flatten_state(four_state), initial,
+                           strict=True):
+        assert np.isfinite(a).all() and not np.array_equal(a, start)  # a real update happened
         np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-6)
 
 
