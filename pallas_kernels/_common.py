@@ -163,9 +163,31 @@ def lowering_platform(platform: str) -> Iterator[None]:
                          f'{", ".join(_PLATFORM_NAMES)}.')
     token = _TARGET_PLATFORM.set(_PLATFORM_NAMES[platform])
     try:
-        yield
+        with _abstract_gpu(_PLATFORM_NAMES[platform]):
+            yield
     finally:
         _TARGET_PLATFORM.reset(token)
+
+
+# The GPU that lowering for 'cuda' without one assumes (jax >= 0.12 asks for a device kind).
+ABSTRACT_GPU_KIND = 'NVIDIA H100 80GB HBM3'
+
+
+def _abstract_gpu(platform: str) -> contextlib.AbstractContextManager:
+    """On jax >= 0.12 without a local GPU, an abstract H100 for the Triton lowering to target.
+
+    jax 0.12's Triton lowering reads the GPU's compute capability from the device; on a machine
+    without one it needs an abstract device (``jax.sharding.AbstractDevice``). Older jax reads
+    nothing and needs none.
+    """
+    abstract_device = getattr(jax.sharding, 'AbstractDevice', None)
+    if platform != 'gpu' or abstract_device is None or jax.default_backend() == 'gpu':
+        return contextlib.nullcontext()
+    mesh = jax.sharding.AbstractMesh(
+        (1,), ('kernel',), axis_types=(jax.sharding.AxisType.Explicit,),
+        abstract_device=abstract_device(device_kind=ABSTRACT_GPU_KIND, num_cores=None,
+                                        platform='gpu'))
+    return jax.sharding.use_abstract_mesh(mesh)
 
 
 def target_platform() -> str:
