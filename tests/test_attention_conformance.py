@@ -127,3 +127,39 @@ def test_registry_entry_is_complete(name):
         fields = config_lib.attention_config(name, 'reference', 'train_and_eval')
         for point in sweep:
             assert set(point) <= set(fields), point
+
+
+@pytest.mark.parametrize('name,impl', CASES)
+def test_implementation_table_entry_is_consistent(name, impl):
+    method = attention.REGISTRY[name]
+    entry = method.impls[impl]
+    assert entry.name == impl and callable(entry.run)
+    assert 'reference' in method.impls  # the oracle exists for every method
+    fields = config_lib.attention_config(name, impl, 'train_and_eval')
+    assert set(entry.settings) <= set(fields), 'a restriction names a field the method lacks'
+    config = config_lib.attention_config(name, impl, 'train_and_eval')
+    config.update(IMPL_SETTINGS.get((name, impl), {}))
+    used = attention.implementation_used(config)
+    on_cpu = jax.default_backend() == 'cpu'
+    assert used == (f'{impl} (interpret)' if entry.kernel and on_cpu else impl)
+    config.apply = 'eval_only'
+    assert attention.implementation_used(config) == used + ', training: dense reference'
+
+
+@pytest.mark.parametrize('name,impl', [(n, i) for n, i in CASES
+                                       if not attention.REGISTRY[n].impls[i].attention_dropout])
+def test_impl_without_attention_dropout_is_refused_with_a_rate(name, impl):
+    def settings(rate, apply='train_and_eval'):
+        cfg = config_lib.attention_config(name, impl, apply)
+        cfg.update(IMPL_SETTINGS.get((name, impl), {}))
+        dims = base.AttentionDims(emb_dim=E, qkv_dim=E, num_heads=H, max_len=L,
+                                  attention_dropout_rate=rate)
+        return dims, ml_collections.FrozenConfigDict(cfg)
+
+    module = attention.get_method(name).module
+    with pytest.raises(base.ConfigError, match=(
+            rf"config\.model\.attention_dropout_rate=0\.1 is not allowed with "
+            rf"attention\.impl='{impl}': {name} {impl} has no attention dropout")):
+        module(*settings(0.1), rngs=nnx.Rngs(params=0))
+    module(*settings(0.1, 'eval_only'), rngs=nnx.Rngs(params=0))  # trains dense attention
+    module(*settings(0.0), rngs=nnx.Rngs(params=0))

@@ -26,6 +26,13 @@ def build(impl='reference', seed=0, dims=None, **overrides):
                             rngs=nnx.Rngs(params=seed))
 
 
+def supported_impls(overrides):
+    """The implementations whose table entry runs the default config with ``overrides``."""
+    cfg = {**dsa.default_config(), **overrides}
+    return [name for name, entry in dsa.METHOD.impls.items()
+            if all(r.accepts(cfg[f]) for f, r in entry.settings.items())]
+
+
 def inputs(seed=0, lengths=(L - 7, 13), length=L):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(len(lengths), length, E)).astype(np.float32)
@@ -275,10 +282,25 @@ def test_block_layer_equals_masked_attention_on_its_mask():
     q, k, v = (np.asarray(t) for t in layer.project_qkv(x))
     want = np.asarray(layer.project_out(jnp.asarray(np_attention(q, k, v, kept))))
     want = np.where(np.asarray(mask)[..., None], want, 0.0)
-    for impl in ('reference', 'xla'):
-        lay = build(impl, granularity='block', block_q=8, block_k=4, sparsity=0.7,
-                    precision='fp32')
+    settings = dict(granularity='block', block_q=8, block_k=4, sparsity=0.7, precision='fp32')
+    for impl in supported_impls(settings):  # the reference (xla has no block path)
+        lay = build(impl, **settings)
         np.testing.assert_allclose(call(lay, x, mask).y, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize('overrides,field', [
+    ({'granularity': 'block'}, 'granularity'), ({'selection': 'threshold'}, 'selection')])
+def test_xla_refuses_settings_it_does_not_run(overrides, field):
+    config = tiny_config('listops', 'attention=dsa,impl=xla',
+                         **{f'attention.{k}': v for k, v in overrides.items()})
+    value = overrides[field]
+    pattern = (rf"config\.attention\.{field}='{value}' is not allowed with "
+               rf"attention\.impl='xla': dsa xla supports {field} .*impl reference")
+    with pytest.raises(base.ConfigError, match=pattern) as err:
+        config_lib.validate(config)
+    assert '\n' not in str(err.value)
+    with pytest.raises(base.ConfigError, match=pattern):
+        build('xla', **overrides)
 
 
 # -- xla == reference ---------------------------------------------------------------------------
@@ -423,11 +445,15 @@ def test_oracle_equals_numpy_topk_attention(impl):
     np.testing.assert_array_equal(np.asarray(maps['oracle']), keep)
 
 
-@pytest.mark.parametrize('overrides', [
+PADDING_CASES = [
     {}, {'granularity': 'vector', 'vector_size': 8}, {'granularity': 'block'},
     {'selection': 'threshold', 'threshold': 0.5}, {'precision': 'random'},
-    {'precision': 'oracle'}], ids=str)
-@pytest.mark.parametrize('impl', ['reference', 'xla'])
+    {'precision': 'oracle'}]
+
+
+@pytest.mark.parametrize('impl,overrides', [
+    (impl, o) for impl in ('reference', 'xla') for o in PADDING_CASES
+    if impl in supported_impls(o)], ids=str)
 def test_padded_rows_and_fully_padded_examples_are_zero(impl, overrides):
     layer = build(impl, **overrides)
     x, mask = inputs(13, lengths=(L - 9, 0))

@@ -414,8 +414,8 @@ def test_dfss_pallas_equals_reference(pattern):
 
 
 @pytest.mark.parametrize('overrides,field', [
-    ({'attention': 'dsa', 'attention.granularity': 'element'}, 'attention.impl'),
-    ({'attention': 'dsa', 'attention.granularity': 'vector'}, 'attention.impl'),
+    ({'attention': 'dsa', 'attention.granularity': 'element'}, 'attention.granularity'),
+    ({'attention': 'dsa', 'attention.granularity': 'vector'}, 'attention.granularity'),
     ({'attention': 'dsa', 'attention.granularity': 'block', 'attention.block_q': 24},
      'attention.block_q'),
     ({'attention': 'dsa', 'attention.granularity': 'block', 'attention.block_k': 8},

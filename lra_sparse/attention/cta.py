@@ -444,7 +444,6 @@ class CTAAttention(base.Attention):
 
     def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
         super().__init__(dims, cfg, rngs=rngs)
-        check_fields(cfg)
         hash_len = int(cfg.hash_length)
         key_a, key_b = jax.random.split(rngs.params())
         self.lsh_a = base.Buffer(
@@ -453,23 +452,26 @@ class CTAAttention(base.Attention):
         self.lsh_b = base.Buffer(
             jax.random.uniform(key_b, (NUM_FAMILIES, hash_len), jnp.float32) * w[:, None])
 
-    def clusters(self, x: jax.Array, mask: jax.Array) -> tuple[dict, dict, dict]:
-        """The three families' :func:`cluster_tokens` results for x [batch, n, emb]."""
+    def check_config(self, cfg, dims):
+        """Raises ConfigError for a bad CTA field."""
+        check_fields(cfg)
+
+    def clusters(self, x: jax.Array, mask: jax.Array,
+                 reference: bool) -> tuple[dict, dict, dict]:
+        """The three families' :func:`cluster_tokens` results for x [batch, n, emb].
+
+        ``reference``: dense pairwise / one-hot clustering instead of sort / ``segment_sum``.
+        """
         return compress(x, mask, self.lsh_a[...], self.lsh_b[...], widths(self.cfg),
-                        capacities(self.cfg, x.shape[1]),
-                        reference=self.cfg.impl == 'reference')
+                        capacities(self.cfg, x.shape[1]), reference=reference)
 
     def attend(self, x, mask, carry, *, deterministic, rng):
         """CTA layer; see ``base.Attention.__call__`` and the module docstring."""
-        fam0, fam1, fam2 = self.clusters(x, mask)
         drop = None
         if not deterministic and self.dims.attention_dropout_rate > 0.0:
             def drop(p):
                 return self.drop_probs(p, deterministic, rng)
-        if self.cfg.impl == 'reference':
-            y = self._reference(mask, fam0, fam1, fam2, drop)
-        else:
-            y = self._compressed(mask, fam0, fam1, fam2, drop)
+        y, (fam0, fam1, fam2) = self.implementation.run(self, x, mask, drop)
         stats = self._stats(mask, fam0, fam1, fam2)
         if self.cfg.diagnostics:
             y_dense = self.dense(x, mask, True, None)[0].astype(jnp.float32)
@@ -483,8 +485,16 @@ class CTAAttention(base.Attention):
     def _cast(self, c: jax.Array) -> jax.Array:
         return c.astype(jnp.dtype(self.dims.dtype))
 
-    def _compressed(self, mask, fam0, fam1, fam2, drop) -> jax.Array:
-        """The xla path: projections, scores and AV among centroids only."""
+    def _compressed(self, x, mask, drop) -> tuple[jax.Array, tuple[dict, dict, dict]]:
+        """The xla path: sort-based clusters; projections, scores and AV among centroids only.
+
+        Args:
+          x: [batch, n, emb]; mask: bool [batch, n]; drop: None or the dropout function.
+
+        Returns:
+          (y [batch, n, emb], the three families of :meth:`clusters`).
+        """
+        fam0, fam1, fam2 = fams = self.clusters(x, mask, reference=False)
         cap0, cap1 = fam0['centroids'].shape[1], fam1['centroids'].shape[1]
         q_bar = self.split_heads(self.query(self._cast(fam0['centroids'])))
         cat = self._cast(jnp.concatenate([fam1['centroids'], fam2['centroids']], axis=1))
@@ -493,10 +503,16 @@ class CTAAttention(base.Attention):
                                      drop)
         y_bar = self.project_out(o_bar)  # [batch, k0, emb]: output projection on centroids
         y = jnp.take_along_axis(y_bar, jnp.clip(fam0['ids'], 0, cap0 - 1)[..., None], axis=1)
-        return jnp.where(mask[..., None], y, 0).astype(y_bar.dtype)
+        return jnp.where(mask[..., None], y, 0).astype(y_bar.dtype), fams
 
-    def _reference(self, mask, fam0, fam1, fam2, drop) -> jax.Array:
-        """The reference path: approximated tokens by one-hot matrices, full softmax attention."""
+    def _reference(self, x, mask, drop) -> tuple[jax.Array, tuple[dict, dict, dict]]:
+        """The reference path: dense clustering, full attention of the approximated tokens.
+
+        The approximated tokens come from explicit one-hot assignment matrices; same arguments
+        and result as :meth:`_compressed`.
+        """
+        fam0, fam1, fam2 = fams = self.clusters(x, mask, reference=True)
+
         def expand(fam):  # [batch, n, emb] = one_hot(ids) @ centroids
             cap = fam['centroids'].shape[1]
             return jnp.einsum('bnc,bce->bne', jax.nn.one_hot(fam['ids'], cap, dtype=jnp.float32),
@@ -510,7 +526,12 @@ class CTAAttention(base.Attention):
         probs = base.masked_softmax(base.attention_scores(q, k) * scale, base.pair_mask(mask, mask))
         if drop is not None:
             probs = drop(probs)
-        return self.project_out(base.weighted_values(probs, v))
+        return self.project_out(base.weighted_values(probs, v)), fams
+
+    implementations = base.implementations(
+        base.Implementation('reference', _reference),
+        base.Implementation('xla', _compressed),
+    )
 
     def _stats(self, mask, fam0, fam1, fam2) -> dict[str, jax.Array]:
         """Pooled-over-batch statistics (see the module docstring for the definitions)."""
@@ -538,7 +559,7 @@ class CTAAttention(base.Attention):
     def inspect_maps(self, x, mask, carry):
         """Cluster ids per token: int32 [batch, n] each, -1 on padding."""
         del carry
-        fams = self.clusters(x, mask)
+        _, fams = self.implementation.run(self, x, mask, None)
         names = ('query_clusters', 'key_clusters', 'residual_clusters')
         return {name: jnp.where(mask, f['ids'], -1) for name, f in zip(names, fams)}
 
@@ -551,9 +572,8 @@ METHOD = base.AttentionMethod(
     name='cta',
     module=CTAAttention,
     default_config=default_config,
-    validate=validate,
+    check=validate,
     layer_macs=layer_macs,
-    impls=('reference', 'xla'),
     description='LSH clustering of tokens, attention among centroids, probability aggregation '
                 '(CTA)',
     # Tiny widths and full capacity: every distinct token is its own cluster (residuals are then

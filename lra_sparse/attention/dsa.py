@@ -43,13 +43,14 @@ Implementations:
   matrices, ``||S - S̃||² = <QᵀQ, KᵀK> - 2<QᵀQ̃, KᵀK̃> + <Q̃ᵀQ̃, K̃ᵀK̃>`` (all ``head_dim × k``
   sized), also without ``L×L``. The gathered K/V hold ``L/vector_size · k_max · head_dim`` values
   per head, which is smaller than ``L×L`` only when ``k_max·head_dim < vector_size·L``: memory
-  savings at scale need the fused kernel. ``threshold`` selection (data-dependent row counts, no
-  static capacity) and ``block`` granularity run the reference computation.
+  savings at scale need the fused kernel. Only ``topk`` selection (``threshold`` has
+  data-dependent row counts, no static capacity) and ``element``/``vector`` granularity: other
+  settings are refused by validation.
 * ``pallas`` (``block`` granularity only): the selection as in ``reference``, then the
   block-sparse flash kernel (``pallas_kernels.block_sparse``) over the kept tiles' index lists
-  (:meth:`DSAAttention._block_attention`), padding masked in the kernel; the sequence is padded to
-  the tiles, which must be powers of two >= 16. Interpret mode on CPU. No attention dropout
-  (rejected unless ``apply='eval_only'``).
+  (:meth:`DSAAttention._attend_block_kernel`), padding masked in the kernel; the sequence is
+  padded to the tiles, which must be powers of two >= 16. Interpret mode on CPU. No attention
+  dropout (refused unless ``apply='eval_only'``).
 
 Statistics (float32 scalars): ``sparsity`` (fraction of valid query-key pairs not attended),
 ``mse`` (the raw MSE, when a predictor exists), ``prediction_accuracy`` (when
@@ -82,6 +83,8 @@ Interpretations the paper leaves open (see ``docs/methods/dsa.md``):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -162,23 +165,15 @@ def check_fields(cfg, head_dim: int) -> None:
            'True or False')
 
 
-def check_pallas(cfg, attention_dropout_rate: float) -> None:
-    """impl='pallas' needs block granularity, power-of-two tiles >= 16 and no attention dropout."""
-    if cfg.get('impl') != 'pallas':
-        return
-    _check(cfg.granularity == 'block', 'impl', cfg.impl,
-           f"reference or xla with granularity={cfg.granularity!r} (pallas: granularity='block')")
-    for field in ('block_q', 'block_k'):
-        b = cfg[field]
-        _check(b >= 16 and b & (b - 1) == 0, field, b, "a power of two >= 16 with impl='pallas'")
-    base.check_kernel_dropout(cfg, attention_dropout_rate)
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks DSA's fields against the full config (head width) before any compute."""
     m = config.model
     check_fields(config.attention, max(1, m.qkv_dim // max(1, m.num_heads)))
-    check_pallas(config.attention, m.attention_dropout_rate)
+
+
+def _kernel_tile(value) -> bool:
+    """A tile size the block-sparse kernel takes: a power of two >= 16."""
+    return value >= 16 and value & (value - 1) == 0
 
 
 # -- counts, quantization, projection (pure functions, tested directly) ---------------------------
@@ -464,6 +459,29 @@ def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
 
 
 # -- the layer ----------------------------------------------------------------------------------
+class _Attended(NamedTuple):
+    """What an implementation of the sparse attention step returns.
+
+    Attributes:
+      o: [batch, L, heads, head_dim] attention output before the output projection.
+      sparsity: float32 [] fraction of valid query-key pairs not attended.
+      accuracy: true scores float32 [batch, heads, L, L] -> the ``prediction_accuracy`` of the
+        selection (float32 []).
+      gram_mse: compute the MSE from Gram matrices (no L x L array) instead of dense scores.
+    """
+
+    o: jax.Array
+    sparsity: jax.Array
+    accuracy: Callable[[jax.Array], jax.Array]
+    gram_mse: bool = False
+
+    @classmethod
+    def of_mask(cls, o: jax.Array, keep: jax.Array, valid: jax.Array) -> _Attended:
+        """For a dense keep mask [B, H, L, L] and the valid pairs [B, 1, L, L]."""
+        return cls(o, base.pair_sparsity(keep, valid),
+                   lambda scores: prediction_accuracy(scores, keep, valid))
+
+
 class DSAAttention(base.Attention):
     """DSA attention layer; see the module docstring.
 
@@ -474,8 +492,6 @@ class DSAAttention(base.Attention):
 
     def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
         super().__init__(dims, cfg, rngs=rngs)
-        check_fields(cfg, dims.head_dim)
-        check_pallas(cfg, dims.attention_dropout_rate)
         self.k = predictor_width(cfg.sigma, dims.head_dim)
         self.has_predictor = cfg.precision in PRECISION_BITS
         if self.has_predictor:
@@ -485,6 +501,10 @@ class DSAAttention(base.Attention):
             shape = (dims.num_heads, self.k, self.k)
             self.pred_query = nnx.Param(init(rngs.params(), shape, jnp.float32))
             self.pred_key = nnx.Param(init(rngs.params(), shape, jnp.float32))
+
+    def check_config(self, cfg, dims):
+        """Raises ConfigError for any bad DSA field."""
+        check_fields(cfg, dims.head_dim)
 
     # -- prediction path -----------------------------------------------------------------------
     def predict(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -599,40 +619,52 @@ class DSAAttention(base.Attention):
             keep = expand_groups(keep, size, length)
         return keep & base.pair_mask(mask, mask), {}
 
-    # -- attention -----------------------------------------------------------------------------
-    def _block_attention(self, q, k, v, keep, block_idx, block_ok, mask, deterministic, rng):
-        """Block granularity: attention over the kept tiles.
-
-        ``reference`` / ``xla``: dense scores masked with ``keep`` (the oracle). ``pallas``: the
-        block-sparse kernel on ``block_idx`` / ``block_ok`` (int32 / bool [batch, heads, q_blocks,
-        kb], the kept key blocks of every query block) and the token ``mask`` [batch, L].
-        """
-        if self.cfg.impl != 'pallas':
-            return self._masked(q, k, v, keep, deterministic, rng)
-        from pallas_kernels import block_sparse  # jax-only, imported when used
-
-        bq, bk, length = self.cfg.block_q, self.cfg.block_k, q.shape[1]
-        lq, lk = -(-length // bq) * bq, -(-length // bk) * bk
-        pad = base.pad_sequence  # sequence axis to the tiles; the padded mask marks it invalid
-        order = jnp.argsort(jnp.logical_not(block_ok), axis=-1, stable=True)  # kept slots first
-        idx = jnp.take_along_axis(block_idx, order, axis=-1)
-        count = jnp.sum(block_ok, axis=-1, dtype=jnp.int32)
-        o = block_sparse.block_sparse_attention(
-            pad(q, lq), pad(k, lk), pad(v, lk), idx, count, pad(mask, lq), pad(mask, lk),
-            block_sizes=block_sparse.BlockSizes(bq, bk))
-        return o[:, :length]
-
+    # -- attention (one function per implementation) -----------------------------------------
     def _masked(self, q, k, v, keep, deterministic, rng):
+        """Softmax attention restricted to keep [B, H, L, L]; o [B, L, H, head_dim]."""
         scale = 1.0 / math.sqrt(self.dims.head_dim)
         probs = base.masked_softmax(base.attention_scores(q, k) * scale, keep)
         return base.weighted_values(self.drop_probs(probs, deterministic, rng), v)
 
-    def _gathered(self, q, k, v, sel, mask, deterministic, rng):
+    def _attend_reference(self, q, k, v, sel, mask, deterministic, rng) -> _Attended:
+        """The reference: the dense keep mask of :meth:`select_mask` and masked attention.
+
+        Every implementation takes q, k, v [batch, L, heads, head_dim], the selection scores sel
+        float32 [batch, heads, L, L], mask bool [batch, L], and returns an :class:`_Attended`.
+        """
+        keep, _ = self.select_mask(sel, mask)
+        o = self._masked(q, k, v, keep, deterministic, rng)
+        return _Attended.of_mask(o, keep, base.pair_mask(mask, mask))
+
+    def _attend_block_kernel(self, q, k, v, sel, mask, deterministic, rng) -> _Attended:
+        """Block granularity on the block-sparse kernel (``pallas_kernels.block_sparse``).
+
+        The kept tiles' index lists (``block_idx`` / ``block_ok``, int32 / bool [batch, heads,
+        q_blocks, kb]) go to the kernel with the token mask; the sequence is padded to the tiles.
+        The kernel has no dropout (validation refuses a rate > 0 with this implementation).
+        """
+        del deterministic, rng
+        from pallas_kernels import block_sparse  # jax-only, imported when used
+
+        keep, extra = self.select_mask(sel, mask)
+        bq, bk, length = self.cfg.block_q, self.cfg.block_k, q.shape[1]
+        lq, lk = -(-length // bq) * bq, -(-length // bk) * bk
+        pad = base.pad_sequence  # sequence axis to the tiles; the padded mask marks it invalid
+        block_ok = extra['block_ok']
+        order = jnp.argsort(jnp.logical_not(block_ok), axis=-1, stable=True)  # kept slots first
+        idx = jnp.take_along_axis(extra['block_idx'], order, axis=-1)
+        count = jnp.sum(block_ok, axis=-1, dtype=jnp.int32)
+        o = block_sparse.block_sparse_attention(
+            pad(q, lq), pad(k, lk), pad(v, lk), idx, count, pad(mask, lq), pad(mask, lk),
+            block_sizes=block_sparse.BlockSizes(bq, bk))
+        return _Attended.of_mask(o[:, :length], keep, base.pair_mask(mask, mask))
+
+    def _attend_gathered(self, q, k, v, sel, mask, deterministic, rng) -> _Attended:
         """The xla path (topk, element/vector): attention over gathered kept keys only.
 
-        Returns:
-          (o [batch, L, heads, head_dim], idx int32 [B, H, G, k_max] kept key indices per row
-          group, live bool [B, H, G, size, k_max] the attended (row, slot) pairs).
+        ``lax.top_k`` gives per row group the kept key indices idx int32 [B, H, G, k_max]; K and
+        V are gathered to [B, H, G, k_max, head_dim] and scores, softmax and AV run on them;
+        live bool [B, H, G, size, k_max] marks the attended (row, slot) pairs.
         """
         cfg = self.cfg
         b, length, h, d = q.shape
@@ -658,48 +690,43 @@ class DSAAttention(base.Attention):
         probs = base.masked_softmax(scores, live)
         probs = self.drop_probs(probs, deterministic, rng)
         o = jnp.einsum('bhgrk,bhgkd->bhgrd', probs.astype(v.dtype), v_sel)
-        o = o.reshape(b, h, g * size, d)[:, :, :length]
-        return jnp.swapaxes(o, 1, 2), idx, live
+        o = jnp.swapaxes(o.reshape(b, h, g * size, d)[:, :, :length], 1, 2)
+        valid = base.pair_mask(mask, mask)
+        total = jnp.sum(valid) * self.dims.num_heads
+        sparsity = jnp.where(total > 0, 1.0 - jnp.sum(live) / jnp.maximum(total, 1),
+                             0.0).astype(jnp.float32)
+        return _Attended(o, sparsity,
+                         lambda scores: gathered_accuracy(scores, idx, live, valid), gram_mse=True)
+
+    implementations = base.implementations(
+        base.Implementation('reference', _attend_reference),
+        base.Implementation('xla', _attend_gathered, settings={
+            'granularity': base.one_of('element', 'vector'), 'selection': base.one_of('topk')}),
+        base.Implementation('pallas', _attend_block_kernel, settings={
+            'granularity': base.one_of('block'),
+            'block_q': base.Restriction(_kernel_tile, 'a power of two >= 16'),
+            'block_k': base.Restriction(_kernel_tile, 'a power of two >= 16')},
+            attention_dropout=False, kernel=True),
+    )
 
     def attend(self, x, mask, carry, *, deterministic, rng):
         """DSA layer; see ``base.Attention.__call__`` and the module docstring."""
-        cfg = self.cfg
         q, k, v = self.project_qkv(x)
         qt = kt = s_pred = None
         if self.has_predictor:
             qt, kt, s_pred = self.predict(x, mask)
         sel = self._selection_scores(q, k, s_pred, mask, deterministic, rng)
-        valid = base.pair_mask(mask, mask)
-        gathered = (cfg.impl == 'xla' and cfg.selection == 'topk'
-                    and cfg.granularity in ('element', 'vector'))
-        stats = {}
-        if gathered:
-            o, idx, live = self._gathered(q, k, v, sel, mask, deterministic, rng)
-            total = jnp.sum(valid) * self.dims.num_heads
-            stats['sparsity'] = jnp.where(total > 0, 1.0 - jnp.sum(live) / jnp.maximum(total, 1),
-                                          0.0).astype(jnp.float32)
-        else:
-            keep, extra = self.select_mask(sel, mask)
-            if cfg.granularity == 'block':
-                o = self._block_attention(q, k, v, keep, extra['block_idx'], extra['block_ok'],
-                                          mask, deterministic, rng)
-            else:
-                o = self._masked(q, k, v, keep, deterministic, rng)
-            stats['sparsity'] = base.pair_sparsity(keep, valid)
-        o = jnp.where(mask[:, :, None, None], o, 0).astype(v.dtype)
+        attended = self.implementation.run(self, q, k, v, sel, mask, deterministic, rng)
+        o = jnp.where(mask[:, :, None, None], attended.o, 0).astype(v.dtype)
         y = self.project_out(o)
-
-        aux = {}
+        stats, aux = {'sparsity': attended.sparsity}, {}
         if self.has_predictor:
-            mse = self._mse(q, k, qt, kt, mask, dense=not gathered)
+            mse = self._mse(q, k, qt, kt, mask, dense=not attended.gram_mse)
             stats['mse'] = jax.lax.stop_gradient(mse).astype(jnp.float32)
-            aux['dsa_mse'] = (cfg.mse_weight * mse).astype(jnp.float32)
-        if cfg.accuracy_stat:
+            aux['dsa_mse'] = (self.cfg.mse_weight * mse).astype(jnp.float32)
+        if self.cfg.accuracy_stat:
             s = jax.lax.stop_gradient(base.attention_scores(q, k) / math.sqrt(self.dims.head_dim))
-            if gathered:
-                stats['prediction_accuracy'] = gathered_accuracy(s, idx, live, valid)
-            else:
-                stats['prediction_accuracy'] = prediction_accuracy(s, keep, valid)
+            stats['prediction_accuracy'] = attended.accuracy(s)
         return base.AttentionOutput(y, carry, stats, aux)
 
     def inspect_maps(self, x, mask, carry):
@@ -728,9 +755,8 @@ METHOD = base.AttentionMethod(
     name='dsa',
     module=DSAAttention,
     default_config=default_config,
-    validate=validate,
+    check=validate,
     layer_macs=layer_macs,
-    impls=('reference', 'xla', 'pallas'),
     description='trainable low-rank, low-precision predictor picks the attention weights to '
                 'compute (DSA)',
     dense_equivalent={'sparsity': 0.0, 'selection': 'topk', 'granularity': 'element'},

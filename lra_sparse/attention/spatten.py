@@ -99,6 +99,7 @@ trace uses 6+4 at 0.05; 8 MSBs because these models are also trained with quanti
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -378,9 +379,12 @@ class SpAttenAttention(base.Attention):
 
     def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
         super().__init__(dims, cfg, rngs=rngs)
-        check_fields(cfg, dims.num_layers, dims.num_heads)
         self.token_ratios = token_keep_schedule(cfg, dims.num_layers)
         self.head_counts = head_keep_schedule(cfg, dims.num_heads, dims.num_layers)
+
+    def check_config(self, cfg, dims):
+        """Raises ConfigError for any bad SpAtten field."""
+        check_fields(cfg, dims.num_layers, dims.num_heads)
 
     # -- projections -------------------------------------------------------------------------
     def _kernel(self, proj) -> jax.Array:
@@ -431,8 +435,11 @@ class SpAttenAttention(base.Attention):
     # -- the method ----------------------------------------------------------------------------
     def attend(self, x, mask, carry, *, deterministic, rng):
         """SpAtten layer; see ``base.Attention.__call__`` and the module docstring."""
+        return self.implementation.run(self, x, mask, carry, deterministic, rng)
+
+    def _attend(self, x, mask, carry, deterministic, rng, *, physical: bool):
+        """The layer; ``physical``: gather (xla) rather than mask (reference)."""
         dims, cfg = self.dims, self.cfg
-        physical = cfg.impl != 'reference'
         layer, num_layers, num_heads = dims.layer_index, dims.num_layers, dims.num_heads
         batch, n = x.shape[0], x.shape[1]
         state = dict(carry.state)
@@ -527,6 +534,11 @@ class SpAttenAttention(base.Attention):
         new_carry = carry.replace(positions=positions, select=select, state=new_state)
         return base.AttentionOutput(y, new_carry, stats, {})
 
+    implementations = base.implementations(
+        base.Implementation('reference', functools.partial(_attend, physical=False)),
+        base.Implementation('xla', functools.partial(_attend, physical=True)),
+    )
+
     def _stats(self, v_cur, kv_keep, h_cur, valid0) -> dict[str, jax.Array]:
         """Pooled-over-batch statistics (see the module docstring for the definitions)."""
         dims = self.dims
@@ -557,9 +569,8 @@ METHOD = base.AttentionMethod(
     name='spatten',
     module=SpAttenAttention,
     default_config=default_config,
-    validate=validate,
+    check=validate,
     layer_macs=layer_macs,
-    impls=('reference', 'xla'),
     description='cascade token and head pruning, local value pruning, progressive quantization '
                 '(SpAtten)',
     dense_equivalent={'token_keep_ratios': (), 'token_keep_final': 1.0,
