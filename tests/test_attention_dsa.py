@@ -115,35 +115,7 @@ def test_projection_is_fixed_and_survives_state_round_trip():
     np.testing.assert_array_equal(np.asarray(call(other, x, mask).y), np.asarray(y0))
 
 
-# -- quantizers ---------------------------------------------------------------------------------
-X_HAND = np.array([-1.0, -0.4, 0.0, 0.2, 0.5, 1.0], np.float32)
-CODES_HAND = {  # round-half-to-even of x * (2^(b-1) - 1), max|x| = 1
-    2: [-1, 0, 0, 0, 0, 1],
-    4: [-7, -3, 0, 1, 4, 7],  # -2.8, 1.4, 3.5
-    8: [-127, -51, 0, 25, 64, 127],  # -50.8, 25.4, 63.5
-}
-
-
-@pytest.mark.parametrize('bits', [2, 4, 8])
-def test_quantizer_exact_levels(bits):
-    codes, scale = dsa.quant_codes(jnp.asarray(X_HAND), bits, (0,))
-    qmax = 2 ** (bits - 1) - 1
-    np.testing.assert_array_equal(np.asarray(codes), CODES_HAND[bits])
-    np.testing.assert_allclose(float(scale[0]), 1.0 / qmax, rtol=1e-7)
-    fq = np.asarray(dsa.fake_quant(jnp.asarray(X_HAND * 3.0), bits, (0,)))
-    np.testing.assert_allclose(fq, np.asarray(CODES_HAND[bits]) * 3.0 / qmax, rtol=1e-6)
-    assert len(np.unique(fq)) <= 2 * qmax + 1
-
-
-def test_quantizer_scales_ignore_invalid_entries_and_are_per_group():
-    x = jnp.asarray([[0.5, -0.25, 100.0], [2.0, 1.0, -4.0]], jnp.float32)
-    valid = jnp.asarray([[True, True, False], [True, True, True]])
-    codes, scale = dsa.quant_codes(x, 4, (1,), valid)
-    np.testing.assert_allclose(np.asarray(scale)[:, 0], [0.5 / 7, 4.0 / 7], rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(codes)[0, :2], [7, -4])  # -3.5 -> -4 (half even)
-    np.testing.assert_array_equal(np.asarray(codes)[1], [4, 2, -7])  # 3.5 -> 4, 1.75 -> 2
-
-
+# -- quantizers (the shared quantizer itself: tests/test_attention_quant.py) -----------------------
 @pytest.mark.parametrize('precision', ['int2', 'int4', 'int8', 'bf16'])
 def test_straight_through_gradient_is_identity(precision):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 7)).astype(np.float32))

@@ -10,7 +10,7 @@ important. What one layer does:
    trained and stored as a :class:`base.Buffer` (so checkpoints reproduce it); ``W̃_Qʰ, W̃_Kʰ ∈
    R^{k×k}`` are trainable. ``k = round(sigma * head_dim)``.
 2. **Precision** of the prediction path: ``fp32``; ``bf16`` (values rounded to bfloat16);
-   ``int8`` / ``int4`` / ``int2``: symmetric linear fake quantization (:func:`fake_quant`,
+   ``int8`` / ``int4`` / ``int2``: symmetric linear fake quantization (:func:`quant.fake_quant`,
    ``scale = max|x| / (2^(b-1) - 1)``, codes rounded to nearest, straight-through gradient) of the
    projected input ``XP``, of the predictor weights ``W̃`` and of ``Q̃, K̃`` before the score GEMM
    (the paper's pipeline, Fig. 9: quantized input × low-precision weights, then a low-precision
@@ -91,7 +91,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from lra_sparse.attention import base
+from lra_sparse.attention import base, quant
 
 PRECISIONS = ('fp32', 'bf16', 'int8', 'int4', 'int2', 'random', 'oracle')
 PRECISION_BITS = {'fp32': 32, 'bf16': 16, 'int8': 8, 'int4': 4, 'int2': 2}
@@ -202,49 +202,14 @@ def sparse_projection(key: jax.Array, emb_dim: int, num_heads: int, k: int) -> j
     return (sign * math.sqrt(2.0 / k)).astype(jnp.float32)
 
 
-def _straight_through(x: jax.Array, q: jax.Array) -> jax.Array:
-    """Forward value exactly ``q``, gradient identity w.r.t. ``x``."""
-    return (x - jax.lax.stop_gradient(x)) + jax.lax.stop_gradient(q).astype(x.dtype)
-
-
-def quant_codes(x: jax.Array, bits: int, axes: tuple[int, ...],
-                valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Symmetric linear quantization codes.
-
-    Args:
-      x: float array.
-      bits: bit width b >= 2; codes lie in [-(2^(b-1) - 1), 2^(b-1) - 1].
-      axes: axes one scale is shared over (the others get their own scale).
-      valid: optional bool, broadcastable to ``x``; invalid entries do not set the scale.
-
-    Returns:
-      (codes float32 integers shaped like x, scale float32 with ``axes`` kept as size 1):
-      ``scale = max|x| / (2^(b-1) - 1)`` (1 where x is all zero), ``codes = clip(round(x/scale))``.
-    """
-    xf = jax.lax.stop_gradient(x).astype(jnp.float32)
-    a = jnp.abs(xf) if valid is None else jnp.where(valid, jnp.abs(xf), 0.0)
-    amax = jnp.max(a, axis=axes, keepdims=True)
-    qmax = 2.0 ** (bits - 1) - 1.0
-    safe = jnp.where(amax > 0, amax, qmax)
-    # x * qmax / amax (not x / scale): exact for hand-checkable ratios such as 0.5 * 7 / 1.
-    return jnp.clip(jnp.round(xf * qmax / safe), -qmax, qmax), safe / qmax
-
-
-def fake_quant(x: jax.Array, bits: int, axes: tuple[int, ...],
-               valid: jax.Array | None = None) -> jax.Array:
-    """``codes * scale`` of :func:`quant_codes`, with a straight-through (identity) gradient."""
-    codes, scale = quant_codes(x, bits, axes, valid)
-    return _straight_through(x, codes * scale)
-
-
 def round_precision(x: jax.Array, precision: str, axes: tuple[int, ...],
                     valid: jax.Array | None = None) -> jax.Array:
     """Rounds x to the prediction path's precision (fp32: unchanged), straight-through."""
     if precision == 'fp32':
         return x
     if precision == 'bf16':
-        return _straight_through(x, x.astype(jnp.bfloat16).astype(jnp.float32))
-    return fake_quant(x, PRECISION_BITS[precision], axes, valid)
+        return quant.straight_through(x, x.astype(jnp.bfloat16).astype(jnp.float32))
+    return quant.fake_quant(x, PRECISION_BITS[precision], axes, valid=valid)
 
 
 # -- selection (pure functions, tested directly) --------------------------------------------------
@@ -536,18 +501,18 @@ class DSAAttention(base.Attention):
             # Integer pipeline: the codes of Q̃ = (XP)·W̃ come from the exact integer product of
             # the input and weight codes (float32 holds it exactly) times the column scales.
             bits = PRECISION_BITS[prec]
-            cx, sx = quant_codes(xp, bits, (3,))  # one scale per token and head: [B, L, H, 1]
-            xp_q = _straight_through(xp, cx * sx)
+            cx, sx = quant.quant_codes(xp, bits, (3,))  # a scale per token and head: [B, L, H, 1]
+            xp_q = quant.straight_through(xp, cx * sx)
             deq, codes, scales = [], [], []
             for w in ws:
-                cw, sw = quant_codes(w, bits, (1,))  # one scale per output column: [H, 1, k]
-                y = jnp.einsum('blhk,hkj->blhj', xp_q, _straight_through(w, cw * sw))
+                cw, sw = quant.quant_codes(w, bits, (1,))  # a scale per output column: [H, 1, k]
+                y = jnp.einsum('blhk,hkj->blhj', xp_q, quant.straight_through(w, cw * sw))
                 y_int = jnp.einsum('blhk,hkj->blhj', cx, cw, precision=_HIGHEST)
                 # y = sx * (y_int * sw): the token scale sx cancels in the token's own code ratios,
                 # so the codes come from exact integer dots (no float-order dependence).
-                cy, sy = quant_codes(y_int * sw[None, :, 0][:, None], bits, (3,))
+                cy, sy = quant.quant_codes(y_int * sw[None, :, 0][:, None], bits, (3,))
                 sy = sy * sx  # [B, L, H, 1]
-                deq.append(_straight_through(y, cy * sy))
+                deq.append(quant.straight_through(y, cy * sy))
                 codes.append(cy)
                 scales.append(sy[..., 0])  # [B, L, H]
         qt, kt = (jnp.where(tok, y, 0.0) * self.k ** -0.25 for y in deq)

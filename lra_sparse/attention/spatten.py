@@ -107,7 +107,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lra_sparse.attention import base
+from lra_sparse.attention import base, quant
 
 QUANT_MODES = ('none', 'static', 'progressive')
 MSB_BITS = (4, 6, 8, 10, 12)
@@ -284,47 +284,44 @@ def top_heads(head_scores: jax.Array, head_keep: jax.Array, count: int) -> jax.A
     return jnp.sort(jnp.take_along_axis(head_keep, order, axis=1), axis=1)
 
 
-def _straight_through(x: jax.Array, q: jax.Array) -> jax.Array:
-    return x + jax.lax.stop_gradient(q - x)
-
-
-def quant_codes(x: jax.Array, valid: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
-    """Linear symmetric quantization codes, one scale per example and head over valid tokens.
+def _per_example_head(mask: jax.Array) -> dict:
+    """Scale grouping of Q/K [batch, n, heads, head_dim]: per example and head, valid tokens.
 
     Args:
-      x: [batch, n, heads, head_dim].
-      valid: bool [batch, n].
-      bits: bit width b; codes lie in [-(2^(b-1) - 1), 2^(b-1) - 1].
+      mask: bool [batch, n].
 
     Returns:
-      (codes float32 [batch, n, heads, head_dim] integers, scale float32 [batch, 1, heads, 1]).
+      {'axes', 'valid'} keyword arguments of the ``quant`` functions.
     """
-    xf = jax.lax.stop_gradient(x.astype(jnp.float32))
-    amax = jnp.max(jnp.where(valid[:, :, None, None], jnp.abs(xf), 0.0), axis=(1, 3),
-                   keepdims=True)
-    qmax = 2.0 ** (bits - 1) - 1.0
-    scale = jnp.where(amax > 0, amax / qmax, 1.0)
-    return jnp.clip(jnp.round(xf / scale), -qmax, qmax), scale
+    return {'axes': (1, 3), 'valid': mask[:, :, None, None]}
 
 
-def fake_quant(x: jax.Array, valid: jax.Array, bits: int) -> jax.Array:
-    """Returns x rounded to ``bits`` (:func:`quant_codes`), straight-through gradient."""
-    codes, scale = quant_codes(x, valid, bits)
-    return _straight_through(x, (codes * scale).astype(x.dtype))
+def fake_quant(x: jax.Array, mask: jax.Array, bits: int) -> jax.Array:
+    """Rounds x [batch, n, heads, head_dim] to ``bits`` (nearest), straight-through gradient.
+
+    One scale per example and head over the valid tokens (mask bool [batch, n]).
+    """
+    return quant.fake_quant(x, bits, **_per_example_head(mask))
 
 
-def msb_lsb_quant(x: jax.Array, valid: jax.Array, msb: int,
+def msb_lsb_quant(x: jax.Array, mask: jax.Array, msb: int,
                   lsb: int) -> tuple[jax.Array, jax.Array]:
     """(MSB-only value, full MSB+LSB value) of x's (msb+lsb)-bit code, straight-through.
 
-    The MSB-only value drops the low ``lsb`` bits of the code (arithmetic shift = floor), i.e.
-    what is seen when only the MSB half of the stored code is fetched.
+    Args:
+      x: [batch, n, heads, head_dim]; one scale per example and head over the valid tokens.
+      mask: bool [batch, n].
+      msb, lsb: bit widths of the two parts.
+
+    Returns:
+      Two arrays shaped like x. The MSB-only value drops the low ``lsb`` bits of the code
+      (arithmetic shift = floor), i.e. what is seen when only the MSB half of the stored code is
+      fetched.
     """
-    codes, scale = quant_codes(x, valid, msb + lsb)
-    step = 2.0 ** lsb
-    msb_codes = jnp.floor(codes / step) * step
-    return (_straight_through(x, (msb_codes * scale).astype(x.dtype)),
-            _straight_through(x, (codes * scale).astype(x.dtype)))
+    codes, scale = quant.quant_codes(x, msb + lsb, **_per_example_head(mask))
+    msb_codes = quant.drop_low_bits(codes, lsb, rounding='floor')
+    return (quant.straight_through(x, msb_codes * scale),
+            quant.straight_through(x, codes * scale))
 
 
 def _ceil_count(count: jax.Array, ratio: float) -> jax.Array:
