@@ -405,36 +405,19 @@ def test_layer_macs_match_hand_count():
     assert quant_macs['qk_bits'] == 8.0
 
 
-def test_runtime_flop_reduction_stat():
-    @dataclasses_dataclass
-    class Dims(base.AttentionDims):
-        mlp_dim: int = 32
-
+def test_runtime_sparsity_and_token_stats():
     cfg = make_cfg(token_keep_ratios=(1.0, 0.5), value_keep_ratio=0.5, quant='none',
                    head_keep_counts=(2, 1))
     rngs = nnx.Rngs(params=0)
-    layers = [spatten.SpAttenAttention(Dims(emb_dim=E, qkv_dim=E, num_heads=2, max_len=16,
-                                            layer_index=i, num_layers=2), cfg, rngs=rngs)
-              for i in range(2)]
+    layers = [spatten.SpAttenAttention(base.AttentionDims(
+        emb_dim=E, qkv_dim=E, num_heads=2, max_len=16, layer_index=i, num_layers=2), cfg,
+        rngs=rngs) for i in range(2)]
     x, mask = random_inputs([16, 10], 16, seed=10)
     outs, _ = run_stack(layers, x, mask)
-
-    def macs(n, kv, h):
-        return 4 * n * E * h * 8 + n * n * h * 8 + n * kv * h * 8 + 2 * n * E * 32
-
-    dense = macs(16, 16, 2) + macs(10, 10, 2)
-    want0 = 1 - (macs(16, 8, 2) + macs(10, 5, 2)) / dense
-    want1 = 1 - (macs(8, 4, 1) + macs(5, 3, 1)) / dense
-    assert float(outs[0][0].stats['flop_reduction']) == pytest.approx(want0, rel=1e-5)
-    assert float(outs[1][0].stats['flop_reduction']) == pytest.approx(want1, rel=1e-5)
+    assert 'flop_reduction' not in outs[0][0].stats  # MACs belong to the cost model
     # sparsity: layer 1 attends 1 head x 8 x 4 and 1 x 5 x 3 of 2 x (256 + 100) pairs.
     assert float(outs[1][0].stats['sparsity']) == pytest.approx(1 - (32 + 15) / 712, rel=1e-5)
     assert float(outs[1][0].stats['tokens_kept']) == pytest.approx(13 / 26)
-
-
-def dataclasses_dataclass(cls):
-    import dataclasses
-    return dataclasses.dataclass(frozen=True)(cls)
 
 
 # -- whole models ---------------------------------------------------------------------------------

@@ -393,6 +393,127 @@ def _kth_largest(s: jax.Array, count: jax.Array) -> jax.Array:
     return jnp.where(count > 0, kth, jnp.inf)
 
 
+# -- prediction path, loss, gathering (pure functions, tested through the layer) ------------------
+def float_predictor(xp: jax.Array, weights: tuple[jax.Array, jax.Array],
+                    precision: str) -> tuple[list, list, list]:
+    """Q̃ and K̃ at ``fp32`` / ``bf16`` (values rounded, straight-through).
+
+    Args:
+      xp: float32 [batch, L, heads, k] projected input X·P.
+      weights: (W̃_Q, W̃_K), float32 [heads, k, k] each.
+      precision: 'fp32' or 'bf16'.
+
+    Returns:
+      (values, codes, scales): values [Q̃, K̃] float32 [batch, L, heads, k] (differentiable),
+      codes the same without gradient, scales [1, 1] per token: float32 [batch, L, heads].
+    """
+    xp = round_precision(xp, precision, (3,))
+    values = [round_precision(jnp.einsum('blhk,hkj->blhj', xp, round_precision(w, precision, ()),
+                                         precision=_HIGHEST), precision, (3,))
+              for w in weights]
+    return values, [jax.lax.stop_gradient(y) for y in values], [jnp.ones(xp.shape[:3])] * 2
+
+
+def integer_predictor(xp: jax.Array, weights: tuple[jax.Array, jax.Array],
+                      bits: int) -> tuple[list, list, list]:
+    """Q̃ and K̃ through the integer pipeline of Fig. 9, simulated exactly in float32.
+
+    X·P gets one scale per token and head, each W̃ one per output column; the codes of
+    Q̃ = (XP)·W̃ come from the exact integer product of the input and weight codes (the token
+    scale cancels in the token's own code ratios), so they do not depend on float evaluation
+    order (eager vs jit).
+
+    Args:
+      xp: float32 [batch, L, heads, k] projected input X·P.
+      weights: (W̃_Q, W̃_K), float32 [heads, k, k] each.
+      bits: code width (8, 4 or 2).
+
+    Returns:
+      (values, codes, scales): values [Q̃, K̃] float32 [batch, L, heads, k] = codes * scales
+      (straight-through), codes float32 integers of the same shape, scales float32
+      [batch, L, heads].
+    """
+    cx, sx = quant.quant_codes(xp, bits, (3,))  # a scale per token and head: [B, L, H, 1]
+    xp_q = quant.straight_through(xp, cx * sx)
+    values, codes, scales = [], [], []
+    for w in weights:
+        cw, sw = quant.quant_codes(w, bits, (1,))  # a scale per output column: [H, 1, k]
+        y = jnp.einsum('blhk,hkj->blhj', xp_q, quant.straight_through(w, cw * sw))
+        y_int = jnp.einsum('blhk,hkj->blhj', cx, cw, precision=_HIGHEST)
+        cy, sy = quant.quant_codes(y_int * sw[None, :, 0][:, None], bits, (3,))
+        sy = sy * sx  # y = sx * (y_int * sw): [B, L, H, 1]
+        values.append(quant.straight_through(y, cy * sy))
+        codes.append(cy)
+        scales.append(sy[..., 0])  # [B, L, H]
+    return values, codes, scales
+
+
+def score_mse(q: jax.Array, k: jax.Array, qt: jax.Array, kt: jax.Array, mask: jax.Array,
+              gram: bool) -> jax.Array:
+    """Mean over heads and valid pairs of (S - S̃)², S = q·kᵀ/sqrt(head_dim), S̃ = q̃·k̃ᵀ.
+
+    Args:
+      q, k: [batch, L, heads, head_dim]; qt, kt: float32 [batch, L, heads, k]; mask: bool
+        [batch, L].
+      gram: from ``head_dim × k`` Gram matrices, ``||S - S̃||² = <QᵀQ, KᵀK> - 2<QᵀQ̃, KᵀK̃> +
+        <Q̃ᵀQ̃, K̃ᵀK̃>`` (no L×L array), instead of the dense score matrices.
+
+    Returns:
+      float32 [] (0 without valid pairs), differentiable in all four inputs.
+    """
+    tok = mask[:, :, None, None]
+    head_dim, heads = q.shape[-1], q.shape[2]
+    a = jnp.where(tok, q.astype(jnp.float32), 0.0) * head_dim ** -0.25
+    c = jnp.where(tok, k.astype(jnp.float32), 0.0) * head_dim ** -0.25
+    n = jnp.sum(mask, axis=1).astype(jnp.float32)
+    total = heads * jnp.sum(n * n)
+    if gram:
+        def inner(u, v):
+            return jnp.einsum('blhi,blhj->bhij', u, v, precision=_HIGHEST)
+        sq = (jnp.sum(inner(a, a) * inner(c, c)) - 2.0 * jnp.sum(inner(a, qt) * inner(c, kt))
+              + jnp.sum(inner(qt, qt) * inner(kt, kt)))
+        sq = jnp.maximum(sq, 0.0)
+    else:
+        s = jnp.einsum('bqhd,bshd->bhqs', a, c, precision=_HIGHEST)
+        st = jnp.einsum('bqhk,bshk->bhqs', qt, kt, precision=_HIGHEST)
+        sq = jnp.sum((s - st) ** 2)
+    return jnp.where(total > 0, sq / jnp.maximum(total, 1.0), 0.0)
+
+
+def gather_kept_keys(k: jax.Array, v: jax.Array, sel: jax.Array, mask: jax.Array, size: int,
+                     sparsity: float) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Top-k selection per group of ``size`` rows as index lists, and the kept K and V.
+
+    Args:
+      k, v: [batch, L, heads, head_dim].
+      sel: float32 [batch, heads, L, L] selection scores.
+      mask: bool [batch, L].
+      size: query rows per group (1 for element granularity).
+      sparsity: fraction of each row's valid keys not kept.
+
+    Returns:
+      (k_sel, v_sel [batch, heads, G, k_max, head_dim], idx int32 [batch, heads, G, k_max] kept
+      keys best first, ok bool [batch, heads, G, k_max] the slot holds a kept key), G =
+      ceil(L / size), k_max = the kept count of a fully valid row.
+    """
+    length = k.shape[1]
+    if size > 1:
+        sel = group_scores(sel, mask, size)
+    k_max = static_keep_count(length, sparsity)
+    count = jnp.minimum(keep_count(jnp.sum(mask, axis=1), sparsity), k_max)
+    idx, ok = topk_indices(sel, mask, count, k_max)
+    gather = jax.vmap(jax.vmap(lambda t, i: t[i]))  # [L, D], [G, K] -> [G, K, D]
+    k_sel, v_sel = (gather(jnp.swapaxes(t, 1, 2), idx) for t in (k, v))
+    return k_sel, v_sel, idx, ok
+
+
+def row_groups(t: jax.Array, size: int) -> jax.Array:
+    """[batch, L, ...] -> [batch, G, size, ...], zero padded to G = ceil(L / size) groups."""
+    g = -(-t.shape[1] // size)
+    t = jnp.pad(t, [(0, 0), (0, g * size - t.shape[1])] + [(0, 0)] * (t.ndim - 2))
+    return t.reshape(t.shape[0], g, size, *t.shape[2:])
+
+
 # -- cost model -----------------------------------------------------------------------------------
 def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
                mlp_dim: int) -> tuple[dict[str, float], int]:
@@ -489,38 +610,17 @@ class DSAAttention(base.Attention):
         prec = self.cfg.precision
         tok = mask[:, :, None, None]
         xp = jnp.einsum('ble,ehk->blhk', x.astype(jnp.float32), self.projection[...])
-        ws = (self.pred_query[...].astype(jnp.float32), self.pred_key[...].astype(jnp.float32))
+        weights = (self.pred_query[...].astype(jnp.float32),
+                   self.pred_key[...].astype(jnp.float32))
         if prec in ('fp32', 'bf16'):
-            xp = round_precision(xp, prec, (3,))
-            deq = [round_precision(jnp.einsum('blhk,hkj->blhj', xp, round_precision(w, prec, ()),
-                                              precision=_HIGHEST), prec, (3,))
-                   for w in ws]
-            codes = [jax.lax.stop_gradient(y) for y in deq]
-            scales = [jnp.ones(xp.shape[:3])] * 2
+            values, codes, scales = float_predictor(xp, weights, prec)
         else:
-            # Integer pipeline: the codes of Q̃ = (XP)·W̃ come from the exact integer product of
-            # the input and weight codes (float32 holds it exactly) times the column scales.
-            bits = PRECISION_BITS[prec]
-            cx, sx = quant.quant_codes(xp, bits, (3,))  # a scale per token and head: [B, L, H, 1]
-            xp_q = quant.straight_through(xp, cx * sx)
-            deq, codes, scales = [], [], []
-            for w in ws:
-                cw, sw = quant.quant_codes(w, bits, (1,))  # a scale per output column: [H, 1, k]
-                y = jnp.einsum('blhk,hkj->blhj', xp_q, quant.straight_through(w, cw * sw))
-                y_int = jnp.einsum('blhk,hkj->blhj', cx, cw, precision=_HIGHEST)
-                # y = sx * (y_int * sw): the token scale sx cancels in the token's own code ratios,
-                # so the codes come from exact integer dots (no float-order dependence).
-                cy, sy = quant.quant_codes(y_int * sw[None, :, 0][:, None], bits, (3,))
-                sy = sy * sx  # [B, L, H, 1]
-                deq.append(quant.straight_through(y, cy * sy))
-                codes.append(cy)
-                scales.append(sy[..., 0])  # [B, L, H]
-        qt, kt = (jnp.where(tok, y, 0.0) * self.k ** -0.25 for y in deq)
+            values, codes, scales = integer_predictor(xp, weights, PRECISION_BITS[prec])
+        qt, kt = (jnp.where(tok, y, 0.0) * self.k ** -0.25 for y in values)
         cq, ck = (jnp.where(tok, c, 0.0) for c in codes)
         dot = jnp.einsum('bqhk,bshk->bhqs', cq, ck, precision=_HIGHEST)
         outer = jnp.einsum('bqh,bsh->bhqs', scales[0], scales[1]) / math.sqrt(self.k)
-        s = dot * outer
-        return qt, kt, jax.lax.stop_gradient(s)
+        return qt, kt, jax.lax.stop_gradient(dot * outer)
 
     def _selection_scores(self, q, k, s_pred, mask, deterministic, rng):
         """float32 [batch, heads, L, L] scores the mask is chosen from (never differentiated)."""
@@ -537,25 +637,6 @@ class DSAAttention(base.Attention):
         else:
             s = s_pred
         return jax.lax.stop_gradient(s.astype(jnp.float32))
-
-    def _mse(self, q, k, qt, kt, mask, dense: bool) -> jax.Array:
-        """Mean over heads and valid pairs of (S - S̃)², S = q·kᵀ/sqrt(head_dim); float32 []."""
-        tok = mask[:, :, None, None]
-        a = jnp.where(tok, q.astype(jnp.float32), 0.0) * self.dims.head_dim ** -0.25
-        c = jnp.where(tok, k.astype(jnp.float32), 0.0) * self.dims.head_dim ** -0.25
-        n = jnp.sum(mask, axis=1).astype(jnp.float32)
-        total = self.dims.num_heads * jnp.sum(n * n)
-        if dense:
-            s = jnp.einsum('bqhd,bshd->bhqs', a, c, precision=_HIGHEST)
-            st = jnp.einsum('bqhk,bshk->bhqs', qt, kt, precision=_HIGHEST)
-            sq = jnp.sum((s - st) ** 2)
-        else:
-            def gram(u, v):
-                return jnp.einsum('blhi,blhj->bhij', u, v, precision=_HIGHEST)
-            sq = (jnp.sum(gram(a, a) * gram(c, c)) - 2.0 * jnp.sum(gram(a, qt) * gram(c, kt))
-                  + jnp.sum(gram(qt, qt) * gram(kt, kt)))
-            sq = jnp.maximum(sq, 0.0)
-        return jnp.where(total > 0, sq / jnp.maximum(total, 1.0), 0.0)
 
     # -- selection -----------------------------------------------------------------------------
     def select_mask(self, sel: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
@@ -627,37 +708,22 @@ class DSAAttention(base.Attention):
     def _attend_gathered(self, q, k, v, sel, mask, deterministic, rng) -> _Attended:
         """The xla path (topk, element/vector): attention over gathered kept keys only.
 
-        ``lax.top_k`` gives per row group the kept key indices idx int32 [B, H, G, k_max]; K and
-        V are gathered to [B, H, G, k_max, head_dim] and scores, softmax and AV run on them;
-        live bool [B, H, G, size, k_max] marks the attended (row, slot) pairs.
+        ``lax.top_k`` gives per row group the kept key indices (:func:`gather_kept_keys`);
+        scores, softmax and AV run on the gathered K and V; no L×L attention score matrix.
         """
         cfg = self.cfg
         b, length, h, d = q.shape
         size = cfg.vector_size if cfg.granularity == 'vector' else 1
-        g = -(-length // size)
-        if size > 1:
-            sel = group_scores(sel, mask, size)
-        k_max = static_keep_count(length, cfg.sparsity)
-        count = jnp.minimum(keep_count(jnp.sum(mask, axis=1), cfg.sparsity), k_max)
-        idx, ok = topk_indices(sel, mask, count, k_max)  # [B, H, G, K]
-
-        def heads_first(t):
-            return jnp.swapaxes(t, 1, 2)  # [B, H, L, D]
-
-        gather = jax.vmap(jax.vmap(lambda t, i: t[i]))  # [L, D], [G, K] -> [G, K, D]
-        k_sel, v_sel = gather(heads_first(k), idx), gather(heads_first(v), idx)
-        pad = g * size - length
-        q_g = jnp.pad(heads_first(q), ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, h, g, size, d)
-        row_ok = jnp.pad(mask, ((0, 0), (0, pad))).reshape(b, 1, g, size, 1)
-        live = ok[:, :, :, None, :] & row_ok  # [B, H, G, size, K]
+        k_sel, v_sel, idx, ok = gather_kept_keys(k, v, sel, mask, size, cfg.sparsity)
+        q_g = jnp.moveaxis(row_groups(q, size), 3, 1)  # [B, H, G, size, D]
+        live = ok[:, :, :, None, :] & row_groups(mask, size)[:, None, :, :, None]  # [B,H,G,s,K]
         scores = jnp.einsum('bhgrd,bhgkd->bhgrk', q_g, k_sel,
                             preferred_element_type=jnp.float32) / math.sqrt(d)
-        probs = base.masked_softmax(scores, live)
-        probs = self.drop_probs(probs, deterministic, rng)
+        probs = self.drop_probs(base.masked_softmax(scores, live), deterministic, rng)
         o = jnp.einsum('bhgrk,bhgkd->bhgrd', probs.astype(v.dtype), v_sel)
-        o = jnp.swapaxes(o.reshape(b, h, g * size, d)[:, :, :length], 1, 2)
+        o = jnp.swapaxes(o.reshape(b, h, -1, d)[:, :, :length], 1, 2)
         valid = base.pair_mask(mask, mask)
-        total = jnp.sum(valid) * self.dims.num_heads
+        total = jnp.sum(valid) * h
         sparsity = jnp.where(total > 0, 1.0 - jnp.sum(live) / jnp.maximum(total, 1),
                              0.0).astype(jnp.float32)
         return _Attended(o, sparsity,
@@ -683,16 +749,15 @@ class DSAAttention(base.Attention):
         sel = self._selection_scores(q, k, s_pred, mask, deterministic, rng)
         attended = self.implementation.run(self, q, k, v, sel, mask, deterministic, rng)
         o = jnp.where(mask[:, :, None, None], attended.o, 0).astype(v.dtype)
-        y = self.project_out(o)
         stats, aux = {'sparsity': attended.sparsity}, {}
         if self.has_predictor:
-            mse = self._mse(q, k, qt, kt, mask, dense=not attended.gram_mse)
+            mse = score_mse(q, k, qt, kt, mask, gram=attended.gram_mse)
             stats['mse'] = jax.lax.stop_gradient(mse).astype(jnp.float32)
             aux['dsa_mse'] = (self.cfg.mse_weight * mse).astype(jnp.float32)
         if self.cfg.accuracy_stat:
             s = jax.lax.stop_gradient(base.attention_scores(q, k) / math.sqrt(self.dims.head_dim))
             stats['prediction_accuracy'] = attended.accuracy(s)
-        return base.AttentionOutput(y, carry, stats, aux)
+        return base.AttentionOutput(self.project_out(o), carry, stats, aux)
 
     def inspect_maps(self, x, mask, carry):
         """Maps for notebooks (reference selection, deterministic).

@@ -80,11 +80,8 @@ Interpretations (the paper leaves these open):
   heads, the example's original valid length) that this layer does not use in AV: pruned tokens,
   pruned heads and pruned V vectors all count. ``tokens_kept`` = valid tokens processed by the
   layer / original valid tokens; ``heads_kept`` = heads computed / heads; ``values_kept`` = V
-  vectors used per kept head / valid tokens of the layer; ``flop_reduction`` = 1 - (this layer's
-  MACs on its valid tokens) / (a dense layer's MACs on the original valid tokens), so its mean
-  over layers (the encoder's ``flop_reduction``) is the whole-encoder reduction (attention and
-  FFN). It needs the feed-forward width, read from ``dims.mlp_dim`` when the dims carry it (the
-  stat is omitted otherwise).
+  vectors used per kept head / valid tokens of the layer. MAC counts are the cost model's
+  (:func:`layer_macs`, ``--mode=describe``), not a runtime statistic.
 * Progressive quantization is an accuracy emulation: the MSB and the full computation are both
   evaluated and selected per row (no memory traffic is saved on CPU/GPU).
 
@@ -383,29 +380,83 @@ class SpAttenAttention(base.Attention):
         """Raises ConfigError for any bad SpAtten field."""
         check_fields(cfg, dims.num_layers, dims.num_heads)
 
-    # -- projections -------------------------------------------------------------------------
+    # -- the steps of one layer ---------------------------------------------------------------
+    # ``physical`` (the xla implementation) gathers: kept heads' weight slices, kept V vectors,
+    # the surviving tokens; otherwise (reference) the same selections are masks on full arrays.
+    def _entry_state(self, carry: base.LayerCarry, mask: jax.Array, physical: bool) -> dict:
+        """The carry state entering this layer; layer 0 starts it (nothing pruned yet).
+
+        Args:
+          carry: the previous layer's carry (state empty before layer 0).
+          mask: bool [batch, n] valid tokens.
+          physical: whether sequences shrink (reference: an 'alive' mask instead).
+
+        Returns:
+          {'token_scores' float32 [batch, n], 'head_scores' float32 [batch, H], 'head_keep' int32
+          [batch, H_l], 'valid0' int32 [batch], and for the reference 'alive' bool [batch, n]}.
+        """
+        if carry.state:
+            return dict(carry.state)
+        batch, n = mask.shape
+        h = self.dims.num_heads
+        state = {
+            'token_scores': jnp.zeros((batch, n), jnp.float32),
+            'head_scores': jnp.zeros((batch, h), jnp.float32),
+            'head_keep': jnp.broadcast_to(jnp.arange(h, dtype=jnp.int32), (batch, h)),
+            'valid0': jnp.sum(mask, axis=1).astype(jnp.int32),
+        }
+        if not physical:
+            state['alive'] = jnp.ones((batch, n), bool)
+        return state
+
     def _kernel(self, proj) -> jax.Array:
         return proj.kernel[...].astype(jnp.dtype(self.dims.dtype))
 
-    def _project_heads(self, x: jax.Array, head_keep: jax.Array):
-        """Q, K, V [batch, n, H_l, head_dim] of the kept heads only (per-example weight slices)."""
-        e, h, d = self.dims.emb_dim, self.dims.num_heads, self.dims.head_dim
-        x = x.astype(jnp.dtype(self.dims.dtype))
-        out = []
-        for proj in (self.query, self.key, self.value):
-            w = jnp.take(self._kernel(proj).reshape(e, h, d), head_keep, axis=1)  # [E, B, H_l, D]
-            out.append(jnp.einsum('ble,ebhd->blhd', x, w))
-        return tuple(out)
+    def _project_kept_heads(self, x: jax.Array, head_keep: jax.Array, physical: bool):
+        """Q, K, V of the computed heads and which of their slots are kept heads.
 
-    def _output_heads(self, o: jax.Array, head_keep: jax.Array) -> jax.Array:
-        """[batch, n, H_l, head_dim] -> [batch, n, emb] through the kept heads' output rows."""
+        Args:
+          x: [batch, n, emb]; head_keep: int32 [batch, H_l] ascending kept head ids.
+
+        Returns:
+          (q, k, v [batch, n, H', head_dim], head_on bool [batch, H']): physically with pruned
+          heads H' = H_l (per-example weight slices, all on); otherwise H' = H with the pruned
+          heads off.
+        """
+        batch, num_heads = x.shape[0], self.dims.num_heads
+        h_cur = head_keep.shape[1]
+        if physical and h_cur < num_heads:
+            e, d = self.dims.emb_dim, self.dims.head_dim
+            xc = x.astype(jnp.dtype(self.dims.dtype))
+            qkv = [jnp.einsum('ble,ebhd->blhd', xc, jnp.take(  # slices [E, B, H_l, D]
+                self._kernel(proj).reshape(e, num_heads, d), head_keep, axis=1))
+                for proj in (self.query, self.key, self.value)]
+            return (*qkv, jnp.ones((batch, h_cur), bool))
+        if h_cur < num_heads:
+            head_on = jnp.sum(jax.nn.one_hot(head_keep, num_heads, dtype=jnp.int32), axis=1) > 0
+        else:
+            head_on = jnp.ones((batch, num_heads), bool)
+        return (*self.project_qkv(x), head_on)
+
+    def _output_kept_heads(self, o: jax.Array, head_keep: jax.Array, physical: bool) -> jax.Array:
+        """[batch, n, H', head_dim] -> [batch, n, emb] through the kept heads' output rows."""
         e, h, d = self.dims.emb_dim, self.dims.num_heads, self.dims.head_dim
+        if not (physical and head_keep.shape[1] < h):
+            return self.project_out(o)
         w = jnp.take(self._kernel(self.out).reshape(h, d, e), head_keep, axis=0)  # [B, H_l, D, E]
         return jnp.einsum('blhd,bhde->ble', o.astype(w.dtype), w)
 
-    # -- probabilities ------------------------------------------------------------------------
     def _probs(self, q, k, mask, row_ok):
-        """Probabilities [batch, heads, n, n] with the configured quantization, and quant stats."""
+        """Probabilities with the configured Q/K quantization.
+
+        Args:
+          q, k: [batch, n, heads, head_dim]; mask: bool [batch, n] tokens processed.
+          row_ok: bool [batch, heads, n] valid query rows of computed heads (refetch counting).
+
+        Returns:
+          (probs float32 [batch, heads, n, n], quantization stats {'average_bits',
+          'lsb_refetch_fraction'} or {} without quantization).
+        """
         valid = base.pair_mask(mask, mask)
         scale = 1.0 / math.sqrt(self.dims.head_dim)
         cfg = self.cfg
@@ -429,106 +480,135 @@ class SpAttenAttention(base.Attention):
         return probs, {'lsb_refetch_fraction': frac,
                        'average_bits': (cfg.msb_bits + cfg.lsb_bits * frac).astype(jnp.float32)}
 
-    # -- the method ----------------------------------------------------------------------------
+    def _prune_values(self, probs, v, live, n_cur: int, v_cur, physical: bool):
+        """Local value pruning: per head, the V vectors with the largest probability mass.
+
+        Args:
+          probs: float32 [batch, heads, n, n]; v: [batch, n, heads, head_dim].
+          live: bool [batch, n] tokens processed; n_cur: static token count of the layer.
+          v_cur: int32 [batch] tokens processed per example.
+
+        Returns:
+          (probs of the used V vectors [batch, heads, n, kv], the used V [batch, kv, heads,
+          head_dim], kv_keep int32 [batch] V vectors used per head): physically kv = the static
+          ``ceil(value_keep_ratio * n_cur)`` gathered vectors, otherwise kv = n with the pruned
+          columns zeroed.
+        """
+        ratio = float(self.cfg.value_keep_ratio)
+        if ratio >= 1.0:
+            return probs, v, v_cur
+        kv_cap = next_capacity(n_cur, ratio)  # static V vectors per head
+        kv_keep = jnp.minimum(jnp.minimum(_ceil_count(v_cur, ratio), v_cur), kv_cap)  # [B]
+        mass = jnp.where(live[:, None, :], jnp.sum(probs, axis=2), -jnp.inf)
+        order = jnp.argsort(-jax.lax.stop_gradient(mass), axis=-1, stable=True)
+        if not physical:
+            rank = jnp.argsort(order, axis=-1, stable=True)
+            keep_v = rank < kv_keep[:, None, None]  # [B, heads, n]
+            return jnp.where(keep_v[:, :, None, :], probs, 0.0), v, kv_keep
+        idx = order[..., :kv_cap]  # [B, heads, kv_cap]
+        slot_ok = jnp.arange(kv_cap)[None, None] < kv_keep[:, None, None]
+        probs_v = jnp.take_along_axis(probs, idx[:, :, None, :], axis=-1)
+        probs_v = jnp.where(slot_ok[:, :, None, :], probs_v, 0.0)
+        v_used = jnp.take_along_axis(jnp.swapaxes(v, 1, 2), idx[..., None], axis=2)
+        return probs_v, jnp.swapaxes(v_used, 1, 2), kv_keep  # V [B, kv_cap, heads, D]
+
+    def _head_importance(self, o: jax.Array, head_keep: jax.Array, physical: bool) -> jax.Array:
+        """Head importance of this layer: sum of |E| over query rows and head_dim.
+
+        Args:
+          o: [batch, n, H', head_dim] attention output of the computed heads (0 for rows and
+            heads not processed); head_keep: int32 [batch, H_l].
+
+        Returns:
+          float32 [batch, H] indexed by original head id (no gradient).
+        """
+        part = jax.lax.stop_gradient(jnp.sum(jnp.abs(o.astype(jnp.float32)), axis=(1, 3)))
+        if physical and head_keep.shape[1] < self.dims.num_heads:
+            part = jnp.einsum('bk,bkh->bh', part,
+                              jax.nn.one_hot(head_keep, self.dims.num_heads, dtype=jnp.float32))
+        return part
+
+    def _tokens_to_keep(self, live, n_cur: int, v_cur, n_next: int, rho: float) -> jax.Array:
+        """Valid tokens each example keeps for the next layer (see the module docstring).
+
+        Args:
+          live: bool [batch, n] tokens processed; n_cur, n_next: static token counts of this
+            and the next layer; v_cur: int32 [batch] tokens processed; rho: r_{l+1} / r_l.
+
+        Returns:
+          int32 [batch], leaving room for index 0 and for padding to fill ``n_next`` slots.
+        """
+        keep = jnp.minimum(v_cur, n_next) if self.cfg.length_adaptive else _ceil_count(v_cur, rho)
+        first_invalid = (~live[:, 0]).astype(jnp.int32)
+        keep = jnp.clip(keep, n_next - (n_cur - v_cur), n_next - first_invalid)
+        return jnp.clip(keep, 0, v_cur)
+
+    def _carry_to_next_layer(self, carry, state, live, mask, n_cur: int, v_cur,
+                             physical: bool) -> base.LayerCarry:
+        """Cascade pruning: the heads and tokens the next layer processes.
+
+        Args:
+          carry: the carry this layer received; state: its updated state (this layer's
+            cumulative scores, heads computed here in 'head_keep').
+          live: bool [batch, n] tokens processed; mask: bool [batch, n] valid tokens.
+          n_cur: static token count; v_cur: int32 [batch] tokens processed.
+
+        Returns:
+          The next carry: physically ``select`` int32 [batch, n_next] and positions / token
+          scores in the new frame; otherwise the same sequence with the pruned tokens off in
+          'alive'. The last layer prunes nothing.
+        """
+        layer = self.dims.layer_index
+        if layer + 1 >= self.dims.num_layers:
+            return carry.replace(select=None, state=state)
+        head_keep = state['head_keep']
+        if self.head_counts[layer + 1] < head_keep.shape[1]:
+            state['head_keep'] = top_heads(state['head_scores'], head_keep,
+                                           self.head_counts[layer + 1])
+        rho = self.token_ratios[layer + 1] / self.token_ratios[layer]
+        if rho >= 1.0:
+            return carry.replace(select=None, state=state)
+        n_next = next_capacity(n_cur, rho)
+        keep = self._tokens_to_keep(live, n_cur, v_cur, n_next, rho)
+        select, kept = select_tokens(state['token_scores'], live, keep, n_next)
+        if not physical:
+            state['alive'] = state['alive'] & (kept | ~mask)
+            return carry.replace(select=None, state=state)
+        state['token_scores'] = jnp.take_along_axis(state['token_scores'], select, axis=1)
+        positions = jnp.take_along_axis(carry.positions, select, axis=1)
+        return carry.replace(positions=positions, select=select, state=state)
+
+    # -- the layer -----------------------------------------------------------------------------
     def attend(self, x, mask, carry, *, deterministic, rng):
         """SpAtten layer; see ``base.Attention.__call__`` and the module docstring."""
         return self.implementation.run(self, x, mask, carry, deterministic, rng)
 
     def _attend(self, x, mask, carry, deterministic, rng, *, physical: bool):
-        """The layer; ``physical``: gather (xla) rather than mask (reference)."""
-        dims, cfg = self.dims, self.cfg
-        layer, num_layers, num_heads = dims.layer_index, dims.num_layers, dims.num_heads
-        batch, n = x.shape[0], x.shape[1]
-        state = dict(carry.state)
-        if not state:  # first layer: nothing pruned yet
-            state = {
-                'token_scores': jnp.zeros((batch, n), jnp.float32),
-                'head_scores': jnp.zeros((batch, num_heads), jnp.float32),
-                'head_keep': jnp.broadcast_to(jnp.arange(num_heads, dtype=jnp.int32),
-                                              (batch, num_heads)),
-                'valid0': jnp.sum(mask, axis=1).astype(jnp.int32),
-            }
-            if not physical:
-                state['alive'] = jnp.ones((batch, n), bool)
-        ratios, counts = self.token_ratios, self.head_counts
+        """The steps of Algorithm 2 for x [batch, n, emb], mask bool [batch, n].
+
+        ``physical``: gather (xla) rather than mask (reference); the implementations table binds
+        it.
+        """
+        state = self._entry_state(carry, mask, physical)
+        n = x.shape[1]
         # Static token count of this layer (reference: sequences never shrink, chain the rule).
-        n_cur = n if physical else capacity_chain(n, ratios, layer)
-        eff_mask = mask if physical else mask & state['alive']
+        n_cur = n if physical else capacity_chain(n, self.token_ratios, self.dims.layer_index)
+        live = mask if physical else mask & state['alive']  # [B, n] tokens processed
         head_keep = state['head_keep']
-        h_cur = head_keep.shape[1]
-        pruned_heads = h_cur < num_heads
-
-        # Q/K/V of the computed heads.
-        if physical and pruned_heads:
-            q, k, v = self._project_heads(x, head_keep)
-            head_on = jnp.ones((batch, h_cur), bool)
-        else:
-            q, k, v = self.project_qkv(x)
-            head_on = (jnp.sum(jax.nn.one_hot(head_keep, num_heads, dtype=jnp.int32), axis=1) > 0
-                       if pruned_heads else jnp.ones((batch, num_heads), bool))
-        row_ok = eff_mask[:, None, :] & head_on[:, :, None]  # [B, heads, n] valid query rows
-        probs, stats = self._probs(q, k, eff_mask, row_ok)
+        q, k, v, head_on = self._project_kept_heads(x, head_keep, physical)
+        probs, stats = self._probs(q, k, live, live[:, None, :] & head_on[:, :, None])
         probs = jnp.where(head_on[:, :, None, None], probs, 0.0)
-
+        v_cur = jnp.sum(live, axis=1).astype(jnp.int32)  # [B] tokens processed
         # Cumulative token importance (Algorithm 2): sum over heads and query rows.
-        v_cur = jnp.sum(eff_mask, axis=1).astype(jnp.int32)  # [B] valid tokens now
         token_scores = state['token_scores'] + jax.lax.stop_gradient(jnp.sum(probs, axis=(1, 2)))
-
-        # Local value pruning: per head, the V vectors with the largest probability mass.
-        ratio_v = float(cfg.value_keep_ratio)
-        if ratio_v < 1.0:
-            kv_cap = next_capacity(n_cur, ratio_v)  # static V vectors per head
-            kv_keep = jnp.minimum(jnp.minimum(_ceil_count(v_cur, ratio_v), v_cur), kv_cap)  # [B]
-            mass = jnp.where(eff_mask[:, None, :], jnp.sum(probs, axis=2), -jnp.inf)
-            order = jnp.argsort(-jax.lax.stop_gradient(mass), axis=-1, stable=True)
-            if physical:
-                idx = order[..., :kv_cap]  # [B, heads, kv_cap]
-                slot_ok = jnp.arange(kv_cap)[None, None] < kv_keep[:, None, None]
-                probs_v = jnp.take_along_axis(probs, idx[:, :, None, :], axis=-1)
-                probs_v = jnp.where(slot_ok[:, :, None, :], probs_v, 0.0)
-                v_used = jnp.take_along_axis(jnp.swapaxes(v, 1, 2), idx[..., None], axis=2)
-                v_used = jnp.swapaxes(v_used, 1, 2)  # [B, kv_cap, heads, D]
-            else:
-                rank = jnp.argsort(order, axis=-1, stable=True)
-                keep_v = rank < kv_keep[:, None, None]  # [B, heads, n]
-                probs_v, v_used = jnp.where(keep_v[:, :, None, :], probs, 0.0), v
-        else:
-            kv_keep, probs_v, v_used = v_cur, probs, v
+        probs_v, v_used, kv_keep = self._prune_values(probs, v, live, n_cur, v_cur, physical)
         o = base.weighted_values(self.drop_probs(probs_v, deterministic, rng), v_used)
         o = jnp.where(head_on[:, None, :, None], o, 0).astype(v.dtype)  # [B, n, heads, D]
-        y = self._output_heads(o, head_keep) if physical and pruned_heads else self.project_out(o)
-
-        # Cumulative head importance: sum of |E| over valid query rows and head_dim.
-        head_part = jax.lax.stop_gradient(jnp.sum(jnp.abs(o.astype(jnp.float32)), axis=(1, 3)))
-        if physical and pruned_heads:
-            head_part = jnp.einsum('bk,bkh->bh', head_part,
-                                   jax.nn.one_hot(head_keep, num_heads, dtype=jnp.float32))
-        head_scores = state['head_scores'] + head_part
-
-        stats.update(self._stats(v_cur, kv_keep, h_cur, state['valid0']))
-        new_state = dict(state, token_scores=token_scores, head_scores=head_scores)
-        select, positions = None, carry.positions
-        if layer + 1 < num_layers:
-            if counts[layer + 1] < h_cur:
-                new_state['head_keep'] = top_heads(head_scores, head_keep, counts[layer + 1])
-            rho = ratios[layer + 1] / ratios[layer]
-            if rho < 1.0:
-                n_next = next_capacity(n_cur, rho)
-                if cfg.length_adaptive:
-                    keep = jnp.minimum(v_cur, n_next)
-                else:
-                    keep = _ceil_count(v_cur, rho)
-                first_invalid = (~eff_mask[:, 0]).astype(jnp.int32)
-                keep = jnp.clip(keep, n_next - (n_cur - v_cur), n_next - first_invalid)
-                keep = jnp.clip(keep, 0, v_cur)
-                if physical:
-                    select, _ = select_tokens(token_scores, eff_mask, keep, n_next)
-                    positions = jnp.take_along_axis(carry.positions, select, axis=1)
-                    new_state['token_scores'] = jnp.take_along_axis(token_scores, select, axis=1)
-                else:
-                    _, kept = select_tokens(token_scores, eff_mask, keep, n_next)
-                    new_state['alive'] = state['alive'] & (kept | ~mask)
-        new_carry = carry.replace(positions=positions, select=select, state=new_state)
+        y = self._output_kept_heads(o, head_keep, physical)
+        head_scores = state['head_scores'] + self._head_importance(o, head_keep, physical)
+        stats.update(self._stats(v_cur, kv_keep, head_keep.shape[1], state['valid0']))
+        state = dict(state, token_scores=token_scores, head_scores=head_scores)
+        new_carry = self._carry_to_next_layer(carry, state, live, mask, n_cur, v_cur, physical)
         return base.AttentionOutput(y, new_carry, stats, {})
 
     implementations = base.implementations(
@@ -537,7 +617,12 @@ class SpAttenAttention(base.Attention):
     )
 
     def _stats(self, v_cur, kv_keep, h_cur, valid0) -> dict[str, jax.Array]:
-        """Pooled-over-batch statistics (see the module docstring for the definitions)."""
+        """Pooled-over-batch statistics (see the module docstring for the definitions).
+
+        Args:
+          v_cur: int32 [batch] tokens processed; kv_keep: int32 [batch] V vectors used per head;
+          h_cur: heads computed (static); valid0: int32 [batch] valid tokens of the input.
+        """
         dims = self.dims
         f32 = jnp.float32
         v, kv, v0 = v_cur.astype(f32), kv_keep.astype(f32), valid0.astype(f32)
@@ -547,20 +632,12 @@ class SpAttenAttention(base.Attention):
 
         dense_pairs = jnp.sum(dims.num_heads * v0 * v0)
         attended = frac(jnp.sum(h_cur * v * kv), dense_pairs)
-        stats = {
+        return {
             'sparsity': jnp.where(dense_pairs > 0, 1.0 - attended, 0.0).astype(f32),
             'tokens_kept': frac(jnp.sum(v), jnp.sum(v0)),
             'heads_kept': jnp.asarray(h_cur / dims.num_heads, f32),
             'values_kept': frac(jnp.sum(kv), jnp.sum(v)),
         }
-        mlp_dim = getattr(dims, 'mlp_dim', None)
-        if mlp_dim:
-            kept = _macs(v, kv, h_cur, dims.emb_dim, dims.head_dim, mlp_dim)
-            full = _macs(v0, v0, dims.num_heads, dims.emb_dim, dims.head_dim, mlp_dim)
-            stats['flop_reduction'] = 1.0 - frac(jnp.sum(sum(kept.values())),
-                                                 jnp.sum(sum(full.values())))
-        return stats
-
 
 METHOD = base.AttentionMethod(
     name='spatten',
