@@ -412,25 +412,60 @@ class Attention(nnx.Module):
 
 
 # -- cost model (describe mode) ----------------------------------------------------------------
-def dense_layer_macs(dims: AttentionDims, seq_len: int, mlp_dim: int) -> dict[str, float]:
-    """Multiply-accumulates of one dense encoder layer for one example.
+@dataclasses.dataclass(frozen=True)
+class LayerWork:
+    """What one encoder layer computes for one example: the inputs of the one MAC formula.
+
+    Attributes:
+      tokens: tokens entering the layer (all go through the feed-forward).
+      qkv_width: Q/K/V width computed (num_heads * head_dim; less when heads are pruned).
+      query_rows: rows projected to queries.
+      kv_rows: rows projected to keys and (again) to values.
+      out_rows: rows through the output projection.
+      score_pairs: query-key pairs whose score is computed (QKᵀ).
+      value_pairs: query-key pairs in the AV product.
+    """
+
+    tokens: int
+    qkv_width: int
+    query_rows: int
+    kv_rows: int
+    out_rows: int
+    score_pairs: int
+    value_pairs: int
+
+
+def layer_macs(dims: AttentionDims, seq_len: int, mlp_dim: int, **work: int) -> dict[str, float]:
+    """Multiply-accumulates of one encoder layer for one example, the one formula of every method.
 
     Args:
       dims: the layer's dims.
       seq_len: tokens entering the layer (CLS included).
       mlp_dim: feed-forward width.
+      **work: fields of :class:`LayerWork` that differ from dense attention over ``seq_len``
+        tokens (every row projected, ``seq_len²`` score and AV pairs, the full width); a method
+        states only its deltas.
 
     Returns:
-      {'qkv_proj', 'out_proj', 'scores', 'attention_values', 'ffn'} MAC counts.
+      {'qkv_proj', 'out_proj', 'scores', 'attention_values', 'ffn'} MAC counts (floats).
     """
-    n, e, d = seq_len, dims.emb_dim, dims.qkv_dim
+    n = seq_len
+    w = dataclasses.replace(
+        LayerWork(tokens=n, qkv_width=dims.qkv_dim, query_rows=n, kv_rows=n, out_rows=n,
+                  score_pairs=n * n, value_pairs=n * n), **work)
+    e, d = dims.emb_dim, w.qkv_width
     return {
-        'qkv_proj': 3.0 * n * e * d,
-        'out_proj': 1.0 * n * d * e,
-        'scores': 1.0 * n * n * d,
-        'attention_values': 1.0 * n * n * d,
-        'ffn': 2.0 * n * e * mlp_dim,
+        'qkv_proj': float((w.query_rows + 2 * w.kv_rows) * e * d),
+        'out_proj': float(w.out_rows * d * e),
+        'scores': float(w.score_pairs * d),
+        'attention_values': float(w.value_pairs * d),
+        'ffn': float(2 * w.tokens * e * mlp_dim),
     }
+
+
+def dense_layer_macs(dims: AttentionDims, seq_len: int, mlp_dim: int) -> dict[str, float]:
+    """MACs of one dense encoder layer for one example (:func:`layer_macs` with no deltas)."""
+    return layer_macs(dims, seq_len, mlp_dim)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -419,19 +419,17 @@ def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
     per family whose capacity is below n. Probability aggregation (k0 n exps and additions per
     head) and centroid sums are additions, not MACs.
     """
-    n, e, d = seq_len, dims.emb_dim, dims.qkv_dim
+    n = seq_len
     k0, k1, k2 = capacities(cfg, n)
     hash_len = int(cfg.hash_length)
-    macs = {
-        'lsh_hash': 3.0 * hash_len * n * e,
+    overheads = {
+        'lsh_hash': 3.0 * hash_len * n * dims.emb_dim,
         'overflow_merge': float(sum(n * k * hash_len for k in (k0, k1, k2) if k < n)),
-        'qkv_proj': (k0 + 2.0 * (k1 + k2)) * e * d,
-        'out_proj': 1.0 * k0 * d * e,
-        'scores': 1.0 * k0 * (k1 + k2) * d,
-        'attention_values': 1.0 * k0 * (k1 + k2) * d,
-        'ffn': 2.0 * n * e * mlp_dim,
     }
-    return macs, n
+    pairs = k0 * (k1 + k2)
+    return {**overheads, **base.layer_macs(dims, n, mlp_dim, query_rows=k0, kv_rows=k1 + k2,
+                                           out_rows=k0, score_pairs=pairs,
+                                           value_pairs=pairs)}, n
 
 
 # -- the layer ----------------------------------------------------------------------------------

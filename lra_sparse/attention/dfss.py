@@ -281,10 +281,8 @@ def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
     ``ceil(seq_len / M) · N`` entries per row; every token leaves the layer.
     """
     n, m = parse_pattern(cfg.pattern)
-    macs = base.dense_layer_macs(dims, seq_len, mlp_dim)
-    macs['attention_values'] = float(seq_len * (padded_length(seq_len, m) * n // m)
-                                     * dims.qkv_dim)
-    return macs, seq_len
+    kept = padded_length(seq_len, m) * n // m  # per row
+    return base.layer_macs(dims, seq_len, mlp_dim, value_pairs=seq_len * kept), seq_len
 
 
 # -- the layer ----------------------------------------------------------------------------------

@@ -526,8 +526,6 @@ def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
     qkv_proj + out_proj, attention = scores + attention_values, other = ffn.
     """
     n, e, h = seq_len, dims.emb_dim, dims.num_heads
-    macs = base.dense_layer_macs(dims, n, mlp_dim)
-    d = dims.qkv_dim
     if cfg.selection == 'threshold':
         kept = n
     elif cfg.granularity == 'block':
@@ -535,8 +533,8 @@ def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
         kept = min(n, static_keep_count(nkb, cfg.sparsity) * cfg.block_k)
     else:
         kept = static_keep_count(n, cfg.sparsity)
-    macs['attention_values'] = 1.0 * n * kept * d
-    macs['scores'] = 1.0 * n * (n if cfg.precision == 'oracle' else kept) * d
+    macs = base.layer_macs(dims, n, mlp_dim, value_pairs=n * kept,
+                           score_pairs=n * (n if cfg.precision == 'oracle' else kept))
     if cfg.precision in PRECISION_BITS:
         k = predictor_width(cfg.sigma, dims.head_dim)
         macs['predictor'] = float(n * e * h * k + 2 * h * n * k * k + h * n * n * k)

@@ -326,18 +326,6 @@ def _ceil_count(count: jax.Array, ratio: float) -> jax.Array:
 
 
 # -- cost model -----------------------------------------------------------------------------------
-def _macs(n, kv, heads, emb_dim, head_dim, mlp_dim) -> dict:
-    """MACs of one layer: n tokens, kv V vectors per head, ``heads`` heads computed."""
-    d = heads * head_dim
-    return {
-        'qkv_proj': 3.0 * n * emb_dim * d,
-        'out_proj': 1.0 * n * d * emb_dim,
-        'scores': 1.0 * n * n * d,
-        'attention_values': 1.0 * n * kv * d,
-        'ffn': 2.0 * n * emb_dim * mlp_dim,
-    }
-
-
 def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
                mlp_dim: int) -> tuple[dict[str, float], int]:
     """MACs of one SpAtten layer for one example and the number of tokens leaving it.
@@ -351,7 +339,7 @@ def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
     ratios = token_keep_schedule(cfg, dims.num_layers)
     heads = head_keep_schedule(cfg, dims.num_heads, dims.num_layers)[layer]
     kv = next_capacity(n, float(cfg.value_keep_ratio))
-    macs = _macs(n, kv, heads, dims.emb_dim, dims.head_dim, mlp_dim)
+    macs = base.layer_macs(dims, n, mlp_dim, qkv_width=heads * dims.head_dim, value_pairs=n * kv)
     if cfg.quant != 'none':
         macs['qk_bits'] = float(cfg.msb_bits)
     last = layer + 1 >= dims.num_layers
