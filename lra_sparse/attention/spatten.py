@@ -182,20 +182,34 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _check_schedule(field: str, values, num_layers: int, *, entry_ok, entries: str,
+                    first, first_rule: str, order_rule: str) -> None:
+    """A per-layer schedule: () or one valid entry per layer, the given first, non-increasing.
+
+    Args:
+      field: the config field; values: its value; num_layers: encoder depth.
+      entry_ok: value -> True for a valid entry; entries: the valid entries in words.
+      first: the required first entry; first_rule, order_rule: those rules in words.
+    """
+    _check(isinstance(values, (tuple, list)), field, values,
+           f'a tuple of per-layer {entries} or ()')
+    if not values:
+        return
+    _check(len(values) == num_layers, field, values,
+           f'one entry per layer (model.num_layers={num_layers})')
+    _check(all(entry_ok(v) for v in values), field, values, entries)
+    _check(values[0] == first, field, values, first_rule)
+    _check(all(b <= a for a, b in zip(values, values[1:])), field, values, order_rule)
+
+
 def check_fields(cfg, num_layers: int, num_heads: int) -> None:
     """Raises ConfigError for any bad SpAtten field (needs only the depth and head count)."""
-    ratios = cfg.token_keep_ratios
-    _check(isinstance(ratios, (tuple, list)), 'token_keep_ratios', ratios,
-           'a tuple of per-layer fractions or ()')
-    if ratios:
-        _check(len(ratios) == num_layers, 'token_keep_ratios', ratios,
-               f'one fraction per layer (model.num_layers={num_layers})')
-        _check(all(_is_number(r) and 0.0 < r <= 1.0 for r in ratios), 'token_keep_ratios',
-               ratios, 'fractions in (0, 1]')
-        _check(ratios[0] == 1.0, 'token_keep_ratios', ratios,
-               'first entry 1.0 (layer 0 sees every token: no importance score exists yet)')
-        _check(all(b <= a for a, b in zip(ratios, ratios[1:])), 'token_keep_ratios', ratios,
-               'non-increasing fractions (a pruned token never comes back)')
+    _check_schedule(
+        'token_keep_ratios', cfg.token_keep_ratios, num_layers,
+        entry_ok=lambda r: _is_number(r) and 0.0 < r <= 1.0, entries='fractions in (0, 1]',
+        first=1.0,
+        first_rule='first entry 1.0 (layer 0 sees every token: no importance score exists yet)',
+        order_rule='non-increasing fractions (a pruned token never comes back)')
     final = cfg.token_keep_final
     _check(_is_number(final) and 0.0 < final <= 1.0, 'token_keep_final', final,
            'a fraction in (0, 1]')
@@ -205,18 +219,12 @@ def check_fields(cfg, num_layers: int, num_heads: int) -> None:
            f'an integer in [1, {num_layers}] (layer 0 sees every token; {num_layers} = never)')
     _check(isinstance(cfg.length_adaptive, bool), 'length_adaptive', cfg.length_adaptive,
            'True or False')
-    counts = cfg.head_keep_counts
-    _check(isinstance(counts, (tuple, list)), 'head_keep_counts', counts,
-           'a tuple of per-layer head counts or ()')
-    if counts:
-        _check(len(counts) == num_layers, 'head_keep_counts', counts,
-               f'one count per layer (model.num_layers={num_layers})')
-        _check(all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in counts),
-               'head_keep_counts', counts, 'positive integers')
-        _check(counts[0] == num_heads, 'head_keep_counts', counts,
-               f'first entry = model.num_heads={num_heads} (layer 0 computes every head)')
-        _check(all(b <= a for a, b in zip(counts, counts[1:])), 'head_keep_counts', counts,
-               'counts no larger than the heads left by the previous layer (non-increasing)')
+    _check_schedule(
+        'head_keep_counts', cfg.head_keep_counts, num_layers,
+        entry_ok=lambda h: isinstance(h, int) and not isinstance(h, bool) and h >= 1,
+        entries='head counts >= 1', first=num_heads,
+        first_rule=f'first entry = model.num_heads={num_heads} (layer 0 computes every head)',
+        order_rule='counts no larger than the heads left by the previous layer (non-increasing)')
     hf = cfg.head_keep_final
     _check(_is_number(hf) and 0.0 < hf <= 1.0, 'head_keep_final', hf, 'a fraction in (0, 1]')
     vr = cfg.value_keep_ratio
