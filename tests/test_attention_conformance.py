@@ -47,9 +47,21 @@ def call(layer, x, mask, deterministic=True, rng=None):
     return layer(x, mask, carry, deterministic=deterministic, rng=rng)
 
 
-def valid_rows(out, mask, carry):
-    """Outputs of valid tokens, mapped to original positions (methods may drop tokens later)."""
-    return np.asarray(out)[np.asarray(mask)]
+def valid_rows(y, mask):
+    """Outputs of the valid tokens: y [B, L, E] is in the layer's input frame (a method that drops
+    tokens does so after the block, through carry.select)."""
+    return np.asarray(y)[np.asarray(mask)]
+
+
+def check_carry_frame(carry, positions):
+    """The carry follows the contract: positions in the frame of the next layer's tokens."""
+    if carry.select is None:
+        np.testing.assert_array_equal(carry.positions, positions)
+        return
+    select = np.asarray(carry.select)
+    assert select.dtype == np.int32 and select.shape[0] == B and select.shape[1] <= L
+    assert (select >= 0).all() and (select < L).all() and (np.diff(select, axis=1) > 0).all()
+    np.testing.assert_array_equal(carry.positions, np.take_along_axis(positions, select, axis=1))
 
 
 @pytest.mark.parametrize('name,impl', CASES)
@@ -67,8 +79,9 @@ def test_shapes_finite_and_padding(name, impl):
     noise = jax.random.normal(jax.random.key(7), x.shape) * 5
     x2 = jnp.where(mask[..., None], x, noise)
     out2 = call(layer, x2, mask)
-    np.testing.assert_allclose(valid_rows(out.y, mask, out.carry),
-                               valid_rows(out2.y, mask, out2.carry), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(valid_rows(out.y, mask), valid_rows(out2.y, mask),
+                               rtol=2e-5, atol=2e-5)
+    check_carry_frame(out.carry, np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)))
 
 
 @pytest.mark.parametrize('name,impl', CASES)
