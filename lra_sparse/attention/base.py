@@ -19,6 +19,13 @@ The carry is how a method acts across layers (SpAtten's cascade pruning): ``carr
 None) lists, per example, the indices of the current tokens that survive this block; the encoder
 gathers the hidden states and the padding mask with it after the block. Methods that ignore the
 carry return it unchanged.
+
+How a method runs (``config.attention.impl``: reference | xla | pallas) is an entry of the table
+its layer class declares (:class:`Implementation`: the function that runs it, the attention
+settings it supports, whether it has attention dropout); :func:`check_implementation` refuses any
+other (implementation, setting) pair before compute, so nothing silently runs another path. The
+cost model counts multiply-accumulates with one formula, :func:`layer_macs`, of which each method
+states only its deltas from dense attention.
 """
 
 from __future__ import annotations

@@ -1,69 +1,39 @@
 """CTA: compressed token attention (LSH clustering, attention among centroids, aggregation).
 
-CTA (Wang, Xu, Wang, Han, HPCA 2023, Section III) as an attention method of the one LRA encoder.
-Tokens that encode similar features are clustered and attention is computed among the cluster
-centroids only; every token's output is recovered by probability aggregation.
+CTA (Wang, Xu, Wang, Han, "CTA: Hardware-Software Co-design for Compressed Token Attention
+Mechanism", HPCA 2023, Section III) clusters tokens that encode similar features, computes
+attention among the cluster centroids only and recovers every token's output by probability
+aggregation. For the layer-normalised block input X [batch, n, emb] (before the Q/K/V
+projections) and its mask [batch, n], one layer:
 
-What one layer does (``n`` = padded length, ``X`` = the layer-normalised block input, before the
-Q/K/V projections):
+1. hashes X with three E2LSH families (eq. 1), ``floor((A x + b) / w)`` with ``A`` [l, emb] ~
+   N(0, I), ``b`` ~ U(0, w) (Buffers ``lsh_a`` [3, l, emb], ``lsh_b`` [3, l]): LSH_0 for queries
+   (``query_bucket_width``), LSH_1 for keys/values (``key_bucket_width``), LSH_2 for the residuals
+   ``X - C1[CT1]`` (``residual_bucket_width``);
+2. clusters tokens with equal codes (padding in none); centroids are the members' means;
+   ``X ~ C0[CT0]`` for queries, ``X ~ C1[CT1] + C2[CT2]`` for keys/values (eq. 2);
+3. computes, per head, scores among centroids [k0, k1 + k2], aggregates the token probabilities
+   onto both centroids of each key token (Fig. 6) and gives each query token its cluster's output
+   (eqs. 3-8): exact softmax attention of the approximated tokens.
 
-1. **E2LSH hashing** (eq. 1): ``h(x) = floor((A x + b) / w)`` with ``A`` [l, emb] ~ N(0, I) and
-   ``b`` [l] ~ U(0, w). Three independent families with their own widths: LSH_0 (queries,
-   ``query_bucket_width``), LSH_1 (keys/values, ``key_bucket_width``) and LSH_2 (residuals,
-   ``residual_bucket_width``). ``A`` and ``b`` are drawn once at init and stored as
-   :class:`base.Buffer` (``lsh_a`` [3, l, emb], ``lsh_b`` [3, l]), so checkpoints reproduce them.
-2. **Clusters** = tokens with equal codes (the paper's cluster tree); padding belongs to no
-   cluster. Centroid = mean of its members (Fig. 4 b).
-3. **Two-level key/value compression** (eq. 2): ``X ~ C0[CT0]`` for queries, and
-   ``X ~ C1[CT1] + C2[CT2]`` for keys/values, where C2 clusters the residuals ``X - C1[CT1]``.
-4. **Attention among compressed tokens** (eqs. 3-8), per head: ``Qb = C0 W_Q``,
-   ``Kb = [C1; C2] W_K``, ``Vb = [C1; C2] W_V``, ``Sb = Qb Kb^T / sqrt(d)``. For every query
-   cluster i and valid key token j, ``p_ij = exp(Sb[i, CT1[j]] + Sb[i, k1 + CT2[j]] - m_i)``
-   (``m_i`` = the row max over valid j: the usual max-subtraction) is added to both AP[i, CT1[j]]
-   and AP[i, k1 + CT2[j]] (Fig. 6); ``Ob = AP Vb / (sum(AP) / 2)`` and each query token gets its
-   cluster's row. This equals exact softmax attention of the approximated tokens of eq. (2).
+Static shapes: each family has at most ``ceil(capacity * n)`` clusters (``query_capacity``,
+``key_capacity``, ``residual_capacity``); the tokens of clusters beyond it (smallest first) join
+the nearest kept centroid in the family's LSH projection space and are counted in ``overflow``.
 
-Static shapes (the paper's cluster counts are data dependent). Each family has a static
-**capacity** ``cap = ceil(fraction * n)`` clusters per sequence (``query_capacity``,
-``key_capacity``, ``residual_capacity``; always in [1, n]). If a sequence has more distinct codes
-than the capacity (the overflow rule):
+Implementations: ``xla`` is the compressed computation (sort-based cluster ids, ``segment_sum``
+centroids, attention among centroids, output projection on the k0 query centroids, gather back
+to tokens); ``reference`` is the dense twin (pairwise code equality, one-hot assignment matrices,
+full softmax attention of the approximated tokens). They agree to float tolerance without
+attention dropout (which each applies at its own level of probabilities). Hashing and clustering
+see ``stop_gradient(X)``; gradients flow through the centroids.
 
-* clusters are ranked by size (valid members, descending), ties by first occurrence (lowest token
-  index); the first ``cap`` are kept and get slots 0..cap-1 in that order;
-* every token of a dropped cluster is merged into the kept cluster whose centroid is nearest in
-  the family's l-dimensional LSH projection space ``(A x + b) / w`` (an l-dim random projection of
-  the L2 distance, cheap: n * cap * l MACs); ties go to the lower slot (the larger cluster);
-* centroids are then the means of all members, merged ones included;
-* ``overflow`` counts the merged tokens (per example, summed over the three families).
+Statistics (pooled over the batch, n = valid tokens, k = non-empty clusters): ``ra`` =
+k0 (k1 + k2) / n² (score and AV MACs kept), ``rl`` = (k0 + 2 k1 + 2 k2) / 3n (linear MACs kept),
+``sparsity`` = 1 - ra clipped to [0, 1], means per example of ``k0``, ``k1``, ``k2``,
+``overflow``, and with ``diagnostics`` ``rel_error`` against exact attention.
 
-With ``capacity = 1.0`` no overflow can happen and the merge is skipped at trace time.
-
-Implementations: ``impl='xla'`` is the compressed computation of the paper: sort-based cluster
-ids, ``segment_sum`` centroids, scores among centroids only [k0, k1 + k2] per head, the k0 x n
-probability aggregation by gather + ``segment_sum``, the output projection on the k0 query
-centroids, and a gather back to tokens. ``impl='reference'`` is the obviously-correct dense twin:
-cluster ids from a dense pairwise code-equality matrix, centroids and approximated tokens by
-explicit one-hot assignment matrices, then :func:`base.masked_attention`-style full softmax
-attention of the approximated tokens. Both agree to float tolerance (tested). The Pallas kernel
-(a later issue) plugs in at :func:`compressed_attention` (scores, aggregation and AV among the
-centroids); hashing and clustering stay in XLA.
-
-Interpretations (the paper leaves these open):
-
-* Hashing and clustering see ``stop_gradient(X)``: codes are piecewise constant, so no gradient
-  is lost; gradients flow through the centroids into X and into the projections.
-* Each family has its own bucket width (the paper names one w); residuals are smaller than
-  tokens, so LSH_2 usually wants a smaller width. The sweep scales the three together.
-* Attention dropout (training) is applied to the normalised per-(query cluster, key token)
-  probabilities p_ij / sum_j p_ij (xla) or to the per-token probabilities (reference), so the two
-  implementations agree exactly only without dropout.
-* ``rl`` = (k0 + 2 k1 + 2 k2) / 3n (linear MACs kept, eq. 3, Section III-D); ``ra`` =
-  k0 (k1 + k2) / n^2 (score and AV MACs kept, eqs. 5 and 8); both pooled over the batch with n
-  = valid tokens of each example and k = realised (non-empty) clusters. ``sparsity`` = 1 - ra,
-  clipped at 0 (poor compression can make CTA do more attention work than dense: k2 adds to k1).
-  Hashing, aggregation and the overflow merge are overheads not in RL/RA (as in the paper); the
-  cost model :func:`layer_macs` does count hashing and merging.
-* ``k0``, ``k1``, ``k2`` and ``overflow`` are means over the examples that have a valid token.
+The overflow rule in full, the bucket widths, and how the paper's open points are resolved:
+``docs/methods/cta.md``.
 """
 
 from __future__ import annotations
@@ -383,8 +353,8 @@ def compressed_attention(q_bar: jax.Array, k_bar: jax.Array, v_bar: jax.Array, c
                          drop=None) -> jax.Array:
     """Eqs. 5-8 per head: scores among centroids, AP aggregation, Ob = AP Vb / (sum AP / 2).
 
-    This is where the Pallas kernel (later issue) plugs in: it takes the centroid projections
-    and the cluster tables and returns Ob; everything before (hashing, clustering) stays in XLA.
+    Everything before it (hashing, clustering) is selection work; this is the compute a kernel
+    would replace, given the centroid projections and the cluster tables.
 
     Args:
       q_bar: [batch, k0, heads, head_dim] compressed queries.

@@ -43,7 +43,7 @@ Implementations:
 * ``pallas``: the fused kernel (``pallas_kernels.nm_sparse``) selects N:M inside every score
   tile and never writes the dense score matrix; the statistics come from its per-row log-sum-exps
   and the padding mask (``DFSSAttention._pallas_attention``). The sequence is padded to the
-  kernel tiles. Interpret mode on CPU. No attention dropout (rejected unless
+  kernel tiles. Interpret mode on CPU. No attention dropout (refused by validation unless
   ``apply='eval_only'``).
 
 Statistics: ``sparsity`` = fraction of valid query-key pairs not attended (exactly ``1 - N/M``

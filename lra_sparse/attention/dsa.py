@@ -1,83 +1,45 @@
 """DSA: dynamic sparse attention with a trainable low-rank, low-precision prediction path.
 
 DSA (Liu et al., "Dynamic Sparse Attention for Scalable Transformer Acceleration", IEEE TC 2022,
-sections 3-5) computes only the attention weights a cheap predictor marks as
-important. What one layer does:
+sections 3-5) computes only the attention weights a cheap predictor marks as important. For
+x [batch, L, emb_dim] and its mask [batch, L], one layer:
 
-1. **Prediction path** (Eq. 5), per head ``h``: ``Q̃ʰ = X Pʰ W̃_Qʰ``, ``K̃ʰ = X Pʰ W̃_Kʰ`` and
-   ``S̃ʰ = Q̃ʰ K̃ʰᵀ / sqrt(k)``. ``Pʰ ∈ sqrt(2/k)·{-1, 0, 1}^{emb_dim × k}`` (entries -1/0/+1 with
-   probabilities 1/4, 1/2, 1/4) is drawn once at init, shared by the query and key paths, never
-   trained and stored as a :class:`base.Buffer` (so checkpoints reproduce it); ``W̃_Qʰ, W̃_Kʰ ∈
-   R^{k×k}`` are trainable. ``k = round(sigma * head_dim)``.
-2. **Precision** of the prediction path: ``fp32``; ``bf16`` (values rounded to bfloat16);
-   ``int8`` / ``int4`` / ``int2``: symmetric linear fake quantization (:func:`quant.fake_quant`,
-   ``scale = max|x| / (2^(b-1) - 1)``, codes rounded to nearest, straight-through gradient) of the
-   projected input ``XP``, of the predictor weights ``W̃`` and of ``Q̃, K̃`` before the score GEMM
-   (the paper's pipeline, Fig. 9: quantized input × low-precision weights, then a low-precision
-   GEMM for ``S̃``). ``random``: no predictor, a random mask of the same sparsity (the paper's
-   control, Table 2). ``oracle``: no predictor, the top-k of the true scores.
-3. **Mask selection** from the selection scores (``S̃``, the true scores for ``oracle``, uniform
-   noise for ``random``): ``topk`` keeps, per row, the ``ceil((1 - sparsity) * n)`` best valid keys
-   (``n`` = the example's valid length; ties go to the lowest key index); ``threshold`` keeps the
-   valid keys with score ``>= threshold`` plus each row's best key (so no valid row is empty).
-   Granularity: ``element`` (per query row); ``vector`` (``vector_size`` consecutive query rows
-   share one selection, made on the mean of their valid rows' scores: the paper's column-vector
-   encoding); ``block`` (``block_q × block_k`` tiles, per query block the ``ceil((1 - sparsity) *
-   valid key blocks)`` tiles with the best mean score; the layout of a block-sparse kernel).
-   Padding keys are never selected; fully padded rows give zeros.
-4. **Sparse attention** with the mask: softmax over the kept scores (scaled by
-   ``1/sqrt(head_dim)``), AV over the kept keys.
-5. **Loss** (Eq. 6-7): ``aux_losses['dsa_mse'] = mse_weight * MSE``, ``MSE`` = mean over heads and
-   valid query-key pairs of ``(S - S̃)²`` with ``S = QKᵀ/sqrt(head_dim)`` the scores that enter the
-   softmax; gradients reach both the predictor and the Q/K projections (the selection itself is
-   not differentiable and carries no gradient).
+1. **Predicts** the scores per head h (Eq. 5): ``S̃ʰ = (X Pʰ W̃_Qʰ)(X Pʰ W̃_Kʰ)ᵀ / sqrt(k)``
+   [batch, heads, L, L], with a fixed sparse random projection ``Pʰ`` (Buffer ``projection``
+   [emb_dim, heads, k]), trainable ``W̃_Qʰ, W̃_Kʰ`` (``pred_query``, ``pred_key`` [heads, k, k]) and
+   ``k = round(sigma * head_dim)``, at ``precision``: fp32 | bf16 | int8 | int4 | int2 (symmetric
+   fake quantization, :mod:`quant`, of ``XP``, ``W̃`` and ``Q̃, K̃``: an integer pipeline
+   simulated exactly in float32). ``random`` (a random mask, no predictor) and ``oracle`` (the
+   true scores) are the paper's controls.
+2. **Selects** the keys to attend from the selection scores: ``topk`` keeps
+   ``ceil((1 - sparsity) * n)`` valid keys per row (n = the example's valid length; ties to the
+   lowest index), ``threshold`` the keys scoring >= threshold plus each row's best. Granularity
+   ``element`` (per row), ``vector`` (``vector_size`` rows share keys, chosen on their mean
+   score) or ``block`` (``block_q × block_k`` tiles ranked by mean score). Padding is never kept.
+3. **Attends** over the kept keys only: softmax of the kept scores (scaled by 1/sqrt(head_dim)),
+   AV; y [batch, L, emb_dim], zero on padded rows.
+4. **Trains the predictor** (Eq. 6-7): ``aux_losses['dsa_mse'] = mse_weight * MSE``, the mean
+   over heads and valid pairs of ``(S - S̃)²`` with ``S = QKᵀ/sqrt(head_dim)``; gradients reach
+   the predictor (straight-through) and the Q/K projections.
 
-Implementations:
+Implementations (the table of :class:`DSAAttention`; other pairs are refused by validation):
 
-* ``reference``: dense ``S̃`` and dense scores, the boolean keep mask, :func:`base.masked_attention`
-  (the test oracle for every granularity and selection).
-* ``xla``: for ``topk`` with ``element``/``vector`` granularity, ``lax.top_k`` over ``S̃`` gives
-  per row group the indices of the kept keys; K and V are gathered (``[.., groups, k_max,
-  head_dim]``) and scores, softmax and AV are computed on the kept keys only, so no ``L×L``
-  *attention* score matrix is formed (``S̃`` itself is ``L×L`` at width ``k``). The MSE uses Gram
-  matrices, ``||S - S̃||² = <QᵀQ, KᵀK> - 2<QᵀQ̃, KᵀK̃> + <Q̃ᵀQ̃, K̃ᵀK̃>`` (all ``head_dim × k``
-  sized), also without ``L×L``. The gathered K/V hold ``L/vector_size · k_max · head_dim`` values
-  per head, which is smaller than ``L×L`` only when ``k_max·head_dim < vector_size·L``: memory
-  savings at scale need the fused kernel. Only ``topk`` selection (``threshold`` has
-  data-dependent row counts, no static capacity) and ``element``/``vector`` granularity: other
-  settings are refused by validation.
-* ``pallas`` (``block`` granularity only): the selection as in ``reference``, then the
-  block-sparse flash kernel (``pallas_kernels.block_sparse``) over the kept tiles' index lists
-  (:meth:`DSAAttention._attend_block_kernel`), padding masked in the kernel; the sequence is
-  padded to the tiles, which must be powers of two >= 16. Interpret mode on CPU. No attention
-  dropout (refused unless ``apply='eval_only'``).
+* ``reference``: dense ``S̃`` and scores, a boolean keep mask, :func:`base.masked_attention`; every
+  setting. The oracle of the tests.
+* ``xla``: ``topk`` with ``element`` / ``vector`` granularity. ``lax.top_k`` index lists per row
+  group, gathered K and V [batch, heads, groups, k_max, head_dim], attention on those only; the
+  MSE from ``head_dim × k`` Gram matrices. No L×L attention score matrix (``S̃`` still is L×L at
+  width k).
+* ``pallas``: ``block`` granularity, tiles powers of two >= 16, no attention dropout: the kept
+  tiles' index lists go to the block-sparse kernel (``pallas_kernels.block_sparse``); interpret
+  mode on CPU.
 
-Statistics (float32 scalars): ``sparsity`` (fraction of valid query-key pairs not attended),
-``mse`` (the raw MSE, when a predictor exists), ``prediction_accuracy`` (when
-``accuracy_stat``: over valid rows, |predicted ∩ oracle| / |predicted|, the oracle being the
-``|predicted|`` largest true scores of the row: the paper's Fig. 6 definition; needs the full score
-matrix).
+Statistics (float32 scalars): ``sparsity`` (valid query-key pairs not attended), ``mse`` (with a
+predictor), ``prediction_accuracy`` (with ``accuracy_stat``: |predicted ∩ oracle| / |predicted|
+over valid rows, Fig. 6; needs the full score matrix).
 
-Interpretations the paper leaves open (see ``docs/methods/dsa.md``):
-
-* ``d`` in ``k = sigma·d`` is the head width (the ``d_k`` of ``S = QKᵀ`` that the predictor
-  approximates) and each head has its own sketch ``Pʰ`` and ``W̃ʰ``: every predictor cost is then
-  ``sigma`` times the dense cost it mirrors (``XP``: sigma × the Q projection; ``S̃``: sigma × the
-  scores), matching the paper's ``O(βld_k + βl²k)``. With one head and ``qkv_dim = emb_dim`` this
-  is exactly Eq. 5.
-* ``S̃`` carries a ``1/sqrt(k)`` factor and ``W̃`` starts from N(0, 1/emb_dim) so that ``S̃`` starts
-  at the scale of ``S`` (the MSE then starts near 1, not near ``1/sigma``).
-* Quantization scales: per token and head for the activations ``XP``, ``Q̃``, ``K̃`` (the usual
-  per-token activation scaling: padding never changes a scale, and a token rarely loses all its
-  codes, which one scale per example does to most tokens at int2); per output column for ``W̃``
-  (per-channel weight scaling; one scale per head zeroes most int2 weights). ``int2`` is
-  symmetric, i.e. ternary codes {-1, 0, 1}. The codes of ``Q̃``/``K̃`` come from the exact integer
-  product of the input and weight codes, and the selection scores are the exact integer code dot
-  times the scales: an integer pipeline simulated in float32 (exact for these code ranges, so the
-  selection is identical eager and under jit), with no integer dot instruction.
-* ``random`` draws a fresh mask every training step (from the layer's rng) and a fixed mask at
-  evaluation (a constant key folded with the layer index: reproducible, no state); it always
-  uses top-k counts.
+How the paper's open points are resolved (head mapping, the scale of ``S̃``, quantization scales
+and the integer pipeline, random masks), the cost model and the sweeps: ``docs/methods/dsa.md``.
 """
 
 from __future__ import annotations

@@ -1,97 +1,36 @@
 """SpAtten: cascade token and head pruning, local value pruning, progressive quantization.
 
-SpAtten (Wang, Zhang, Han, HPCA 2021) as an attention method of the one LRA encoder.
+SpAtten (Wang, Zhang, Han, "SpAtten: Efficient Sparse Attention Architecture with Cascade Token
+and Head Pruning", HPCA 2021; Algorithm 2, Sections III-C, III-D) as a method of the one
+encoder. For x [batch, n, emb] and its mask [batch, n], one layer:
 
-What one layer does (Algorithm 2 of the paper, plus Sections III-C and III-D):
+1. projects Q/K/V [batch, n, heads, head_dim] of the heads kept so far only (``head_keep``);
+2. computes the probabilities [batch, heads, n, n], with Q and K quantized (``quant``: ``none``;
+   ``static`` at ``msb_bits``; ``progressive``: MSBs first, rows whose largest probability is
+   below ``requant_threshold`` recomputed with MSB+LSB);
+3. adds them to the cumulative token importance ``s_t`` [batch, n] (sum over heads and rows);
+4. uses, per head, the ``ceil(value_keep_ratio * valid)`` V vectors of largest probability mass
+   (local value pruning) for AV;
+5. adds ``sum |E|`` per head to the cumulative head importance ``s_h`` [batch, H];
+6. keeps, for the next layers, the best heads by ``s_h`` and the best tokens by ``s_t`` (index 0
+   always; counts from the token schedule, per example or as a budget with
+   ``length_adaptive``): ``carry.select`` [batch, n_next] lists the surviving tokens and the
+   encoder drops the others after the block.
 
-1. **Projections of the kept heads only.** ``head_keep`` (int32 [batch, H_l], ascending original
-   head ids, carried from the previous layer) selects per-example slices of the Q/K/V kernels
-   (``[emb, H, head_dim]``) and of the output kernel (``[H, head_dim, emb]``); pruned heads are
-   never computed. The layer's own weights are the usual ``query/key/value/out`` projections, so a
-   dense checkpoint loads unchanged (``eval_only``).
-2. **Scores and probabilities**, optionally with quantised Q and K (``quant``):
-   ``'static'`` rounds Q and K to ``msb_bits`` (linear symmetric); ``'progressive'`` first uses
-   the MSBs of an (msb+lsb)-bit code and recomputes, with all bits, every query row whose max
-   probability is below ``requant_threshold``.
-3. **Cumulative token importance**: ``s_t += sum over kept heads and valid query rows of probs``
-   (padded and pruned queries have all-zero probability rows, so they add nothing).
-4. **Local value pruning**: per example and head, only the ``ceil(value_keep_ratio * valid)`` V
-   vectors with the largest probability mass (column sum over that head's valid query rows) are
-   used in AV; the others are skipped for that head only.
-5. **Cumulative head importance**: ``s_h += sum over valid query rows and head_dim of |E|``
-   (E = the head's attention output before the output projection).
-6. **Cascade pruning for the following layers**: the top heads by ``s_h`` (among those still
-   kept) and the top tokens by ``s_t`` survive; ``carry.select`` lists the surviving tokens and
-   the encoder removes the others from the hidden states and the mask after this block.
+Carry state (:class:`SpAttenAttention`): ``token_scores``, ``head_scores``, ``head_keep``,
+``valid0`` (and ``alive`` for the reference).
 
-Token selection rules (static shapes). Each layer ``l`` processes a static number of tokens
-``n_l`` (the capacity) and, per example, ``k_l`` valid ones. Going from layer ``l`` to ``l+1``
-the capacity becomes ``n_{l+1} = ceil(n_l * r_{l+1} / r_l)`` where ``r`` is the token schedule
-(fraction of the input processed by each layer, :func:`token_keep_schedule`); this is Algorithm
-2's ``top-k(s_t, L_1 * (1 - p_t))`` with the per-layer pruning ratio ``p_t = 1 - r_{l+1}/r_l``
-and equals ``ceil(r_{l+1} * L)`` up to one token of rounding per layer. Per example:
+Implementations: ``xla`` gathers (later layers run on shorter sequences, pruned heads' weight
+slices and pruned V vectors are skipped); ``reference`` is the dense-masked twin (full lengths,
+every head, pruned tokens masked through ``alive``, pruned heads and V vectors zeroed). Both give
+the same logits.
 
-* ``length_adaptive=False``: keep ``ceil(k_l * r_{l+1}/r_l)`` of the example's valid tokens, so
-  every example keeps the scheduled fraction of its own length (the LTP/SpAtten rule
-  ``round(sentence_length * keep_rate)``, with ceil).
-* ``length_adaptive=True``: keep ``min(k_l, n_{l+1})`` valid tokens: the schedule fixes a token
-  *budget* (the capacity, a fraction of the padded length), so an example shorter than the budget
-  is not pruned and a longer one keeps ``n_{l+1}/k_l`` of its tokens -- the longer the input, the
-  more is pruned (Section I: "the longer, the more tokens are pruned away").
+Statistics: ``sparsity`` (valid pairs of the original full attention not used in AV),
+``tokens_kept``, ``heads_kept``, ``values_kept``, and with quantization ``average_bits`` and
+``lsb_refetch_fraction``. MACs are the cost model's (:func:`layer_macs`).
 
-The kept tokens are the top-k by cumulative score; index 0 (the CLS token, or the pooled first
-position of retrieval) is always kept, padded tokens are ranked last (padding goes first), ties
-go to the lowest index (the top-k engine keeps "exactly k, ties by arrival order"). ``select``
-lists the kept tokens plus padding positions to fill the capacity, in ascending original order,
-so the sequence stays in input order and the mask marks exactly the kept tokens valid.
-
-Implementations: ``impl='xla'`` (default path of the physical savings) really gathers: later
-layers run on shorter sequences, pruned heads' weight slices are not multiplied, pruned V vectors
-are not gathered. ``impl='reference'`` is the obviously-correct dense-masked twin: full-length
-sequences and all heads are computed, pruned tokens are masked as queries and keys (an ``alive``
-mask in the carry state, never a ``select``), pruned heads' outputs and pruned V vectors are
-zeroed. Both give the same logits (tested).
-
-Interpretations (the paper leaves these open):
-
-* Layer ``l``'s FFN still sees the tokens pruned after its attention (the encoder applies
-  ``select`` after the whole block); they are removed from every following layer. Their layer-l
-  FFN output is never used (CLS pooling), so applying ``select`` between attention and FFN would
-  save those MACs too; the cost model (:func:`layer_macs`) follows the encoder as it is.
-* The last layer never prunes tokens (no following layer); layer 0 processes every token and
-  every head (no cumulative score exists before it). So a 1-layer model (image) prunes neither.
-* Token scores use the final probabilities of the layer (after any LSB refetch), before local
-  value pruning and before dropout, as in Fig. 8 (softmax -> accumulator, in parallel with the
-  local-V top-k). Scores accumulate over kept heads only.
-* Local value pruning is per (example, head) by column mass over the valid query rows (the
-  paper's per-query dataflow of Section IV coincides with this in the generation stage); the
-  kept probabilities are NOT renormalised ("the remaining probabilities are multiplied with
-  fetched V", Section IV-A), so a pruned row sums to less than 1.
-* Quantisation is fake (simulated) and applies to Q and K only; V stays in model precision.
-  Scales are per example and head over the valid tokens (padding never changes a scale):
-  ``scale = max|x| / (2^(b-1) - 1)``, codes rounded to nearest. The progressive MSB value is
-  the (msb+lsb)-bit code with its low ``lsb`` bits dropped (two's-complement arithmetic shift,
-  i.e. floor), as when only the MSB half of the stored code is fetched; the refetch recomputes
-  with the full code. Gradients pass straight through the rounding.
-* ``average_bits`` = bits fetched per Q/K element on average: ``msb + lsb * refetch_fraction``
-  (progressive), ``msb`` (static). ``lsb_refetch_fraction`` = fraction of valid (query row,
-  kept head) pairs recomputed.
-* ``sparsity`` = fraction of the valid query-key pairs of the ORIGINAL full attention (all
-  heads, the example's original valid length) that this layer does not use in AV: pruned tokens,
-  pruned heads and pruned V vectors all count. ``tokens_kept`` = valid tokens processed by the
-  layer / original valid tokens; ``heads_kept`` = heads computed / heads; ``values_kept`` = V
-  vectors used per kept head / valid tokens of the layer. MAC counts are the cost model's
-  (:func:`layer_macs`, ``--mode=describe``), not a runtime statistic.
-* Progressive quantization is an accuracy emulation: the MSB and the full computation are both
-  evaluated and selected per row (no memory traffic is saved on CPU/GPU).
-
-Defaults (the released schedules of ``mit-han-lab/spatten`` workloads and the LTP rule, scaled to
-LRA's 4 layers): no token pruning in layer 0, then a linear decrease of the kept fraction to 0.5
-at the last layer (GPT-2 traces go to 0.3/0.1 at 12-24 layers; LRA models are 4 layers deep and
-trained from scratch, so we stop at 0.5); heads pruned only in the last ``round(N/3)`` layers,
-which keep ``round(0.75 H)`` heads (GPT-2-medium keeps 13/16 then 10/16 in its last third);
-local V keeps 30% (GPT-2-medium: 0.3); progressive 8+4 bits with threshold 0.05 (the GPT-2-small
-trace uses 6+4 at 0.05; 8 MSBs because these models are also trained with quantization on).
+The token selection rules in full, the defaults and where they come from, and how the paper's
+open points are resolved: ``docs/methods/spatten.md``.
 """
 
 from __future__ import annotations
