@@ -47,9 +47,21 @@ def call(layer, x, mask, deterministic=True, rng=None):
     return layer(x, mask, carry, deterministic=deterministic, rng=rng)
 
 
-def valid_rows(out, mask, carry):
-    """Outputs of valid tokens, mapped to original positions (methods may drop tokens later)."""
-    return np.asarray(out)[np.asarray(mask)]
+def valid_rows(y, mask):
+    """Outputs of the valid tokens: y [B, L, E] is in the layer's input frame (a method that drops
+    tokens does so after the block, through carry.select)."""
+    return np.asarray(y)[np.asarray(mask)]
+
+
+def check_carry_frame(carry, positions):
+    """The carry follows the contract: positions in the frame of the next layer's tokens."""
+    if carry.select is None:
+        np.testing.assert_array_equal(carry.positions, positions)
+        return
+    select = np.asarray(carry.select)
+    assert select.dtype == np.int32 and select.shape[0] == B and select.shape[1] <= L
+    assert (select >= 0).all() and (select < L).all() and (np.diff(select, axis=1) > 0).all()
+    np.testing.assert_array_equal(carry.positions, np.take_along_axis(positions, select, axis=1))
 
 
 @pytest.mark.parametrize('name,impl', CASES)
@@ -67,8 +79,9 @@ def test_shapes_finite_and_padding(name, impl):
     noise = jax.random.normal(jax.random.key(7), x.shape) * 5
     x2 = jnp.where(mask[..., None], x, noise)
     out2 = call(layer, x2, mask)
-    np.testing.assert_allclose(valid_rows(out.y, mask, out.carry),
-                               valid_rows(out2.y, mask, out2.carry), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(valid_rows(out.y, mask), valid_rows(out2.y, mask),
+                               rtol=2e-5, atol=2e-5)
+    check_carry_frame(out.carry, np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)))
 
 
 @pytest.mark.parametrize('name,impl', CASES)
@@ -127,3 +140,39 @@ def test_registry_entry_is_complete(name):
         fields = config_lib.attention_config(name, 'reference', 'train_and_eval')
         for point in sweep:
             assert set(point) <= set(fields), point
+
+
+@pytest.mark.parametrize('name,impl', CASES)
+def test_implementation_table_entry_is_consistent(name, impl):
+    method = attention.REGISTRY[name]
+    entry = method.impls[impl]
+    assert entry.name == impl and callable(entry.run)
+    assert 'reference' in method.impls  # the oracle exists for every method
+    fields = config_lib.attention_config(name, impl, 'train_and_eval')
+    assert set(entry.settings) <= set(fields), 'a restriction names a field the method lacks'
+    config = config_lib.attention_config(name, impl, 'train_and_eval')
+    config.update(IMPL_SETTINGS.get((name, impl), {}))
+    used = attention.implementation_used(config)
+    on_cpu = jax.default_backend() == 'cpu'
+    assert used == (f'{impl} (interpret)' if entry.kernel and on_cpu else impl)
+    config.apply = 'eval_only'
+    assert attention.implementation_used(config) == used + ', training: dense reference'
+
+
+@pytest.mark.parametrize('name,impl', [(n, i) for n, i in CASES
+                                       if not attention.REGISTRY[n].impls[i].attention_dropout])
+def test_impl_without_attention_dropout_is_refused_with_a_rate(name, impl):
+    def settings(rate, apply='train_and_eval'):
+        cfg = config_lib.attention_config(name, impl, apply)
+        cfg.update(IMPL_SETTINGS.get((name, impl), {}))
+        dims = base.AttentionDims(emb_dim=E, qkv_dim=E, num_heads=H, max_len=L,
+                                  attention_dropout_rate=rate)
+        return dims, ml_collections.FrozenConfigDict(cfg)
+
+    module = attention.get_method(name).module
+    with pytest.raises(base.ConfigError, match=(
+            rf"config\.model\.attention_dropout_rate=0\.1 is not allowed with "
+            rf"attention\.impl='{impl}': {name} {impl} has no attention dropout")):
+        module(*settings(0.1), rngs=nnx.Rngs(params=0))
+    module(*settings(0.1, 'eval_only'), rngs=nnx.Rngs(params=0))  # trains dense attention
+    module(*settings(0.0), rngs=nnx.Rngs(params=0))

@@ -26,6 +26,13 @@ def build(impl='reference', seed=0, dims=None, **overrides):
                             rngs=nnx.Rngs(params=seed))
 
 
+def supported_impls(overrides):
+    """The implementations whose table entry runs the default config with ``overrides``."""
+    cfg = {**dsa.default_config(), **overrides}
+    return [name for name, entry in dsa.METHOD.impls.items()
+            if all(r.accepts(cfg[f]) for f, r in entry.settings.items())]
+
+
 def inputs(seed=0, lengths=(L - 7, 13), length=L):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(len(lengths), length, E)).astype(np.float32)
@@ -108,35 +115,7 @@ def test_projection_is_fixed_and_survives_state_round_trip():
     np.testing.assert_array_equal(np.asarray(call(other, x, mask).y), np.asarray(y0))
 
 
-# -- quantizers ---------------------------------------------------------------------------------
-X_HAND = np.array([-1.0, -0.4, 0.0, 0.2, 0.5, 1.0], np.float32)
-CODES_HAND = {  # round-half-to-even of x * (2^(b-1) - 1), max|x| = 1
-    2: [-1, 0, 0, 0, 0, 1],
-    4: [-7, -3, 0, 1, 4, 7],  # -2.8, 1.4, 3.5
-    8: [-127, -51, 0, 25, 64, 127],  # -50.8, 25.4, 63.5
-}
-
-
-@pytest.mark.parametrize('bits', [2, 4, 8])
-def test_quantizer_exact_levels(bits):
-    codes, scale = dsa.quant_codes(jnp.asarray(X_HAND), bits, (0,))
-    qmax = 2 ** (bits - 1) - 1
-    np.testing.assert_array_equal(np.asarray(codes), CODES_HAND[bits])
-    np.testing.assert_allclose(float(scale[0]), 1.0 / qmax, rtol=1e-7)
-    fq = np.asarray(dsa.fake_quant(jnp.asarray(X_HAND * 3.0), bits, (0,)))
-    np.testing.assert_allclose(fq, np.asarray(CODES_HAND[bits]) * 3.0 / qmax, rtol=1e-6)
-    assert len(np.unique(fq)) <= 2 * qmax + 1
-
-
-def test_quantizer_scales_ignore_invalid_entries_and_are_per_group():
-    x = jnp.asarray([[0.5, -0.25, 100.0], [2.0, 1.0, -4.0]], jnp.float32)
-    valid = jnp.asarray([[True, True, False], [True, True, True]])
-    codes, scale = dsa.quant_codes(x, 4, (1,), valid)
-    np.testing.assert_allclose(np.asarray(scale)[:, 0], [0.5 / 7, 4.0 / 7], rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(codes)[0, :2], [7, -4])  # -3.5 -> -4 (half even)
-    np.testing.assert_array_equal(np.asarray(codes)[1], [4, 2, -7])  # 3.5 -> 4, 1.75 -> 2
-
-
+# -- quantizers (the shared quantizer itself: tests/test_attention_quant.py) -----------------------
 @pytest.mark.parametrize('precision', ['int2', 'int4', 'int8', 'bf16'])
 def test_straight_through_gradient_is_identity(precision):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 7)).astype(np.float32))
@@ -275,10 +254,25 @@ def test_block_layer_equals_masked_attention_on_its_mask():
     q, k, v = (np.asarray(t) for t in layer.project_qkv(x))
     want = np.asarray(layer.project_out(jnp.asarray(np_attention(q, k, v, kept))))
     want = np.where(np.asarray(mask)[..., None], want, 0.0)
-    for impl in ('reference', 'xla'):
-        lay = build(impl, granularity='block', block_q=8, block_k=4, sparsity=0.7,
-                    precision='fp32')
+    settings = dict(granularity='block', block_q=8, block_k=4, sparsity=0.7, precision='fp32')
+    for impl in supported_impls(settings):  # the reference (xla has no block path)
+        lay = build(impl, **settings)
         np.testing.assert_allclose(call(lay, x, mask).y, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize('overrides,field', [
+    ({'granularity': 'block'}, 'granularity'), ({'selection': 'threshold'}, 'selection')])
+def test_xla_refuses_settings_it_does_not_run(overrides, field):
+    config = tiny_config('listops', 'attention=dsa,impl=xla',
+                         **{f'attention.{k}': v for k, v in overrides.items()})
+    value = overrides[field]
+    pattern = (rf"config\.attention\.{field}='{value}' is not allowed with "
+               rf"attention\.impl='xla': dsa xla supports {field} .*impl reference")
+    with pytest.raises(base.ConfigError, match=pattern) as err:
+        config_lib.validate(config)
+    assert '\n' not in str(err.value)
+    with pytest.raises(base.ConfigError, match=pattern):
+        build('xla', **overrides)
 
 
 # -- xla == reference ---------------------------------------------------------------------------
@@ -423,11 +417,15 @@ def test_oracle_equals_numpy_topk_attention(impl):
     np.testing.assert_array_equal(np.asarray(maps['oracle']), keep)
 
 
-@pytest.mark.parametrize('overrides', [
+PADDING_CASES = [
     {}, {'granularity': 'vector', 'vector_size': 8}, {'granularity': 'block'},
     {'selection': 'threshold', 'threshold': 0.5}, {'precision': 'random'},
-    {'precision': 'oracle'}], ids=str)
-@pytest.mark.parametrize('impl', ['reference', 'xla'])
+    {'precision': 'oracle'}]
+
+
+@pytest.mark.parametrize('impl,overrides', [
+    (impl, o) for impl in ('reference', 'xla') for o in PADDING_CASES
+    if impl in supported_impls(o)], ids=str)
 def test_padded_rows_and_fully_padded_examples_are_zero(impl, overrides):
     layer = build(impl, **overrides)
     x, mask = inputs(13, lengths=(L - 9, 0))

@@ -68,6 +68,14 @@ def test_cls_mask_copies_position_zero_and_dropout_is_keyed():
     config = tiny_config('listops', **{'max_length': info.seq_len})
     model = transformer.build_model(config, info)
     batch = make_batch(info, np.random.default_rng(2))
+    tokens = batch['inputs'].copy()
+    tokens[1, 0] = 0  # position 0 is padding here (e.g. a first pixel of value 0)
+    _, mask, _ = model.encoder(jnp.asarray(tokens))
+    mask = np.asarray(mask)
+    assert mask.shape == (3, info.seq_len + 1)
+    np.testing.assert_array_equal(mask[:, 0], tokens[:, 0] > 0)  # the CLS token copies it
+    np.testing.assert_array_equal(mask[:, 1:], tokens > 0)
+    assert mask[0, 0] and not mask[1, 0]
     a, _ = model(batch, deterministic=False, rng=jax.random.key(0))
     b, _ = model(batch, deterministic=False, rng=jax.random.key(0))
     c, _ = model(batch, deterministic=False, rng=jax.random.key(1))

@@ -343,8 +343,52 @@ def test_bad_input_raises_value_error_before_launch(name, call, match):
         call()
 
 
-def test_interpret_mode_is_automatic_on_cpu():
-    assert _common.default_interpret() == (jax.default_backend() == 'cpu')
+class _CompiledLaunch(Exception):
+    """Raised by the spy instead of lowering a compiled kernel (no GPU needed)."""
+
+
+def _kernel_launch(monkeypatch, backend, interpret):
+    """Runs the N:M kernel while JAX reports ``backend``; records each launch's interpret flag.
+
+    Returns:
+      (flags: the ``interpret`` of every ``pallas_call`` of the trace, out or None when a
+      compiled launch was stopped, the reference output).
+    """
+    flags = []
+    pallas_call = _common.pl.pallas_call
+
+    def spy(*args, **kwargs):
+        flags.append(bool(kwargs['interpret']))
+        if not kwargs['interpret']:
+            raise _CompiledLaunch
+        return pallas_call(*args, **kwargs)
+
+    monkeypatch.setattr(_common.pl, 'pallas_call', spy)
+    monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+    jax.clear_caches()  # trace anew, so every launch goes through the spy
+    rng = np.random.default_rng(21)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 64, 3, 8)), jnp.float32) for _ in range(3))
+    sizes = nm.BlockSizes(16, 64)
+    want = nm.nm_sparse_attention_reference(q, k, v, n=1, m=2, block_sizes=sizes)
+    try:
+        out = nm.nm_sparse_attention(q, k, v, n=1, m=2, block_sizes=sizes, interpret=interpret)
+    except _CompiledLaunch:
+        out = None
+    return flags, out, want
+
+
+def test_interpret_mode_is_automatic_on_cpu(monkeypatch):
+    flags, out, want = _kernel_launch(monkeypatch, 'cpu', interpret=None)
+    assert flags and all(flags), 'a kernel launched without interpret mode on CPU'
+    np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
+
+
+def test_compiled_launch_on_gpu_unless_interpret_is_asked(monkeypatch):
+    flags, out, _ = _kernel_launch(monkeypatch, 'gpu', interpret=None)
+    assert flags == [False] and out is None  # stopped at the first (compiled) launch
+    flags, out, want = _kernel_launch(monkeypatch, 'gpu', interpret=True)
+    assert flags and all(flags)
+    np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
 
 
 # -- wiring into the attention methods -----------------------------------------------------------
@@ -414,8 +458,8 @@ def test_dfss_pallas_equals_reference(pattern):
 
 
 @pytest.mark.parametrize('overrides,field', [
-    ({'attention': 'dsa', 'attention.granularity': 'element'}, 'attention.impl'),
-    ({'attention': 'dsa', 'attention.granularity': 'vector'}, 'attention.impl'),
+    ({'attention': 'dsa', 'attention.granularity': 'element'}, 'attention.granularity'),
+    ({'attention': 'dsa', 'attention.granularity': 'vector'}, 'attention.granularity'),
     ({'attention': 'dsa', 'attention.granularity': 'block', 'attention.block_q': 24},
      'attention.block_q'),
     ({'attention': 'dsa', 'attention.granularity': 'block', 'attention.block_k': 8},

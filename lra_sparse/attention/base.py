@@ -19,14 +19,22 @@ The carry is how a method acts across layers (SpAtten's cascade pruning): ``carr
 None) lists, per example, the indices of the current tokens that survive this block; the encoder
 gathers the hidden states and the padding mask with it after the block. Methods that ignore the
 carry return it unchanged.
+
+How a method runs (``config.attention.impl``: reference | xla | pallas) is an entry of the table
+its layer class declares (:class:`Implementation`: the function that runs it, the attention
+settings it supports, whether it has attention dropout); :func:`check_implementation` refuses any
+other (implementation, setting) pair before compute, so nothing silently runs another path. The
+cost model counts multiply-accumulates with one formula, :func:`layer_macs`, of which each method
+states only its deltas from dense attention.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -192,6 +200,99 @@ def pair_sparsity(keep: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.where(total > 0, 1.0 - kept / jnp.maximum(total, 1), 0.0).astype(jnp.float32)
 
 
+# -- implementations (``config.attention.impl``) -------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Restriction:
+    """The values of one ``config.attention`` field that an implementation supports.
+
+    Attributes:
+      accepts: value -> True when this implementation runs it.
+      description: the supported values in words, for error messages (e.g. ``'element, vector'``).
+    """
+
+    accepts: Callable[[Any], bool]
+    description: str
+
+
+def one_of(*values: Any) -> Restriction:
+    """A :class:`Restriction` to the listed values."""
+    return Restriction(lambda value: value in values, ', '.join(map(str, values)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One way to run a method: an entry of its table of implementations.
+
+    Attributes:
+      name: the ``config.attention.impl`` value: 'reference' | 'xla' | 'pallas'.
+      run: the layer function that computes it, called as ``run(layer, ...)`` with the method's
+        own arguments (each method documents them on its functions).
+      settings: {attention field: :class:`Restriction`} for the fields whose values this
+        implementation restricts; every other field takes every value its method allows.
+      attention_dropout: whether it applies attention dropout while training. Without it a rate
+        above 0 is refused unless ``apply='eval_only'`` (training then runs dense attention).
+      kernel: whether it runs a Pallas kernel (interpret mode on CPU).
+    """
+
+    name: str
+    run: Callable[..., Any]
+    settings: Mapping[str, Restriction] = dataclasses.field(default_factory=dict)
+    attention_dropout: bool = True
+    kernel: bool = False
+
+    def used(self) -> str:
+        """What runs on this backend: the name, plus ' (interpret)' for a kernel on CPU."""
+        if not self.kernel:
+            return self.name
+        from pallas_kernels import _common  # jax-only, imported when used
+
+        return f'{self.name} (interpret)' if _common.default_interpret() else self.name
+
+
+def implementations(*entries: Implementation) -> Mapping[str, Implementation]:
+    """A method's table of implementations: read-only {name: entry}, iterating over the names."""
+    return types.MappingProxyType({entry.name: entry for entry in entries})
+
+
+def check_implementation(method: str, table: Mapping[str, Implementation], cfg,
+                         attention_dropout_rate: float) -> None:
+    """Refuses an (implementation, setting) pair the table does not support, in one line.
+
+    Args:
+      method: the method's registry name (for the message).
+      table: the method's implementations.
+      cfg: ``config.attention``.
+      attention_dropout_rate: ``config.model.attention_dropout_rate``.
+
+    Raises:
+      ConfigError: naming the field, its value, the implementation, the values it supports
+        and the implementations that run the whole ``cfg`` as it is.
+    """
+    impl = cfg.impl
+    check(impl in table, 'attention.impl', impl, f'{method} supports {", ".join(table)}')
+    entry = table[impl]
+    for field, restriction in entry.settings.items():
+        value = cfg[field]
+        if not restriction.accepts(value):
+            others = [name for name, other in table.items() if name != impl and all(
+                r.accepts(cfg[f]) for f, r in other.settings.items())]
+            alternative = (f'impl {" or ".join(others)} supports {field}={value!r}' if others
+                           else f'no implementation supports {field}={value!r}')
+            raise ConfigError(
+                f'config.attention.{field}={value!r} is not allowed with attention.impl='
+                f'{impl!r}: {method} {impl} supports {field} {restriction.description}; '
+                f'{alternative}.')
+    if (not entry.attention_dropout and attention_dropout_rate > 0
+            and cfg.get('apply', 'train_and_eval') != 'eval_only'):
+        others = [name for name, other in table.items() if other.attention_dropout]
+        raise ConfigError(
+            f'config.model.attention_dropout_rate={attention_dropout_rate!r} is not allowed with '
+            f'attention.impl={impl!r}: {method} {impl} has no attention dropout; use '
+            + (f'attention.impl={" or ".join(others)}, ' if others else '')
+            + 'model.attention_dropout_rate=0 or attention.apply=eval_only (training then runs '
+            'dense attention).')
+
+
 def _projection(in_dim: int, out_dim: int, rngs: nnx.Rngs, dtype: str) -> nnx.Linear:
     return nnx.Linear(
         in_dim,
@@ -206,11 +307,19 @@ def _projection(in_dim: int, out_dim: int, rngs: nnx.Rngs, dtype: str) -> nnx.Li
 class Attention(nnx.Module):
     """Base class: Q/K/V/O projections, dropout, the eval-only switch, the call contract.
 
-    Subclasses implement :meth:`attend` (the method proper). ``cfg`` is the ``config.attention``
-    ConfigDict (``name``, ``impl``, ``apply`` plus the method's own fields).
+    Subclasses implement :meth:`attend` (the method proper), set :attr:`implementations` (their
+    table, see :func:`implementations`) and dispatch through :attr:`implementation`; they check
+    their own fields in :meth:`check_config`. ``cfg`` is the ``config.attention`` ConfigDict
+    (``name``, ``impl``, ``apply`` plus the method's own fields). Building a layer checks the
+    fields and the (implementation, setting) pairs, as ``config_lib.validate`` does.
     """
 
+    implementations: ClassVar[Mapping[str, Implementation]] = implementations()
+
     def __init__(self, dims: AttentionDims, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        self.check_config(cfg, dims)
+        check_implementation(cfg.get('name', type(self).__name__), self.implementations, cfg,
+                             dims.attention_dropout_rate)
         self.dims = dims
         self.cfg = cfg
         e, d = dims.emb_dim, dims.qkv_dim
@@ -219,6 +328,15 @@ class Attention(nnx.Module):
         self.value = _projection(e, d, rngs, dims.dtype)
         self.out = _projection(d, e, rngs, dims.dtype)
         self.dropout = nnx.Dropout(dims.attention_dropout_rate, broadcast_dims=())
+
+    def check_config(self, cfg: ml_collections.ConfigDict, dims: AttentionDims) -> None:
+        """Raises ConfigError for a bad method field (default: no fields to check)."""
+        del cfg, dims
+
+    @property
+    def implementation(self) -> Implementation:
+        """The table entry of ``cfg.impl``."""
+        return self.implementations[self.cfg.impl]
 
     # -- helpers shared by methods -------------------------------------------------------------
     def split_heads(self, x: jax.Array) -> jax.Array:
@@ -330,25 +448,60 @@ class Attention(nnx.Module):
 
 
 # -- cost model (describe mode) ----------------------------------------------------------------
-def dense_layer_macs(dims: AttentionDims, seq_len: int, mlp_dim: int) -> dict[str, float]:
-    """Multiply-accumulates of one dense encoder layer for one example.
+@dataclasses.dataclass(frozen=True)
+class LayerWork:
+    """What one encoder layer computes for one example: the inputs of the one MAC formula.
+
+    Attributes:
+      tokens: tokens entering the layer (all go through the feed-forward).
+      qkv_width: Q/K/V width computed (num_heads * head_dim; less when heads are pruned).
+      query_rows: rows projected to queries.
+      kv_rows: rows projected to keys and (again) to values.
+      out_rows: rows through the output projection.
+      score_pairs: query-key pairs whose score is computed (QKᵀ).
+      value_pairs: query-key pairs in the AV product.
+    """
+
+    tokens: int
+    qkv_width: int
+    query_rows: int
+    kv_rows: int
+    out_rows: int
+    score_pairs: int
+    value_pairs: int
+
+
+def layer_macs(dims: AttentionDims, seq_len: int, mlp_dim: int, **work: int) -> dict[str, float]:
+    """Multiply-accumulates of one encoder layer for one example, the one formula of every method.
 
     Args:
       dims: the layer's dims.
       seq_len: tokens entering the layer (CLS included).
       mlp_dim: feed-forward width.
+      **work: fields of :class:`LayerWork` that differ from dense attention over ``seq_len``
+        tokens (every row projected, ``seq_len²`` score and AV pairs, the full width); a method
+        states only its deltas.
 
     Returns:
-      {'qkv_proj', 'out_proj', 'scores', 'attention_values', 'ffn'} MAC counts.
+      {'qkv_proj', 'out_proj', 'scores', 'attention_values', 'ffn'} MAC counts (floats).
     """
-    n, e, d = seq_len, dims.emb_dim, dims.qkv_dim
+    n = seq_len
+    w = dataclasses.replace(
+        LayerWork(tokens=n, qkv_width=dims.qkv_dim, query_rows=n, kv_rows=n, out_rows=n,
+                  score_pairs=n * n, value_pairs=n * n), **work)
+    e, d = dims.emb_dim, w.qkv_width
     return {
-        'qkv_proj': 3.0 * n * e * d,
-        'out_proj': 1.0 * n * d * e,
-        'scores': 1.0 * n * n * d,
-        'attention_values': 1.0 * n * n * d,
-        'ffn': 2.0 * n * e * mlp_dim,
+        'qkv_proj': float((w.query_rows + 2 * w.kv_rows) * e * d),
+        'out_proj': float(w.out_rows * d * e),
+        'scores': float(w.score_pairs * d),
+        'attention_values': float(w.value_pairs * d),
+        'ffn': float(2 * w.tokens * e * mlp_dim),
     }
+
+
+def dense_layer_macs(dims: AttentionDims, seq_len: int, mlp_dim: int) -> dict[str, float]:
+    """MACs of one dense encoder layer for one example (:func:`layer_macs` with no deltas)."""
+    return layer_macs(dims, seq_len, mlp_dim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,10 +512,10 @@ class AttentionMethod:
       name: registry key (``config.attention.name``).
       module: the Attention subclass.
       default_config: returns the method's own config fields (each commented where defined).
-      validate: raises ``ConfigError`` for a bad ``config`` (full config) before any compute.
+      check: raises ``ConfigError`` for a bad method field of ``config`` (the full config);
+        :meth:`validate` runs it and then the implementation checks.
       layer_macs: (dims, cfg, seq_len, mlp_dim) -> (MACs dict for one example, tokens leaving the
         layer). Defaults to the dense count.
-      impls: implementations this method supports (``config.attention.impl``).
       description: one line for --help and docs.
       dense_equivalent: overrides of the method's fields under which it must equal dense attention
         exactly (e.g. sparsity 0); the conformance suite checks it. None if no such setting.
@@ -373,12 +526,22 @@ class AttentionMethod:
     name: str
     module: type[Attention]
     default_config: Callable[[], ml_collections.ConfigDict]
-    validate: Callable[[ml_collections.ConfigDict], None] = lambda config: None
+    check: Callable[[ml_collections.ConfigDict], None] = lambda config: None
     layer_macs: Callable[..., tuple[dict[str, float], int]] | None = None
-    impls: tuple[str, ...] = ('reference', 'xla')
     description: str = ''
     dense_equivalent: Mapping[str, Any] | None = None
     sweeps: Mapping[str, tuple[Mapping[str, Any], ...]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def impls(self) -> Mapping[str, Implementation]:
+        """The table of implementations (``config.attention.impl`` -> entry); iterates names."""
+        return self.module.implementations
+
+    def validate(self, config: ml_collections.ConfigDict) -> None:
+        """Raises ``ConfigError`` for a bad method field or an unsupported (impl, setting) pair."""
+        self.check(config)
+        check_implementation(self.name, self.impls, config.attention,
+                             config.model.attention_dropout_rate)
 
     def macs(self, dims: AttentionDims, cfg: ml_collections.ConfigDict, seq_len: int,
              mlp_dim: int) -> tuple[dict[str, float], int]:
@@ -394,14 +557,6 @@ def pad_sequence(x: jax.Array, length: int) -> jax.Array:
     Pad the token mask the same way, so the padded positions are invalid.
     """
     return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-
-
-def check_kernel_dropout(cfg, attention_dropout_rate: float) -> None:
-    """impl='pallas' kernels have no attention dropout: a rate > 0 needs apply='eval_only'."""
-    if (cfg.get('impl') == 'pallas' and attention_dropout_rate > 0
-            and cfg.get('apply', 'train_and_eval') != 'eval_only'):
-        raise config_error('model.attention_dropout_rate', attention_dropout_rate,
-                           "0 with attention.impl='pallas' (the kernel has no dropout)")
 
 
 def check_field(ok: bool, field: str, value: Any, allowed: str) -> None:

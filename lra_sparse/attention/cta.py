@@ -1,69 +1,39 @@
 """CTA: compressed token attention (LSH clustering, attention among centroids, aggregation).
 
-CTA (Wang, Xu, Wang, Han, HPCA 2023, Section III) as an attention method of the one LRA encoder.
-Tokens that encode similar features are clustered and attention is computed among the cluster
-centroids only; every token's output is recovered by probability aggregation.
+CTA (Wang, Xu, Wang, Han, "CTA: Hardware-Software Co-design for Compressed Token Attention
+Mechanism", HPCA 2023, Section III) clusters tokens that encode similar features, computes
+attention among the cluster centroids only and recovers every token's output by probability
+aggregation. For the layer-normalised block input X [batch, n, emb] (before the Q/K/V
+projections) and its mask [batch, n], one layer:
 
-What one layer does (``n`` = padded length, ``X`` = the layer-normalised block input, before the
-Q/K/V projections):
+1. hashes X with three E2LSH families (eq. 1), ``floor((A x + b) / w)`` with ``A`` [l, emb] ~
+   N(0, I), ``b`` ~ U(0, w) (Buffers ``lsh_a`` [3, l, emb], ``lsh_b`` [3, l]): LSH_0 for queries
+   (``query_bucket_width``), LSH_1 for keys/values (``key_bucket_width``), LSH_2 for the residuals
+   ``X - C1[CT1]`` (``residual_bucket_width``);
+2. clusters tokens with equal codes (padding in none); centroids are the members' means;
+   ``X ~ C0[CT0]`` for queries, ``X ~ C1[CT1] + C2[CT2]`` for keys/values (eq. 2);
+3. computes, per head, scores among centroids [k0, k1 + k2], aggregates the token probabilities
+   onto both centroids of each key token (Fig. 6) and gives each query token its cluster's output
+   (eqs. 3-8): exact softmax attention of the approximated tokens.
 
-1. **E2LSH hashing** (eq. 1): ``h(x) = floor((A x + b) / w)`` with ``A`` [l, emb] ~ N(0, I) and
-   ``b`` [l] ~ U(0, w). Three independent families with their own widths: LSH_0 (queries,
-   ``query_bucket_width``), LSH_1 (keys/values, ``key_bucket_width``) and LSH_2 (residuals,
-   ``residual_bucket_width``). ``A`` and ``b`` are drawn once at init and stored as
-   :class:`base.Buffer` (``lsh_a`` [3, l, emb], ``lsh_b`` [3, l]), so checkpoints reproduce them.
-2. **Clusters** = tokens with equal codes (the paper's cluster tree); padding belongs to no
-   cluster. Centroid = mean of its members (Fig. 4 b).
-3. **Two-level key/value compression** (eq. 2): ``X ~ C0[CT0]`` for queries, and
-   ``X ~ C1[CT1] + C2[CT2]`` for keys/values, where C2 clusters the residuals ``X - C1[CT1]``.
-4. **Attention among compressed tokens** (eqs. 3-8), per head: ``Qb = C0 W_Q``,
-   ``Kb = [C1; C2] W_K``, ``Vb = [C1; C2] W_V``, ``Sb = Qb Kb^T / sqrt(d)``. For every query
-   cluster i and valid key token j, ``p_ij = exp(Sb[i, CT1[j]] + Sb[i, k1 + CT2[j]] - m_i)``
-   (``m_i`` = the row max over valid j: the usual max-subtraction) is added to both AP[i, CT1[j]]
-   and AP[i, k1 + CT2[j]] (Fig. 6); ``Ob = AP Vb / (sum(AP) / 2)`` and each query token gets its
-   cluster's row. This equals exact softmax attention of the approximated tokens of eq. (2).
+Static shapes: each family has at most ``ceil(capacity * n)`` clusters (``query_capacity``,
+``key_capacity``, ``residual_capacity``); the tokens of clusters beyond it (smallest first) join
+the nearest kept centroid in the family's LSH projection space and are counted in ``overflow``.
 
-Static shapes (the paper's cluster counts are data dependent). Each family has a static
-**capacity** ``cap = ceil(fraction * n)`` clusters per sequence (``query_capacity``,
-``key_capacity``, ``residual_capacity``; always in [1, n]). If a sequence has more distinct codes
-than the capacity (the overflow rule):
+Implementations: ``xla`` is the compressed computation (sort-based cluster ids, ``segment_sum``
+centroids, attention among centroids, output projection on the k0 query centroids, gather back
+to tokens); ``reference`` is the dense twin (pairwise code equality, one-hot assignment matrices,
+full softmax attention of the approximated tokens). They agree to float tolerance without
+attention dropout (which each applies at its own level of probabilities). Hashing and clustering
+see ``stop_gradient(X)``; gradients flow through the centroids.
 
-* clusters are ranked by size (valid members, descending), ties by first occurrence (lowest token
-  index); the first ``cap`` are kept and get slots 0..cap-1 in that order;
-* every token of a dropped cluster is merged into the kept cluster whose centroid is nearest in
-  the family's l-dimensional LSH projection space ``(A x + b) / w`` (an l-dim random projection of
-  the L2 distance, cheap: n * cap * l MACs); ties go to the lower slot (the larger cluster);
-* centroids are then the means of all members, merged ones included;
-* ``overflow`` counts the merged tokens (per example, summed over the three families).
+Statistics (pooled over the batch, n = valid tokens, k = non-empty clusters): ``ra`` =
+k0 (k1 + k2) / n² (score and AV MACs kept), ``rl`` = (k0 + 2 k1 + 2 k2) / 3n (linear MACs kept),
+``sparsity`` = 1 - ra clipped to [0, 1], means per example of ``k0``, ``k1``, ``k2``,
+``overflow``, and with ``diagnostics`` ``rel_error`` against exact attention.
 
-With ``capacity = 1.0`` no overflow can happen and the merge is skipped at trace time.
-
-Implementations: ``impl='xla'`` is the compressed computation of the paper: sort-based cluster
-ids, ``segment_sum`` centroids, scores among centroids only [k0, k1 + k2] per head, the k0 x n
-probability aggregation by gather + ``segment_sum``, the output projection on the k0 query
-centroids, and a gather back to tokens. ``impl='reference'`` is the obviously-correct dense twin:
-cluster ids from a dense pairwise code-equality matrix, centroids and approximated tokens by
-explicit one-hot assignment matrices, then :func:`base.masked_attention`-style full softmax
-attention of the approximated tokens. Both agree to float tolerance (tested). The Pallas kernel
-(a later issue) plugs in at :func:`compressed_attention` (scores, aggregation and AV among the
-centroids); hashing and clustering stay in XLA.
-
-Interpretations (the paper leaves these open):
-
-* Hashing and clustering see ``stop_gradient(X)``: codes are piecewise constant, so no gradient
-  is lost; gradients flow through the centroids into X and into the projections.
-* Each family has its own bucket width (the paper names one w); residuals are smaller than
-  tokens, so LSH_2 usually wants a smaller width. The sweep scales the three together.
-* Attention dropout (training) is applied to the normalised per-(query cluster, key token)
-  probabilities p_ij / sum_j p_ij (xla) or to the per-token probabilities (reference), so the two
-  implementations agree exactly only without dropout.
-* ``rl`` = (k0 + 2 k1 + 2 k2) / 3n (linear MACs kept, eq. 3, Section III-D); ``ra`` =
-  k0 (k1 + k2) / n^2 (score and AV MACs kept, eqs. 5 and 8); both pooled over the batch with n
-  = valid tokens of each example and k = realised (non-empty) clusters. ``sparsity`` = 1 - ra,
-  clipped at 0 (poor compression can make CTA do more attention work than dense: k2 adds to k1).
-  Hashing, aggregation and the overflow merge are overheads not in RL/RA (as in the paper); the
-  cost model :func:`layer_macs` does count hashing and merging.
-* ``k0``, ``k1``, ``k2`` and ``overflow`` are means over the examples that have a valid token.
+The overflow rule in full, the bucket widths, and how the paper's open points are resolved:
+``docs/methods/cta.md``.
 """
 
 from __future__ import annotations
@@ -383,8 +353,8 @@ def compressed_attention(q_bar: jax.Array, k_bar: jax.Array, v_bar: jax.Array, c
                          drop=None) -> jax.Array:
     """Eqs. 5-8 per head: scores among centroids, AP aggregation, Ob = AP Vb / (sum AP / 2).
 
-    This is where the Pallas kernel (later issue) plugs in: it takes the centroid projections
-    and the cluster tables and returns Ob; everything before (hashing, clustering) stays in XLA.
+    Everything before it (hashing, clustering) is selection work; this is the compute a kernel
+    would replace, given the centroid projections and the cluster tables.
 
     Args:
       q_bar: [batch, k0, heads, head_dim] compressed queries.
@@ -419,19 +389,17 @@ def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
     per family whose capacity is below n. Probability aggregation (k0 n exps and additions per
     head) and centroid sums are additions, not MACs.
     """
-    n, e, d = seq_len, dims.emb_dim, dims.qkv_dim
+    n = seq_len
     k0, k1, k2 = capacities(cfg, n)
     hash_len = int(cfg.hash_length)
-    macs = {
-        'lsh_hash': 3.0 * hash_len * n * e,
+    overheads = {
+        'lsh_hash': 3.0 * hash_len * n * dims.emb_dim,
         'overflow_merge': float(sum(n * k * hash_len for k in (k0, k1, k2) if k < n)),
-        'qkv_proj': (k0 + 2.0 * (k1 + k2)) * e * d,
-        'out_proj': 1.0 * k0 * d * e,
-        'scores': 1.0 * k0 * (k1 + k2) * d,
-        'attention_values': 1.0 * k0 * (k1 + k2) * d,
-        'ffn': 2.0 * n * e * mlp_dim,
     }
-    return macs, n
+    pairs = k0 * (k1 + k2)
+    return {**overheads, **base.layer_macs(dims, n, mlp_dim, query_rows=k0, kv_rows=k1 + k2,
+                                           out_rows=k0, score_pairs=pairs,
+                                           value_pairs=pairs)}, n
 
 
 # -- the layer ----------------------------------------------------------------------------------
@@ -444,7 +412,6 @@ class CTAAttention(base.Attention):
 
     def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
         super().__init__(dims, cfg, rngs=rngs)
-        check_fields(cfg)
         hash_len = int(cfg.hash_length)
         key_a, key_b = jax.random.split(rngs.params())
         self.lsh_a = base.Buffer(
@@ -453,23 +420,26 @@ class CTAAttention(base.Attention):
         self.lsh_b = base.Buffer(
             jax.random.uniform(key_b, (NUM_FAMILIES, hash_len), jnp.float32) * w[:, None])
 
-    def clusters(self, x: jax.Array, mask: jax.Array) -> tuple[dict, dict, dict]:
-        """The three families' :func:`cluster_tokens` results for x [batch, n, emb]."""
+    def check_config(self, cfg, dims):
+        """Raises ConfigError for a bad CTA field."""
+        check_fields(cfg)
+
+    def clusters(self, x: jax.Array, mask: jax.Array,
+                 reference: bool) -> tuple[dict, dict, dict]:
+        """The three families' :func:`cluster_tokens` results for x [batch, n, emb].
+
+        ``reference``: dense pairwise / one-hot clustering instead of sort / ``segment_sum``.
+        """
         return compress(x, mask, self.lsh_a[...], self.lsh_b[...], widths(self.cfg),
-                        capacities(self.cfg, x.shape[1]),
-                        reference=self.cfg.impl == 'reference')
+                        capacities(self.cfg, x.shape[1]), reference=reference)
 
     def attend(self, x, mask, carry, *, deterministic, rng):
         """CTA layer; see ``base.Attention.__call__`` and the module docstring."""
-        fam0, fam1, fam2 = self.clusters(x, mask)
         drop = None
         if not deterministic and self.dims.attention_dropout_rate > 0.0:
             def drop(p):
                 return self.drop_probs(p, deterministic, rng)
-        if self.cfg.impl == 'reference':
-            y = self._reference(mask, fam0, fam1, fam2, drop)
-        else:
-            y = self._compressed(mask, fam0, fam1, fam2, drop)
+        y, (fam0, fam1, fam2) = self.implementation.run(self, x, mask, drop)
         stats = self._stats(mask, fam0, fam1, fam2)
         if self.cfg.diagnostics:
             y_dense = self.dense(x, mask, True, None)[0].astype(jnp.float32)
@@ -483,8 +453,16 @@ class CTAAttention(base.Attention):
     def _cast(self, c: jax.Array) -> jax.Array:
         return c.astype(jnp.dtype(self.dims.dtype))
 
-    def _compressed(self, mask, fam0, fam1, fam2, drop) -> jax.Array:
-        """The xla path: projections, scores and AV among centroids only."""
+    def _compressed(self, x, mask, drop) -> tuple[jax.Array, tuple[dict, dict, dict]]:
+        """The xla path: sort-based clusters; projections, scores and AV among centroids only.
+
+        Args:
+          x: [batch, n, emb]; mask: bool [batch, n]; drop: None or the dropout function.
+
+        Returns:
+          (y [batch, n, emb], the three families of :meth:`clusters`).
+        """
+        fam0, fam1, fam2 = fams = self.clusters(x, mask, reference=False)
         cap0, cap1 = fam0['centroids'].shape[1], fam1['centroids'].shape[1]
         q_bar = self.split_heads(self.query(self._cast(fam0['centroids'])))
         cat = self._cast(jnp.concatenate([fam1['centroids'], fam2['centroids']], axis=1))
@@ -493,10 +471,16 @@ class CTAAttention(base.Attention):
                                      drop)
         y_bar = self.project_out(o_bar)  # [batch, k0, emb]: output projection on centroids
         y = jnp.take_along_axis(y_bar, jnp.clip(fam0['ids'], 0, cap0 - 1)[..., None], axis=1)
-        return jnp.where(mask[..., None], y, 0).astype(y_bar.dtype)
+        return jnp.where(mask[..., None], y, 0).astype(y_bar.dtype), fams
 
-    def _reference(self, mask, fam0, fam1, fam2, drop) -> jax.Array:
-        """The reference path: approximated tokens by one-hot matrices, full softmax attention."""
+    def _reference(self, x, mask, drop) -> tuple[jax.Array, tuple[dict, dict, dict]]:
+        """The reference path: dense clustering, full attention of the approximated tokens.
+
+        The approximated tokens come from explicit one-hot assignment matrices; same arguments
+        and result as :meth:`_compressed`.
+        """
+        fam0, fam1, fam2 = fams = self.clusters(x, mask, reference=True)
+
         def expand(fam):  # [batch, n, emb] = one_hot(ids) @ centroids
             cap = fam['centroids'].shape[1]
             return jnp.einsum('bnc,bce->bne', jax.nn.one_hot(fam['ids'], cap, dtype=jnp.float32),
@@ -510,7 +494,12 @@ class CTAAttention(base.Attention):
         probs = base.masked_softmax(base.attention_scores(q, k) * scale, base.pair_mask(mask, mask))
         if drop is not None:
             probs = drop(probs)
-        return self.project_out(base.weighted_values(probs, v))
+        return self.project_out(base.weighted_values(probs, v)), fams
+
+    implementations = base.implementations(
+        base.Implementation('reference', _reference),
+        base.Implementation('xla', _compressed),
+    )
 
     def _stats(self, mask, fam0, fam1, fam2) -> dict[str, jax.Array]:
         """Pooled-over-batch statistics (see the module docstring for the definitions)."""
@@ -538,7 +527,7 @@ class CTAAttention(base.Attention):
     def inspect_maps(self, x, mask, carry):
         """Cluster ids per token: int32 [batch, n] each, -1 on padding."""
         del carry
-        fams = self.clusters(x, mask)
+        _, fams = self.implementation.run(self, x, mask, None)
         names = ('query_clusters', 'key_clusters', 'residual_clusters')
         return {name: jnp.where(mask, f['ids'], -1) for name, f in zip(names, fams)}
 
@@ -551,9 +540,8 @@ METHOD = base.AttentionMethod(
     name='cta',
     module=CTAAttention,
     default_config=default_config,
-    validate=validate,
+    check=validate,
     layer_macs=layer_macs,
-    impls=('reference', 'xla'),
     description='LSH clustering of tokens, attention among centroids, probability aggregation '
                 '(CTA)',
     # Tiny widths and full capacity: every distinct token is its own cluster (residuals are then

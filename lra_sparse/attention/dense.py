@@ -1,4 +1,10 @@
-"""Dense softmax attention: the baseline and the oracle every sparse method is tested against."""
+"""Dense softmax attention: the baseline and the oracle every sparse method is tested against.
+
+Implementations: ``reference`` is the explicit einsum/softmax of :func:`base.masked_attention`
+(with attention dropout); ``xla`` calls ``jax.nn.dot_product_attention`` (cuDNN where XLA picks
+it), which has no attention dropout, so a rate above 0 is refused with it unless
+``apply='eval_only'``.
+"""
 
 from __future__ import annotations
 
@@ -15,26 +21,37 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 class DenseAttention(base.Attention):
-    """Full multi-head softmax attention with a padding mask on queries and keys.
+    """Full multi-head softmax attention with a padding mask on queries and keys."""
 
-    ``impl='reference'`` is the explicit einsum/softmax of :func:`base.masked_attention`;
-    ``impl='xla'`` calls ``jax.nn.dot_product_attention`` (cuDNN where XLA picks it) and is used
-    only without attention dropout (the fused call has no dropout), falling back to the reference
-    otherwise.
-    """
+    def _reference(self, x: jax.Array, mask: jax.Array, deterministic: bool,
+                   rng: jax.Array | None) -> jax.Array:
+        """Explicit scores, softmax, dropout and AV.
+
+        Args:
+          x: [batch, length, emb_dim]; mask: bool [batch, length].
+
+        Returns:
+          y [batch, length, emb_dim].
+        """
+        return self.dense(x, mask, deterministic, rng)[0]
+
+    def _fused(self, x: jax.Array, mask: jax.Array, deterministic: bool,
+               rng: jax.Array | None) -> jax.Array:
+        """``jax.nn.dot_product_attention`` (no dropout); same arguments and result."""
+        del deterministic, rng
+        q, k, v = self.project_qkv(x)
+        o = jax.nn.dot_product_attention(q, k, v, mask=base.pair_mask(mask, mask))
+        o = jnp.where(mask[:, :, None, None], o, 0).astype(v.dtype)
+        return self.project_out(o)
+
+    implementations = base.implementations(
+        base.Implementation('reference', _reference),
+        base.Implementation('xla', _fused, attention_dropout=False),
+    )
 
     def attend(self, x, mask, carry, *, deterministic, rng):
         """Full attention; see ``base.Attention.__call__``."""
-        use_fused = self.cfg.impl == 'xla' and (
-            deterministic or self.dims.attention_dropout_rate == 0.0)
-        if use_fused:
-            q, k, v = self.project_qkv(x)
-            valid = base.pair_mask(mask, mask)
-            o = jax.nn.dot_product_attention(q, k, v, mask=valid)
-            o = jnp.where(mask[:, :, None, None], o, 0).astype(v.dtype)
-            y = self.project_out(o)
-        else:
-            y, _, _ = self.dense(x, mask, deterministic, rng)
+        y = self.implementation.run(self, x, mask, deterministic, rng)
         return base.AttentionOutput(y, carry, {'sparsity': jnp.zeros((), jnp.float32)}, {})
 
 
@@ -42,7 +59,6 @@ METHOD = base.AttentionMethod(
     name='dense',
     module=DenseAttention,
     default_config=default_config,
-    impls=('reference', 'xla'),
     description='full softmax attention (baseline and test oracle)',
     dense_equivalent={},
 )

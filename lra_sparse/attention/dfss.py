@@ -43,7 +43,7 @@ Implementations:
 * ``pallas``: the fused kernel (``pallas_kernels.nm_sparse``) selects N:M inside every score
   tile and never writes the dense score matrix; the statistics come from its per-row log-sum-exps
   and the padding mask (``DFSSAttention._pallas_attention``). The sequence is padded to the
-  kernel tiles. Interpret mode on CPU. No attention dropout (rejected unless
+  kernel tiles. Interpret mode on CPU. No attention dropout (refused by validation unless
   ``apply='eval_only'``).
 
 Statistics: ``sparsity`` = fraction of valid query-key pairs not attended (exactly ``1 - N/M``
@@ -84,7 +84,6 @@ def parse_pattern(pattern) -> tuple[int, int]:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for a bad DFSS field (before any compute)."""
     parse_pattern(config.attention.pattern)
-    base.check_kernel_dropout(config.attention, config.model.attention_dropout_rate)
 
 
 def padded_length(length: int, m: int) -> int:
@@ -282,10 +281,8 @@ def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
     ``ceil(seq_len / M) · N`` entries per row; every token leaves the layer.
     """
     n, m = parse_pattern(cfg.pattern)
-    macs = base.dense_layer_macs(dims, seq_len, mlp_dim)
-    macs['attention_values'] = float(seq_len * (padded_length(seq_len, m) * n // m)
-                                     * dims.qkv_dim)
-    return macs, seq_len
+    kept = padded_length(seq_len, m) * n // m  # per row
+    return base.layer_macs(dims, seq_len, mlp_dim, value_pairs=seq_len * kept), seq_len
 
 
 # -- the layer ----------------------------------------------------------------------------------
@@ -298,30 +295,32 @@ def _mean_over_rows(per_row: jax.Array, rows: jax.Array) -> jax.Array:
 class DFSSAttention(base.Attention):
     """N:M structured sparse attention; see the module docstring.
 
-    ``impl='reference'``: dense scores + :func:`nm_keep` + :func:`base.masked_attention`.
-    ``impl='xla'``: :func:`sddmm_nm` -> :func:`softmax_nm` -> :func:`spmm_nm` (attention dropout
-    acts on the compressed probabilities, as in the released code).
-    ``impl='pallas'``: the fused N:M kernel of ``pallas_kernels.nm_sparse``.
+    Every implementation is called as ``run(layer, q, k, v, mask, deterministic, rng)`` with q, k,
+    v [batch, L, heads, head_dim] and mask bool [batch, L], and returns (o [batch, L, heads,
+    head_dim], stats {'sparsity', 'kept_mass'}):
+    ``reference``: dense scores + :func:`nm_keep` + :func:`base.masked_attention`;
+    ``xla``: :func:`sddmm_nm` -> :func:`softmax_nm` -> :func:`spmm_nm` (attention dropout acts on
+    the compressed probabilities, as in the released code);
+    ``pallas``: the fused N:M kernel of ``pallas_kernels.nm_sparse`` (no attention dropout).
     """
 
     def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
         super().__init__(dims, cfg, rngs=rngs)
         self.n, self.m = parse_pattern(cfg.pattern)
-        base.check_kernel_dropout(cfg, dims.attention_dropout_rate)
+
+    def check_config(self, cfg, dims):
+        """Raises ConfigError for a bad ``pattern``."""
+        parse_pattern(cfg.pattern)
 
     def attend(self, x, mask, carry, *, deterministic, rng):
         """DFSS layer; see ``base.Attention.__call__``."""
         q, k, v = self.project_qkv(x)
-        valid = base.pair_mask(mask, mask)  # [B, 1, L, L]
-        if self.cfg.impl == 'reference':
-            o, stats = self._reference(q, k, v, valid, deterministic, rng)
-        elif self.cfg.impl == 'pallas':
-            o, stats = self._pallas_attention(q, k, v, mask)
-        else:
-            o, stats = self._compressed_attention(q, k, v, valid, deterministic, rng)
+        o, stats = self.implementation.run(self, q, k, v, mask, deterministic, rng)
         return base.AttentionOutput(self.project_out(o), carry, stats, {})
 
-    def _reference(self, q, k, v, valid, deterministic, rng):
+    def _reference(self, q, k, v, mask, deterministic, rng):
+        """Dense scores, the N:M keep mask, masked softmax attention."""
+        valid = base.pair_mask(mask, mask)  # [B, 1, L, L]
         scale = 1.0 / math.sqrt(self.dims.head_dim)
         scores = base.attention_scores(q, k)
         keep = nm_keep(scores, valid, self.n, self.m)  # padding masked before selection
@@ -334,8 +333,9 @@ class DFSSAttention(base.Attention):
                  'kept_mass': _mean_over_rows(jnp.sum(jnp.where(keep, full, 0.0), -1), rows)}
         return o, stats
 
-    def _pallas_attention(self, q, k, v, mask):
-        """The fused N:M kernel; statistics without the dense score matrix."""
+    def _pallas_attention(self, q, k, v, mask, deterministic, rng):
+        """The fused N:M kernel (no dropout); statistics without the dense score matrix."""
+        del deterministic, rng
         from pallas_kernels import nm_sparse  # jax-only, imported when used
 
         n, m, length = self.n, self.m, q.shape[1]
@@ -356,7 +356,9 @@ class DFSSAttention(base.Attention):
         kept_mass = _mean_over_rows(jnp.exp(st.lse_kept - st.lse_all), rows)
         return o[:, :length], {'sparsity': sparsity.astype(jnp.float32), 'kept_mass': kept_mass}
 
-    def _compressed_attention(self, q, k, v, valid, deterministic, rng):
+    def _compressed_attention(self, q, k, v, mask, deterministic, rng):
+        """SDDMM with the N:M epilogue, softmax on the compressed values, SpMM."""
+        valid = base.pair_mask(mask, mask)  # [B, 1, L, L]
         n, m = self.n, self.m
         scale = 1.0 / math.sqrt(self.dims.head_dim)
         values, indices, scores = _sddmm(q, k, valid, n, m)
@@ -375,6 +377,12 @@ class DFSSAttention(base.Attention):
                  'kept_mass': _mean_over_rows(jnp.exp(lse_kept - lse_all), rows)}
         return o, stats
 
+    implementations = base.implementations(
+        base.Implementation('reference', _reference),
+        base.Implementation('xla', _compressed_attention),
+        base.Implementation('pallas', _pallas_attention, attention_dropout=False, kernel=True),
+    )
+
     def inspect_maps(self, x, mask, carry):
         """{'kept': bool [batch, heads, L, L]} the attended pairs."""
         del carry
@@ -387,9 +395,8 @@ METHOD = base.AttentionMethod(
     name='dfss',
     module=DFSSAttention,
     default_config=default_config,
-    validate=validate,
+    check=validate,
     layer_macs=layer_macs,
-    impls=('reference', 'xla', 'pallas'),
     description='on-the-fly N:M (1:2, 2:4) structured pruning of every score row (DFSS)',
     dense_equivalent=None,
     sweeps={'pattern': tuple({'pattern': p} for p in PATTERNS)},

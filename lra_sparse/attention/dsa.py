@@ -1,94 +1,59 @@
 """DSA: dynamic sparse attention with a trainable low-rank, low-precision prediction path.
 
 DSA (Liu et al., "Dynamic Sparse Attention for Scalable Transformer Acceleration", IEEE TC 2022,
-sections 3-5) computes only the attention weights a cheap predictor marks as
-important. What one layer does:
+sections 3-5) computes only the attention weights a cheap predictor marks as important. For
+x [batch, L, emb_dim] and its mask [batch, L], one layer:
 
-1. **Prediction path** (Eq. 5), per head ``h``: ``Q̃ʰ = X Pʰ W̃_Qʰ``, ``K̃ʰ = X Pʰ W̃_Kʰ`` and
-   ``S̃ʰ = Q̃ʰ K̃ʰᵀ / sqrt(k)``. ``Pʰ ∈ sqrt(2/k)·{-1, 0, 1}^{emb_dim × k}`` (entries -1/0/+1 with
-   probabilities 1/4, 1/2, 1/4) is drawn once at init, shared by the query and key paths, never
-   trained and stored as a :class:`base.Buffer` (so checkpoints reproduce it); ``W̃_Qʰ, W̃_Kʰ ∈
-   R^{k×k}`` are trainable. ``k = round(sigma * head_dim)``.
-2. **Precision** of the prediction path: ``fp32``; ``bf16`` (values rounded to bfloat16);
-   ``int8`` / ``int4`` / ``int2``: symmetric linear fake quantization (:func:`fake_quant`,
-   ``scale = max|x| / (2^(b-1) - 1)``, codes rounded to nearest, straight-through gradient) of the
-   projected input ``XP``, of the predictor weights ``W̃`` and of ``Q̃, K̃`` before the score GEMM
-   (the paper's pipeline, Fig. 9: quantized input × low-precision weights, then a low-precision
-   GEMM for ``S̃``). ``random``: no predictor, a random mask of the same sparsity (the paper's
-   control, Table 2). ``oracle``: no predictor, the top-k of the true scores.
-3. **Mask selection** from the selection scores (``S̃``, the true scores for ``oracle``, uniform
-   noise for ``random``): ``topk`` keeps, per row, the ``ceil((1 - sparsity) * n)`` best valid keys
-   (``n`` = the example's valid length; ties go to the lowest key index); ``threshold`` keeps the
-   valid keys with score ``>= threshold`` plus each row's best key (so no valid row is empty).
-   Granularity: ``element`` (per query row); ``vector`` (``vector_size`` consecutive query rows
-   share one selection, made on the mean of their valid rows' scores: the paper's column-vector
-   encoding); ``block`` (``block_q × block_k`` tiles, per query block the ``ceil((1 - sparsity) *
-   valid key blocks)`` tiles with the best mean score; the layout of a block-sparse kernel).
-   Padding keys are never selected; fully padded rows give zeros.
-4. **Sparse attention** with the mask: softmax over the kept scores (scaled by
-   ``1/sqrt(head_dim)``), AV over the kept keys.
-5. **Loss** (Eq. 6-7): ``aux_losses['dsa_mse'] = mse_weight * MSE``, ``MSE`` = mean over heads and
-   valid query-key pairs of ``(S - S̃)²`` with ``S = QKᵀ/sqrt(head_dim)`` the scores that enter the
-   softmax; gradients reach both the predictor and the Q/K projections (the selection itself is
-   not differentiable and carries no gradient).
+1. **Predicts** the scores per head h (Eq. 5): ``S̃ʰ = (X Pʰ W̃_Qʰ)(X Pʰ W̃_Kʰ)ᵀ / sqrt(k)``
+   [batch, heads, L, L], with a fixed sparse random projection ``Pʰ`` (Buffer ``projection``
+   [emb_dim, heads, k]), trainable ``W̃_Qʰ, W̃_Kʰ`` (``pred_query``, ``pred_key`` [heads, k, k]) and
+   ``k = round(sigma * head_dim)``, at ``precision``: fp32 | bf16 | int8 | int4 | int2 (symmetric
+   fake quantization, :mod:`quant`, of ``XP``, ``W̃`` and ``Q̃, K̃``: an integer pipeline
+   simulated exactly in float32). ``random`` (a random mask, no predictor) and ``oracle`` (the
+   true scores) are the paper's controls.
+2. **Selects** the keys to attend from the selection scores: ``topk`` keeps
+   ``ceil((1 - sparsity) * n)`` valid keys per row (n = the example's valid length; ties to the
+   lowest index), ``threshold`` the keys scoring >= threshold plus each row's best. Granularity
+   ``element`` (per row), ``vector`` (``vector_size`` rows share keys, chosen on their mean
+   score) or ``block`` (``block_q × block_k`` tiles ranked by mean score). Padding is never kept.
+3. **Attends** over the kept keys only: softmax of the kept scores (scaled by 1/sqrt(head_dim)),
+   AV; y [batch, L, emb_dim], zero on padded rows.
+4. **Trains the predictor** (Eq. 6-7): ``aux_losses['dsa_mse'] = mse_weight * MSE``, the mean
+   over heads and valid pairs of ``(S - S̃)²`` with ``S = QKᵀ/sqrt(head_dim)``; gradients reach
+   the predictor (straight-through) and the Q/K projections.
 
-Implementations:
+Implementations (the table of :class:`DSAAttention`; other pairs are refused by validation):
 
-* ``reference``: dense ``S̃`` and dense scores, the boolean keep mask, :func:`base.masked_attention`
-  (the test oracle for every granularity and selection).
-* ``xla``: for ``topk`` with ``element``/``vector`` granularity, ``lax.top_k`` over ``S̃`` gives
-  per row group the indices of the kept keys; K and V are gathered (``[.., groups, k_max,
-  head_dim]``) and scores, softmax and AV are computed on the kept keys only, so no ``L×L``
-  *attention* score matrix is formed (``S̃`` itself is ``L×L`` at width ``k``). The MSE uses Gram
-  matrices, ``||S - S̃||² = <QᵀQ, KᵀK> - 2<QᵀQ̃, KᵀK̃> + <Q̃ᵀQ̃, K̃ᵀK̃>`` (all ``head_dim × k``
-  sized), also without ``L×L``. The gathered K/V hold ``L/vector_size · k_max · head_dim`` values
-  per head, which is smaller than ``L×L`` only when ``k_max·head_dim < vector_size·L``: memory
-  savings at scale need the fused kernel. ``threshold`` selection (data-dependent row counts, no
-  static capacity) and ``block`` granularity run the reference computation.
-* ``pallas`` (``block`` granularity only): the selection as in ``reference``, then the
-  block-sparse flash kernel (``pallas_kernels.block_sparse``) over the kept tiles' index lists
-  (:meth:`DSAAttention._block_attention`), padding masked in the kernel; the sequence is padded to
-  the tiles, which must be powers of two >= 16. Interpret mode on CPU. No attention dropout
-  (rejected unless ``apply='eval_only'``).
+* ``reference``: dense ``S̃`` and scores, a boolean keep mask, :func:`base.masked_attention`; every
+  setting. The oracle of the tests.
+* ``xla``: ``topk`` with ``element`` / ``vector`` granularity. ``lax.top_k`` index lists per row
+  group, gathered K and V [batch, heads, groups, k_max, head_dim], attention on those only; the
+  MSE from ``head_dim × k`` Gram matrices. No L×L attention score matrix (``S̃`` still is L×L at
+  width k).
+* ``pallas``: ``block`` granularity, tiles powers of two >= 16, no attention dropout: the kept
+  tiles' index lists go to the block-sparse kernel (``pallas_kernels.block_sparse``); interpret
+  mode on CPU.
 
-Statistics (float32 scalars): ``sparsity`` (fraction of valid query-key pairs not attended),
-``mse`` (the raw MSE, when a predictor exists), ``prediction_accuracy`` (when
-``accuracy_stat``: over valid rows, |predicted ∩ oracle| / |predicted|, the oracle being the
-``|predicted|`` largest true scores of the row: the paper's Fig. 6 definition; needs the full score
-matrix).
+Statistics (float32 scalars): ``sparsity`` (valid query-key pairs not attended), ``mse`` (with a
+predictor), ``prediction_accuracy`` (with ``accuracy_stat``: |predicted ∩ oracle| / |predicted|
+over valid rows, Fig. 6; needs the full score matrix).
 
-Interpretations the paper leaves open (see ``docs/methods/dsa.md``):
-
-* ``d`` in ``k = sigma·d`` is the head width (the ``d_k`` of ``S = QKᵀ`` that the predictor
-  approximates) and each head has its own sketch ``Pʰ`` and ``W̃ʰ``: every predictor cost is then
-  ``sigma`` times the dense cost it mirrors (``XP``: sigma × the Q projection; ``S̃``: sigma × the
-  scores), matching the paper's ``O(βld_k + βl²k)``. With one head and ``qkv_dim = emb_dim`` this
-  is exactly Eq. 5.
-* ``S̃`` carries a ``1/sqrt(k)`` factor and ``W̃`` starts from N(0, 1/emb_dim) so that ``S̃`` starts
-  at the scale of ``S`` (the MSE then starts near 1, not near ``1/sigma``).
-* Quantization scales: per token and head for the activations ``XP``, ``Q̃``, ``K̃`` (the usual
-  per-token activation scaling: padding never changes a scale, and a token rarely loses all its
-  codes, which one scale per example does to most tokens at int2); per output column for ``W̃``
-  (per-channel weight scaling; one scale per head zeroes most int2 weights). ``int2`` is
-  symmetric, i.e. ternary codes {-1, 0, 1}. The codes of ``Q̃``/``K̃`` come from the exact integer
-  product of the input and weight codes, and the selection scores are the exact integer code dot
-  times the scales: an integer pipeline simulated in float32 (exact for these code ranges, so the
-  selection is identical eager and under jit), with no integer dot instruction.
-* ``random`` draws a fresh mask every training step (from the layer's rng) and a fixed mask at
-  evaluation (a constant key folded with the layer index: reproducible, no state); it always
-  uses top-k counts.
+How the paper's open points are resolved (head mapping, the scale of ``S̃``, quantization scales
+and the integer pipeline, random masks), the cost model and the sweeps: ``docs/methods/dsa.md``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from lra_sparse.attention import base
+from lra_sparse.attention import base, quant
 
 PRECISIONS = ('fp32', 'bf16', 'int8', 'int4', 'int2', 'random', 'oracle')
 PRECISION_BITS = {'fp32': 32, 'bf16': 16, 'int8': 8, 'int4': 4, 'int2': 2}
@@ -162,23 +127,15 @@ def check_fields(cfg, head_dim: int) -> None:
            'True or False')
 
 
-def check_pallas(cfg, attention_dropout_rate: float) -> None:
-    """impl='pallas' needs block granularity, power-of-two tiles >= 16 and no attention dropout."""
-    if cfg.get('impl') != 'pallas':
-        return
-    _check(cfg.granularity == 'block', 'impl', cfg.impl,
-           f"reference or xla with granularity={cfg.granularity!r} (pallas: granularity='block')")
-    for field in ('block_q', 'block_k'):
-        b = cfg[field]
-        _check(b >= 16 and b & (b - 1) == 0, field, b, "a power of two >= 16 with impl='pallas'")
-    base.check_kernel_dropout(cfg, attention_dropout_rate)
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks DSA's fields against the full config (head width) before any compute."""
     m = config.model
     check_fields(config.attention, max(1, m.qkv_dim // max(1, m.num_heads)))
-    check_pallas(config.attention, m.attention_dropout_rate)
+
+
+def _kernel_tile(value) -> bool:
+    """A tile size the block-sparse kernel takes: a power of two >= 16."""
+    return value >= 16 and value & (value - 1) == 0
 
 
 # -- counts, quantization, projection (pure functions, tested directly) ---------------------------
@@ -207,49 +164,14 @@ def sparse_projection(key: jax.Array, emb_dim: int, num_heads: int, k: int) -> j
     return (sign * math.sqrt(2.0 / k)).astype(jnp.float32)
 
 
-def _straight_through(x: jax.Array, q: jax.Array) -> jax.Array:
-    """Forward value exactly ``q``, gradient identity w.r.t. ``x``."""
-    return (x - jax.lax.stop_gradient(x)) + jax.lax.stop_gradient(q).astype(x.dtype)
-
-
-def quant_codes(x: jax.Array, bits: int, axes: tuple[int, ...],
-                valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Symmetric linear quantization codes.
-
-    Args:
-      x: float array.
-      bits: bit width b >= 2; codes lie in [-(2^(b-1) - 1), 2^(b-1) - 1].
-      axes: axes one scale is shared over (the others get their own scale).
-      valid: optional bool, broadcastable to ``x``; invalid entries do not set the scale.
-
-    Returns:
-      (codes float32 integers shaped like x, scale float32 with ``axes`` kept as size 1):
-      ``scale = max|x| / (2^(b-1) - 1)`` (1 where x is all zero), ``codes = clip(round(x/scale))``.
-    """
-    xf = jax.lax.stop_gradient(x).astype(jnp.float32)
-    a = jnp.abs(xf) if valid is None else jnp.where(valid, jnp.abs(xf), 0.0)
-    amax = jnp.max(a, axis=axes, keepdims=True)
-    qmax = 2.0 ** (bits - 1) - 1.0
-    safe = jnp.where(amax > 0, amax, qmax)
-    # x * qmax / amax (not x / scale): exact for hand-checkable ratios such as 0.5 * 7 / 1.
-    return jnp.clip(jnp.round(xf * qmax / safe), -qmax, qmax), safe / qmax
-
-
-def fake_quant(x: jax.Array, bits: int, axes: tuple[int, ...],
-               valid: jax.Array | None = None) -> jax.Array:
-    """``codes * scale`` of :func:`quant_codes`, with a straight-through (identity) gradient."""
-    codes, scale = quant_codes(x, bits, axes, valid)
-    return _straight_through(x, codes * scale)
-
-
 def round_precision(x: jax.Array, precision: str, axes: tuple[int, ...],
                     valid: jax.Array | None = None) -> jax.Array:
     """Rounds x to the prediction path's precision (fp32: unchanged), straight-through."""
     if precision == 'fp32':
         return x
     if precision == 'bf16':
-        return _straight_through(x, x.astype(jnp.bfloat16).astype(jnp.float32))
-    return fake_quant(x, PRECISION_BITS[precision], axes, valid)
+        return quant.straight_through(x, x.astype(jnp.bfloat16).astype(jnp.float32))
+    return quant.fake_quant(x, PRECISION_BITS[precision], axes, valid=valid)
 
 
 # -- selection (pure functions, tested directly) --------------------------------------------------
@@ -433,6 +355,127 @@ def _kth_largest(s: jax.Array, count: jax.Array) -> jax.Array:
     return jnp.where(count > 0, kth, jnp.inf)
 
 
+# -- prediction path, loss, gathering (pure functions, tested through the layer) ------------------
+def float_predictor(xp: jax.Array, weights: tuple[jax.Array, jax.Array],
+                    precision: str) -> tuple[list, list, list]:
+    """Q̃ and K̃ at ``fp32`` / ``bf16`` (values rounded, straight-through).
+
+    Args:
+      xp: float32 [batch, L, heads, k] projected input X·P.
+      weights: (W̃_Q, W̃_K), float32 [heads, k, k] each.
+      precision: 'fp32' or 'bf16'.
+
+    Returns:
+      (values, codes, scales): values [Q̃, K̃] float32 [batch, L, heads, k] (differentiable),
+      codes the same without gradient, scales [1, 1] per token: float32 [batch, L, heads].
+    """
+    xp = round_precision(xp, precision, (3,))
+    values = [round_precision(jnp.einsum('blhk,hkj->blhj', xp, round_precision(w, precision, ()),
+                                         precision=_HIGHEST), precision, (3,))
+              for w in weights]
+    return values, [jax.lax.stop_gradient(y) for y in values], [jnp.ones(xp.shape[:3])] * 2
+
+
+def integer_predictor(xp: jax.Array, weights: tuple[jax.Array, jax.Array],
+                      bits: int) -> tuple[list, list, list]:
+    """Q̃ and K̃ through the integer pipeline of Fig. 9, simulated exactly in float32.
+
+    X·P gets one scale per token and head, each W̃ one per output column; the codes of
+    Q̃ = (XP)·W̃ come from the exact integer product of the input and weight codes (the token
+    scale cancels in the token's own code ratios), so they do not depend on float evaluation
+    order (eager vs jit).
+
+    Args:
+      xp: float32 [batch, L, heads, k] projected input X·P.
+      weights: (W̃_Q, W̃_K), float32 [heads, k, k] each.
+      bits: code width (8, 4 or 2).
+
+    Returns:
+      (values, codes, scales): values [Q̃, K̃] float32 [batch, L, heads, k] = codes * scales
+      (straight-through), codes float32 integers of the same shape, scales float32
+      [batch, L, heads].
+    """
+    cx, sx = quant.quant_codes(xp, bits, (3,))  # a scale per token and head: [B, L, H, 1]
+    xp_q = quant.straight_through(xp, cx * sx)
+    values, codes, scales = [], [], []
+    for w in weights:
+        cw, sw = quant.quant_codes(w, bits, (1,))  # a scale per output column: [H, 1, k]
+        y = jnp.einsum('blhk,hkj->blhj', xp_q, quant.straight_through(w, cw * sw))
+        y_int = jnp.einsum('blhk,hkj->blhj', cx, cw, precision=_HIGHEST)
+        cy, sy = quant.quant_codes(y_int * sw[None, :, 0][:, None], bits, (3,))
+        sy = sy * sx  # y = sx * (y_int * sw): [B, L, H, 1]
+        values.append(quant.straight_through(y, cy * sy))
+        codes.append(cy)
+        scales.append(sy[..., 0])  # [B, L, H]
+    return values, codes, scales
+
+
+def score_mse(q: jax.Array, k: jax.Array, qt: jax.Array, kt: jax.Array, mask: jax.Array,
+              gram: bool) -> jax.Array:
+    """Mean over heads and valid pairs of (S - S̃)², S = q·kᵀ/sqrt(head_dim), S̃ = q̃·k̃ᵀ.
+
+    Args:
+      q, k: [batch, L, heads, head_dim]; qt, kt: float32 [batch, L, heads, k]; mask: bool
+        [batch, L].
+      gram: from ``head_dim × k`` Gram matrices, ``||S - S̃||² = <QᵀQ, KᵀK> - 2<QᵀQ̃, KᵀK̃> +
+        <Q̃ᵀQ̃, K̃ᵀK̃>`` (no L×L array), instead of the dense score matrices.
+
+    Returns:
+      float32 [] (0 without valid pairs), differentiable in all four inputs.
+    """
+    tok = mask[:, :, None, None]
+    head_dim, heads = q.shape[-1], q.shape[2]
+    a = jnp.where(tok, q.astype(jnp.float32), 0.0) * head_dim ** -0.25
+    c = jnp.where(tok, k.astype(jnp.float32), 0.0) * head_dim ** -0.25
+    n = jnp.sum(mask, axis=1).astype(jnp.float32)
+    total = heads * jnp.sum(n * n)
+    if gram:
+        def inner(u, v):
+            return jnp.einsum('blhi,blhj->bhij', u, v, precision=_HIGHEST)
+        sq = (jnp.sum(inner(a, a) * inner(c, c)) - 2.0 * jnp.sum(inner(a, qt) * inner(c, kt))
+              + jnp.sum(inner(qt, qt) * inner(kt, kt)))
+        sq = jnp.maximum(sq, 0.0)
+    else:
+        s = jnp.einsum('bqhd,bshd->bhqs', a, c, precision=_HIGHEST)
+        st = jnp.einsum('bqhk,bshk->bhqs', qt, kt, precision=_HIGHEST)
+        sq = jnp.sum((s - st) ** 2)
+    return jnp.where(total > 0, sq / jnp.maximum(total, 1.0), 0.0)
+
+
+def gather_kept_keys(k: jax.Array, v: jax.Array, sel: jax.Array, mask: jax.Array, size: int,
+                     sparsity: float) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Top-k selection per group of ``size`` rows as index lists, and the kept K and V.
+
+    Args:
+      k, v: [batch, L, heads, head_dim].
+      sel: float32 [batch, heads, L, L] selection scores.
+      mask: bool [batch, L].
+      size: query rows per group (1 for element granularity).
+      sparsity: fraction of each row's valid keys not kept.
+
+    Returns:
+      (k_sel, v_sel [batch, heads, G, k_max, head_dim], idx int32 [batch, heads, G, k_max] kept
+      keys best first, ok bool [batch, heads, G, k_max] the slot holds a kept key), G =
+      ceil(L / size), k_max = the kept count of a fully valid row.
+    """
+    length = k.shape[1]
+    if size > 1:
+        sel = group_scores(sel, mask, size)
+    k_max = static_keep_count(length, sparsity)
+    count = jnp.minimum(keep_count(jnp.sum(mask, axis=1), sparsity), k_max)
+    idx, ok = topk_indices(sel, mask, count, k_max)
+    gather = jax.vmap(jax.vmap(lambda t, i: t[i]))  # [L, D], [G, K] -> [G, K, D]
+    k_sel, v_sel = (gather(jnp.swapaxes(t, 1, 2), idx) for t in (k, v))
+    return k_sel, v_sel, idx, ok
+
+
+def row_groups(t: jax.Array, size: int) -> jax.Array:
+    """[batch, L, ...] -> [batch, G, size, ...], zero padded to G = ceil(L / size) groups."""
+    g = -(-t.shape[1] // size)
+    t = jnp.pad(t, [(0, 0), (0, g * size - t.shape[1])] + [(0, 0)] * (t.ndim - 2))
+    return t.reshape(t.shape[0], g, size, *t.shape[2:])
+
+
 # -- cost model -----------------------------------------------------------------------------------
 def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
                mlp_dim: int) -> tuple[dict[str, float], int]:
@@ -445,8 +488,6 @@ def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
     qkv_proj + out_proj, attention = scores + attention_values, other = ffn.
     """
     n, e, h = seq_len, dims.emb_dim, dims.num_heads
-    macs = base.dense_layer_macs(dims, n, mlp_dim)
-    d = dims.qkv_dim
     if cfg.selection == 'threshold':
         kept = n
     elif cfg.granularity == 'block':
@@ -454,8 +495,8 @@ def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
         kept = min(n, static_keep_count(nkb, cfg.sparsity) * cfg.block_k)
     else:
         kept = static_keep_count(n, cfg.sparsity)
-    macs['attention_values'] = 1.0 * n * kept * d
-    macs['scores'] = 1.0 * n * (n if cfg.precision == 'oracle' else kept) * d
+    macs = base.layer_macs(dims, n, mlp_dim, value_pairs=n * kept,
+                           score_pairs=n * (n if cfg.precision == 'oracle' else kept))
     if cfg.precision in PRECISION_BITS:
         k = predictor_width(cfg.sigma, dims.head_dim)
         macs['predictor'] = float(n * e * h * k + 2 * h * n * k * k + h * n * n * k)
@@ -464,6 +505,29 @@ def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
 
 
 # -- the layer ----------------------------------------------------------------------------------
+class _Attended(NamedTuple):
+    """What an implementation of the sparse attention step returns.
+
+    Attributes:
+      o: [batch, L, heads, head_dim] attention output before the output projection.
+      sparsity: float32 [] fraction of valid query-key pairs not attended.
+      accuracy: true scores float32 [batch, heads, L, L] -> the ``prediction_accuracy`` of the
+        selection (float32 []).
+      gram_mse: compute the MSE from Gram matrices (no L x L array) instead of dense scores.
+    """
+
+    o: jax.Array
+    sparsity: jax.Array
+    accuracy: Callable[[jax.Array], jax.Array]
+    gram_mse: bool = False
+
+    @classmethod
+    def of_mask(cls, o: jax.Array, keep: jax.Array, valid: jax.Array) -> _Attended:
+        """For a dense keep mask [B, H, L, L] and the valid pairs [B, 1, L, L]."""
+        return cls(o, base.pair_sparsity(keep, valid),
+                   lambda scores: prediction_accuracy(scores, keep, valid))
+
+
 class DSAAttention(base.Attention):
     """DSA attention layer; see the module docstring.
 
@@ -474,8 +538,6 @@ class DSAAttention(base.Attention):
 
     def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
         super().__init__(dims, cfg, rngs=rngs)
-        check_fields(cfg, dims.head_dim)
-        check_pallas(cfg, dims.attention_dropout_rate)
         self.k = predictor_width(cfg.sigma, dims.head_dim)
         self.has_predictor = cfg.precision in PRECISION_BITS
         if self.has_predictor:
@@ -485,6 +547,10 @@ class DSAAttention(base.Attention):
             shape = (dims.num_heads, self.k, self.k)
             self.pred_query = nnx.Param(init(rngs.params(), shape, jnp.float32))
             self.pred_key = nnx.Param(init(rngs.params(), shape, jnp.float32))
+
+    def check_config(self, cfg, dims):
+        """Raises ConfigError for any bad DSA field."""
+        check_fields(cfg, dims.head_dim)
 
     # -- prediction path -----------------------------------------------------------------------
     def predict(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -504,38 +570,17 @@ class DSAAttention(base.Attention):
         prec = self.cfg.precision
         tok = mask[:, :, None, None]
         xp = jnp.einsum('ble,ehk->blhk', x.astype(jnp.float32), self.projection[...])
-        ws = (self.pred_query[...].astype(jnp.float32), self.pred_key[...].astype(jnp.float32))
+        weights = (self.pred_query[...].astype(jnp.float32),
+                   self.pred_key[...].astype(jnp.float32))
         if prec in ('fp32', 'bf16'):
-            xp = round_precision(xp, prec, (3,))
-            deq = [round_precision(jnp.einsum('blhk,hkj->blhj', xp, round_precision(w, prec, ()),
-                                              precision=_HIGHEST), prec, (3,))
-                   for w in ws]
-            codes = [jax.lax.stop_gradient(y) for y in deq]
-            scales = [jnp.ones(xp.shape[:3])] * 2
+            values, codes, scales = float_predictor(xp, weights, prec)
         else:
-            # Integer pipeline: the codes of Q̃ = (XP)·W̃ come from the exact integer product of
-            # the input and weight codes (float32 holds it exactly) times the column scales.
-            bits = PRECISION_BITS[prec]
-            cx, sx = quant_codes(xp, bits, (3,))  # one scale per token and head: [B, L, H, 1]
-            xp_q = _straight_through(xp, cx * sx)
-            deq, codes, scales = [], [], []
-            for w in ws:
-                cw, sw = quant_codes(w, bits, (1,))  # one scale per output column: [H, 1, k]
-                y = jnp.einsum('blhk,hkj->blhj', xp_q, _straight_through(w, cw * sw))
-                y_int = jnp.einsum('blhk,hkj->blhj', cx, cw, precision=_HIGHEST)
-                # y = sx * (y_int * sw): the token scale sx cancels in the token's own code ratios,
-                # so the codes come from exact integer dots (no float-order dependence).
-                cy, sy = quant_codes(y_int * sw[None, :, 0][:, None], bits, (3,))
-                sy = sy * sx  # [B, L, H, 1]
-                deq.append(_straight_through(y, cy * sy))
-                codes.append(cy)
-                scales.append(sy[..., 0])  # [B, L, H]
-        qt, kt = (jnp.where(tok, y, 0.0) * self.k ** -0.25 for y in deq)
+            values, codes, scales = integer_predictor(xp, weights, PRECISION_BITS[prec])
+        qt, kt = (jnp.where(tok, y, 0.0) * self.k ** -0.25 for y in values)
         cq, ck = (jnp.where(tok, c, 0.0) for c in codes)
         dot = jnp.einsum('bqhk,bshk->bhqs', cq, ck, precision=_HIGHEST)
         outer = jnp.einsum('bqh,bsh->bhqs', scales[0], scales[1]) / math.sqrt(self.k)
-        s = dot * outer
-        return qt, kt, jax.lax.stop_gradient(s)
+        return qt, kt, jax.lax.stop_gradient(dot * outer)
 
     def _selection_scores(self, q, k, s_pred, mask, deterministic, rng):
         """float32 [batch, heads, L, L] scores the mask is chosen from (never differentiated)."""
@@ -552,25 +597,6 @@ class DSAAttention(base.Attention):
         else:
             s = s_pred
         return jax.lax.stop_gradient(s.astype(jnp.float32))
-
-    def _mse(self, q, k, qt, kt, mask, dense: bool) -> jax.Array:
-        """Mean over heads and valid pairs of (S - S̃)², S = q·kᵀ/sqrt(head_dim); float32 []."""
-        tok = mask[:, :, None, None]
-        a = jnp.where(tok, q.astype(jnp.float32), 0.0) * self.dims.head_dim ** -0.25
-        c = jnp.where(tok, k.astype(jnp.float32), 0.0) * self.dims.head_dim ** -0.25
-        n = jnp.sum(mask, axis=1).astype(jnp.float32)
-        total = self.dims.num_heads * jnp.sum(n * n)
-        if dense:
-            s = jnp.einsum('bqhd,bshd->bhqs', a, c, precision=_HIGHEST)
-            st = jnp.einsum('bqhk,bshk->bhqs', qt, kt, precision=_HIGHEST)
-            sq = jnp.sum((s - st) ** 2)
-        else:
-            def gram(u, v):
-                return jnp.einsum('blhi,blhj->bhij', u, v, precision=_HIGHEST)
-            sq = (jnp.sum(gram(a, a) * gram(c, c)) - 2.0 * jnp.sum(gram(a, qt) * gram(c, kt))
-                  + jnp.sum(gram(qt, qt) * gram(kt, kt)))
-            sq = jnp.maximum(sq, 0.0)
-        return jnp.where(total > 0, sq / jnp.maximum(total, 1.0), 0.0)
 
     # -- selection -----------------------------------------------------------------------------
     def select_mask(self, sel: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
@@ -599,108 +625,99 @@ class DSAAttention(base.Attention):
             keep = expand_groups(keep, size, length)
         return keep & base.pair_mask(mask, mask), {}
 
-    # -- attention -----------------------------------------------------------------------------
-    def _block_attention(self, q, k, v, keep, block_idx, block_ok, mask, deterministic, rng):
-        """Block granularity: attention over the kept tiles.
-
-        ``reference`` / ``xla``: dense scores masked with ``keep`` (the oracle). ``pallas``: the
-        block-sparse kernel on ``block_idx`` / ``block_ok`` (int32 / bool [batch, heads, q_blocks,
-        kb], the kept key blocks of every query block) and the token ``mask`` [batch, L].
-        """
-        if self.cfg.impl != 'pallas':
-            return self._masked(q, k, v, keep, deterministic, rng)
-        from pallas_kernels import block_sparse  # jax-only, imported when used
-
-        bq, bk, length = self.cfg.block_q, self.cfg.block_k, q.shape[1]
-        lq, lk = -(-length // bq) * bq, -(-length // bk) * bk
-        pad = base.pad_sequence  # sequence axis to the tiles; the padded mask marks it invalid
-        order = jnp.argsort(jnp.logical_not(block_ok), axis=-1, stable=True)  # kept slots first
-        idx = jnp.take_along_axis(block_idx, order, axis=-1)
-        count = jnp.sum(block_ok, axis=-1, dtype=jnp.int32)
-        o = block_sparse.block_sparse_attention(
-            pad(q, lq), pad(k, lk), pad(v, lk), idx, count, pad(mask, lq), pad(mask, lk),
-            block_sizes=block_sparse.BlockSizes(bq, bk))
-        return o[:, :length]
-
+    # -- attention (one function per implementation) -----------------------------------------
     def _masked(self, q, k, v, keep, deterministic, rng):
+        """Softmax attention restricted to keep [B, H, L, L]; o [B, L, H, head_dim]."""
         scale = 1.0 / math.sqrt(self.dims.head_dim)
         probs = base.masked_softmax(base.attention_scores(q, k) * scale, keep)
         return base.weighted_values(self.drop_probs(probs, deterministic, rng), v)
 
-    def _gathered(self, q, k, v, sel, mask, deterministic, rng):
+    def _attend_reference(self, q, k, v, sel, mask, deterministic, rng) -> _Attended:
+        """The reference: the dense keep mask of :meth:`select_mask` and masked attention.
+
+        Every implementation takes q, k, v [batch, L, heads, head_dim], the selection scores sel
+        float32 [batch, heads, L, L], mask bool [batch, L], and returns an :class:`_Attended`.
+        """
+        keep, _ = self.select_mask(sel, mask)
+        o = self._masked(q, k, v, keep, deterministic, rng)
+        return _Attended.of_mask(o, keep, base.pair_mask(mask, mask))
+
+    def _attend_block_kernel(self, q, k, v, sel, mask, deterministic, rng) -> _Attended:
+        """Block granularity on the block-sparse kernel (``pallas_kernels.block_sparse``).
+
+        The kept tiles' index lists (``block_idx`` / ``block_ok``, int32 / bool [batch, heads,
+        q_blocks, kb]) go to the kernel with the token mask; the sequence is padded to the tiles.
+        The kernel has no dropout (validation refuses a rate > 0 with this implementation).
+        """
+        del deterministic, rng
+        from pallas_kernels import block_sparse  # jax-only, imported when used
+
+        keep, extra = self.select_mask(sel, mask)
+        bq, bk, length = self.cfg.block_q, self.cfg.block_k, q.shape[1]
+        lq, lk = -(-length // bq) * bq, -(-length // bk) * bk
+        pad = base.pad_sequence  # sequence axis to the tiles; the padded mask marks it invalid
+        block_ok = extra['block_ok']
+        order = jnp.argsort(jnp.logical_not(block_ok), axis=-1, stable=True)  # kept slots first
+        idx = jnp.take_along_axis(extra['block_idx'], order, axis=-1)
+        count = jnp.sum(block_ok, axis=-1, dtype=jnp.int32)
+        o = block_sparse.block_sparse_attention(
+            pad(q, lq), pad(k, lk), pad(v, lk), idx, count, pad(mask, lq), pad(mask, lk),
+            block_sizes=block_sparse.BlockSizes(bq, bk))
+        return _Attended.of_mask(o[:, :length], keep, base.pair_mask(mask, mask))
+
+    def _attend_gathered(self, q, k, v, sel, mask, deterministic, rng) -> _Attended:
         """The xla path (topk, element/vector): attention over gathered kept keys only.
 
-        Returns:
-          (o [batch, L, heads, head_dim], idx int32 [B, H, G, k_max] kept key indices per row
-          group, live bool [B, H, G, size, k_max] the attended (row, slot) pairs).
+        ``lax.top_k`` gives per row group the kept key indices (:func:`gather_kept_keys`);
+        scores, softmax and AV run on the gathered K and V; no L×L attention score matrix.
         """
         cfg = self.cfg
         b, length, h, d = q.shape
         size = cfg.vector_size if cfg.granularity == 'vector' else 1
-        g = -(-length // size)
-        if size > 1:
-            sel = group_scores(sel, mask, size)
-        k_max = static_keep_count(length, cfg.sparsity)
-        count = jnp.minimum(keep_count(jnp.sum(mask, axis=1), cfg.sparsity), k_max)
-        idx, ok = topk_indices(sel, mask, count, k_max)  # [B, H, G, K]
-
-        def heads_first(t):
-            return jnp.swapaxes(t, 1, 2)  # [B, H, L, D]
-
-        gather = jax.vmap(jax.vmap(lambda t, i: t[i]))  # [L, D], [G, K] -> [G, K, D]
-        k_sel, v_sel = gather(heads_first(k), idx), gather(heads_first(v), idx)
-        pad = g * size - length
-        q_g = jnp.pad(heads_first(q), ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, h, g, size, d)
-        row_ok = jnp.pad(mask, ((0, 0), (0, pad))).reshape(b, 1, g, size, 1)
-        live = ok[:, :, :, None, :] & row_ok  # [B, H, G, size, K]
+        k_sel, v_sel, idx, ok = gather_kept_keys(k, v, sel, mask, size, cfg.sparsity)
+        q_g = jnp.moveaxis(row_groups(q, size), 3, 1)  # [B, H, G, size, D]
+        live = ok[:, :, :, None, :] & row_groups(mask, size)[:, None, :, :, None]  # [B,H,G,s,K]
         scores = jnp.einsum('bhgrd,bhgkd->bhgrk', q_g, k_sel,
                             preferred_element_type=jnp.float32) / math.sqrt(d)
-        probs = base.masked_softmax(scores, live)
-        probs = self.drop_probs(probs, deterministic, rng)
+        probs = self.drop_probs(base.masked_softmax(scores, live), deterministic, rng)
         o = jnp.einsum('bhgrk,bhgkd->bhgrd', probs.astype(v.dtype), v_sel)
-        o = o.reshape(b, h, g * size, d)[:, :, :length]
-        return jnp.swapaxes(o, 1, 2), idx, live
+        o = jnp.swapaxes(o.reshape(b, h, -1, d)[:, :, :length], 1, 2)
+        valid = base.pair_mask(mask, mask)
+        total = jnp.sum(valid) * h
+        sparsity = jnp.where(total > 0, 1.0 - jnp.sum(live) / jnp.maximum(total, 1),
+                             0.0).astype(jnp.float32)
+        return _Attended(o, sparsity,
+                         lambda scores: gathered_accuracy(scores, idx, live, valid), gram_mse=True)
+
+    implementations = base.implementations(
+        base.Implementation('reference', _attend_reference),
+        base.Implementation('xla', _attend_gathered, settings={
+            'granularity': base.one_of('element', 'vector'), 'selection': base.one_of('topk')}),
+        base.Implementation('pallas', _attend_block_kernel, settings={
+            'granularity': base.one_of('block'),
+            'block_q': base.Restriction(_kernel_tile, 'a power of two >= 16'),
+            'block_k': base.Restriction(_kernel_tile, 'a power of two >= 16')},
+            attention_dropout=False, kernel=True),
+    )
 
     def attend(self, x, mask, carry, *, deterministic, rng):
         """DSA layer; see ``base.Attention.__call__`` and the module docstring."""
-        cfg = self.cfg
         q, k, v = self.project_qkv(x)
         qt = kt = s_pred = None
         if self.has_predictor:
             qt, kt, s_pred = self.predict(x, mask)
         sel = self._selection_scores(q, k, s_pred, mask, deterministic, rng)
-        valid = base.pair_mask(mask, mask)
-        gathered = (cfg.impl == 'xla' and cfg.selection == 'topk'
-                    and cfg.granularity in ('element', 'vector'))
-        stats = {}
-        if gathered:
-            o, idx, live = self._gathered(q, k, v, sel, mask, deterministic, rng)
-            total = jnp.sum(valid) * self.dims.num_heads
-            stats['sparsity'] = jnp.where(total > 0, 1.0 - jnp.sum(live) / jnp.maximum(total, 1),
-                                          0.0).astype(jnp.float32)
-        else:
-            keep, extra = self.select_mask(sel, mask)
-            if cfg.granularity == 'block':
-                o = self._block_attention(q, k, v, keep, extra['block_idx'], extra['block_ok'],
-                                          mask, deterministic, rng)
-            else:
-                o = self._masked(q, k, v, keep, deterministic, rng)
-            stats['sparsity'] = base.pair_sparsity(keep, valid)
-        o = jnp.where(mask[:, :, None, None], o, 0).astype(v.dtype)
-        y = self.project_out(o)
-
-        aux = {}
+        attended = self.implementation.run(self, q, k, v, sel, mask, deterministic, rng)
+        o = jnp.where(mask[:, :, None, None], attended.o, 0).astype(v.dtype)
+        stats, aux = {'sparsity': attended.sparsity}, {}
         if self.has_predictor:
-            mse = self._mse(q, k, qt, kt, mask, dense=not gathered)
+            mse = score_mse(q, k, qt, kt, mask, gram=attended.gram_mse)
             stats['mse'] = jax.lax.stop_gradient(mse).astype(jnp.float32)
-            aux['dsa_mse'] = (cfg.mse_weight * mse).astype(jnp.float32)
-        if cfg.accuracy_stat:
+            aux['dsa_mse'] = (self.cfg.mse_weight * mse).astype(jnp.float32)
+        if self.cfg.accuracy_stat:
             s = jax.lax.stop_gradient(base.attention_scores(q, k) / math.sqrt(self.dims.head_dim))
-            if gathered:
-                stats['prediction_accuracy'] = gathered_accuracy(s, idx, live, valid)
-            else:
-                stats['prediction_accuracy'] = prediction_accuracy(s, keep, valid)
-        return base.AttentionOutput(y, carry, stats, aux)
+            stats['prediction_accuracy'] = attended.accuracy(s)
+        return base.AttentionOutput(self.project_out(o), carry, stats, aux)
 
     def inspect_maps(self, x, mask, carry):
         """Maps for notebooks (reference selection, deterministic).
@@ -728,9 +745,8 @@ METHOD = base.AttentionMethod(
     name='dsa',
     module=DSAAttention,
     default_config=default_config,
-    validate=validate,
+    check=validate,
     layer_macs=layer_macs,
-    impls=('reference', 'xla', 'pallas'),
     description='trainable low-rank, low-precision predictor picks the attention weights to '
                 'compute (DSA)',
     dense_equivalent={'sparsity': 0.0, 'selection': 'topk', 'granularity': 'element'},

@@ -1,104 +1,41 @@
 """SpAtten: cascade token and head pruning, local value pruning, progressive quantization.
 
-SpAtten (Wang, Zhang, Han, HPCA 2021) as an attention method of the one LRA encoder.
+SpAtten (Wang, Zhang, Han, "SpAtten: Efficient Sparse Attention Architecture with Cascade Token
+and Head Pruning", HPCA 2021; Algorithm 2, Sections III-C, III-D) as a method of the one
+encoder. For x [batch, n, emb] and its mask [batch, n], one layer:
 
-What one layer does (Algorithm 2 of the paper, plus Sections III-C and III-D):
+1. projects Q/K/V [batch, n, heads, head_dim] of the heads kept so far only (``head_keep``);
+2. computes the probabilities [batch, heads, n, n], with Q and K quantized (``quant``: ``none``;
+   ``static`` at ``msb_bits``; ``progressive``: MSBs first, rows whose largest probability is
+   below ``requant_threshold`` recomputed with MSB+LSB);
+3. adds them to the cumulative token importance ``s_t`` [batch, n] (sum over heads and rows);
+4. uses, per head, the ``ceil(value_keep_ratio * valid)`` V vectors of largest probability mass
+   (local value pruning) for AV;
+5. adds ``sum |E|`` per head to the cumulative head importance ``s_h`` [batch, H];
+6. keeps, for the next layers, the best heads by ``s_h`` and the best tokens by ``s_t`` (index 0
+   always; counts from the token schedule, per example or as a budget with
+   ``length_adaptive``): ``carry.select`` [batch, n_next] lists the surviving tokens and the
+   encoder drops the others after the block.
 
-1. **Projections of the kept heads only.** ``head_keep`` (int32 [batch, H_l], ascending original
-   head ids, carried from the previous layer) selects per-example slices of the Q/K/V kernels
-   (``[emb, H, head_dim]``) and of the output kernel (``[H, head_dim, emb]``); pruned heads are
-   never computed. The layer's own weights are the usual ``query/key/value/out`` projections, so a
-   dense checkpoint loads unchanged (``eval_only``).
-2. **Scores and probabilities**, optionally with quantised Q and K (``quant``):
-   ``'static'`` rounds Q and K to ``msb_bits`` (linear symmetric); ``'progressive'`` first uses
-   the MSBs of an (msb+lsb)-bit code and recomputes, with all bits, every query row whose max
-   probability is below ``requant_threshold``.
-3. **Cumulative token importance**: ``s_t += sum over kept heads and valid query rows of probs``
-   (padded and pruned queries have all-zero probability rows, so they add nothing).
-4. **Local value pruning**: per example and head, only the ``ceil(value_keep_ratio * valid)`` V
-   vectors with the largest probability mass (column sum over that head's valid query rows) are
-   used in AV; the others are skipped for that head only.
-5. **Cumulative head importance**: ``s_h += sum over valid query rows and head_dim of |E|``
-   (E = the head's attention output before the output projection).
-6. **Cascade pruning for the following layers**: the top heads by ``s_h`` (among those still
-   kept) and the top tokens by ``s_t`` survive; ``carry.select`` lists the surviving tokens and
-   the encoder removes the others from the hidden states and the mask after this block.
+Carry state (:class:`SpAttenAttention`): ``token_scores``, ``head_scores``, ``head_keep``,
+``valid0`` (and ``alive`` for the reference).
 
-Token selection rules (static shapes). Each layer ``l`` processes a static number of tokens
-``n_l`` (the capacity) and, per example, ``k_l`` valid ones. Going from layer ``l`` to ``l+1``
-the capacity becomes ``n_{l+1} = ceil(n_l * r_{l+1} / r_l)`` where ``r`` is the token schedule
-(fraction of the input processed by each layer, :func:`token_keep_schedule`); this is Algorithm
-2's ``top-k(s_t, L_1 * (1 - p_t))`` with the per-layer pruning ratio ``p_t = 1 - r_{l+1}/r_l``
-and equals ``ceil(r_{l+1} * L)`` up to one token of rounding per layer. Per example:
+Implementations: ``xla`` gathers (later layers run on shorter sequences, pruned heads' weight
+slices and pruned V vectors are skipped); ``reference`` is the dense-masked twin (full lengths,
+every head, pruned tokens masked through ``alive``, pruned heads and V vectors zeroed). Both give
+the same logits.
 
-* ``length_adaptive=False``: keep ``ceil(k_l * r_{l+1}/r_l)`` of the example's valid tokens, so
-  every example keeps the scheduled fraction of its own length (the LTP/SpAtten rule
-  ``round(sentence_length * keep_rate)``, with ceil).
-* ``length_adaptive=True``: keep ``min(k_l, n_{l+1})`` valid tokens: the schedule fixes a token
-  *budget* (the capacity, a fraction of the padded length), so an example shorter than the budget
-  is not pruned and a longer one keeps ``n_{l+1}/k_l`` of its tokens -- the longer the input, the
-  more is pruned (Section I: "the longer, the more tokens are pruned away").
+Statistics: ``sparsity`` (valid pairs of the original full attention not used in AV),
+``tokens_kept``, ``heads_kept``, ``values_kept``, and with quantization ``average_bits`` and
+``lsb_refetch_fraction``. MACs are the cost model's (:func:`layer_macs`).
 
-The kept tokens are the top-k by cumulative score; index 0 (the CLS token, or the pooled first
-position of retrieval) is always kept, padded tokens are ranked last (padding goes first), ties
-go to the lowest index (the top-k engine keeps "exactly k, ties by arrival order"). ``select``
-lists the kept tokens plus padding positions to fill the capacity, in ascending original order,
-so the sequence stays in input order and the mask marks exactly the kept tokens valid.
-
-Implementations: ``impl='xla'`` (default path of the physical savings) really gathers: later
-layers run on shorter sequences, pruned heads' weight slices are not multiplied, pruned V vectors
-are not gathered. ``impl='reference'`` is the obviously-correct dense-masked twin: full-length
-sequences and all heads are computed, pruned tokens are masked as queries and keys (an ``alive``
-mask in the carry state, never a ``select``), pruned heads' outputs and pruned V vectors are
-zeroed. Both give the same logits (tested).
-
-Interpretations (the paper leaves these open):
-
-* Layer ``l``'s FFN still sees the tokens pruned after its attention (the encoder applies
-  ``select`` after the whole block); they are removed from every following layer. Their layer-l
-  FFN output is never used (CLS pooling), so applying ``select`` between attention and FFN would
-  save those MACs too; the cost model (:func:`layer_macs`) follows the encoder as it is.
-* The last layer never prunes tokens (no following layer); layer 0 processes every token and
-  every head (no cumulative score exists before it). So a 1-layer model (image) prunes neither.
-* Token scores use the final probabilities of the layer (after any LSB refetch), before local
-  value pruning and before dropout, as in Fig. 8 (softmax -> accumulator, in parallel with the
-  local-V top-k). Scores accumulate over kept heads only.
-* Local value pruning is per (example, head) by column mass over the valid query rows (the
-  paper's per-query dataflow of Section IV coincides with this in the generation stage); the
-  kept probabilities are NOT renormalised ("the remaining probabilities are multiplied with
-  fetched V", Section IV-A), so a pruned row sums to less than 1.
-* Quantisation is fake (simulated) and applies to Q and K only; V stays in model precision.
-  Scales are per example and head over the valid tokens (padding never changes a scale):
-  ``scale = max|x| / (2^(b-1) - 1)``, codes rounded to nearest. The progressive MSB value is
-  the (msb+lsb)-bit code with its low ``lsb`` bits dropped (two's-complement arithmetic shift,
-  i.e. floor), as when only the MSB half of the stored code is fetched; the refetch recomputes
-  with the full code. Gradients pass straight through the rounding.
-* ``average_bits`` = bits fetched per Q/K element on average: ``msb + lsb * refetch_fraction``
-  (progressive), ``msb`` (static). ``lsb_refetch_fraction`` = fraction of valid (query row,
-  kept head) pairs recomputed.
-* ``sparsity`` = fraction of the valid query-key pairs of the ORIGINAL full attention (all
-  heads, the example's original valid length) that this layer does not use in AV: pruned tokens,
-  pruned heads and pruned V vectors all count. ``tokens_kept`` = valid tokens processed by the
-  layer / original valid tokens; ``heads_kept`` = heads computed / heads; ``values_kept`` = V
-  vectors used per kept head / valid tokens of the layer; ``flop_reduction`` = 1 - (this layer's
-  MACs on its valid tokens) / (a dense layer's MACs on the original valid tokens), so its mean
-  over layers (the encoder's ``flop_reduction``) is the whole-encoder reduction (attention and
-  FFN). It needs the feed-forward width, read from ``dims.mlp_dim`` when the dims carry it (the
-  stat is omitted otherwise).
-* Progressive quantization is an accuracy emulation: the MSB and the full computation are both
-  evaluated and selected per row (no memory traffic is saved on CPU/GPU).
-
-Defaults (the released schedules of ``mit-han-lab/spatten`` workloads and the LTP rule, scaled to
-LRA's 4 layers): no token pruning in layer 0, then a linear decrease of the kept fraction to 0.5
-at the last layer (GPT-2 traces go to 0.3/0.1 at 12-24 layers; LRA models are 4 layers deep and
-trained from scratch, so we stop at 0.5); heads pruned only in the last ``round(N/3)`` layers,
-which keep ``round(0.75 H)`` heads (GPT-2-medium keeps 13/16 then 10/16 in its last third);
-local V keeps 30% (GPT-2-medium: 0.3); progressive 8+4 bits with threshold 0.05 (the GPT-2-small
-trace uses 6+4 at 0.05; 8 MSBs because these models are also trained with quantization on).
+The token selection rules in full, the defaults and where they come from, and how the paper's
+open points are resolved: ``docs/methods/spatten.md``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -106,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lra_sparse.attention import base
+from lra_sparse.attention import base, quant
 
 QUANT_MODES = ('none', 'static', 'progressive')
 MSB_BITS = (4, 6, 8, 10, 12)
@@ -184,20 +121,34 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _check_schedule(field: str, values, num_layers: int, *, entry_ok, entries: str,
+                    first, first_rule: str, order_rule: str) -> None:
+    """A per-layer schedule: () or one valid entry per layer, the given first, non-increasing.
+
+    Args:
+      field: the config field; values: its value; num_layers: encoder depth.
+      entry_ok: value -> True for a valid entry; entries: the valid entries in words.
+      first: the required first entry; first_rule, order_rule: those rules in words.
+    """
+    _check(isinstance(values, (tuple, list)), field, values,
+           f'a tuple of per-layer {entries} or ()')
+    if not values:
+        return
+    _check(len(values) == num_layers, field, values,
+           f'one entry per layer (model.num_layers={num_layers})')
+    _check(all(entry_ok(v) for v in values), field, values, entries)
+    _check(values[0] == first, field, values, first_rule)
+    _check(all(b <= a for a, b in zip(values, values[1:])), field, values, order_rule)
+
+
 def check_fields(cfg, num_layers: int, num_heads: int) -> None:
     """Raises ConfigError for any bad SpAtten field (needs only the depth and head count)."""
-    ratios = cfg.token_keep_ratios
-    _check(isinstance(ratios, (tuple, list)), 'token_keep_ratios', ratios,
-           'a tuple of per-layer fractions or ()')
-    if ratios:
-        _check(len(ratios) == num_layers, 'token_keep_ratios', ratios,
-               f'one fraction per layer (model.num_layers={num_layers})')
-        _check(all(_is_number(r) and 0.0 < r <= 1.0 for r in ratios), 'token_keep_ratios',
-               ratios, 'fractions in (0, 1]')
-        _check(ratios[0] == 1.0, 'token_keep_ratios', ratios,
-               'first entry 1.0 (layer 0 sees every token: no importance score exists yet)')
-        _check(all(b <= a for a, b in zip(ratios, ratios[1:])), 'token_keep_ratios', ratios,
-               'non-increasing fractions (a pruned token never comes back)')
+    _check_schedule(
+        'token_keep_ratios', cfg.token_keep_ratios, num_layers,
+        entry_ok=lambda r: _is_number(r) and 0.0 < r <= 1.0, entries='fractions in (0, 1]',
+        first=1.0,
+        first_rule='first entry 1.0 (layer 0 sees every token: no importance score exists yet)',
+        order_rule='non-increasing fractions (a pruned token never comes back)')
     final = cfg.token_keep_final
     _check(_is_number(final) and 0.0 < final <= 1.0, 'token_keep_final', final,
            'a fraction in (0, 1]')
@@ -207,18 +158,12 @@ def check_fields(cfg, num_layers: int, num_heads: int) -> None:
            f'an integer in [1, {num_layers}] (layer 0 sees every token; {num_layers} = never)')
     _check(isinstance(cfg.length_adaptive, bool), 'length_adaptive', cfg.length_adaptive,
            'True or False')
-    counts = cfg.head_keep_counts
-    _check(isinstance(counts, (tuple, list)), 'head_keep_counts', counts,
-           'a tuple of per-layer head counts or ()')
-    if counts:
-        _check(len(counts) == num_layers, 'head_keep_counts', counts,
-               f'one count per layer (model.num_layers={num_layers})')
-        _check(all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in counts),
-               'head_keep_counts', counts, 'positive integers')
-        _check(counts[0] == num_heads, 'head_keep_counts', counts,
-               f'first entry = model.num_heads={num_heads} (layer 0 computes every head)')
-        _check(all(b <= a for a, b in zip(counts, counts[1:])), 'head_keep_counts', counts,
-               'counts no larger than the heads left by the previous layer (non-increasing)')
+    _check_schedule(
+        'head_keep_counts', cfg.head_keep_counts, num_layers,
+        entry_ok=lambda h: isinstance(h, int) and not isinstance(h, bool) and h >= 1,
+        entries='head counts >= 1', first=num_heads,
+        first_rule=f'first entry = model.num_heads={num_heads} (layer 0 computes every head)',
+        order_rule='counts no larger than the heads left by the previous layer (non-increasing)')
     hf = cfg.head_keep_final
     _check(_is_number(hf) and 0.0 < hf <= 1.0, 'head_keep_final', hf, 'a fraction in (0, 1]')
     vr = cfg.value_keep_ratio
@@ -283,47 +228,44 @@ def top_heads(head_scores: jax.Array, head_keep: jax.Array, count: int) -> jax.A
     return jnp.sort(jnp.take_along_axis(head_keep, order, axis=1), axis=1)
 
 
-def _straight_through(x: jax.Array, q: jax.Array) -> jax.Array:
-    return x + jax.lax.stop_gradient(q - x)
-
-
-def quant_codes(x: jax.Array, valid: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
-    """Linear symmetric quantization codes, one scale per example and head over valid tokens.
+def _per_example_head(mask: jax.Array) -> dict:
+    """Scale grouping of Q/K [batch, n, heads, head_dim]: per example and head, valid tokens.
 
     Args:
-      x: [batch, n, heads, head_dim].
-      valid: bool [batch, n].
-      bits: bit width b; codes lie in [-(2^(b-1) - 1), 2^(b-1) - 1].
+      mask: bool [batch, n].
 
     Returns:
-      (codes float32 [batch, n, heads, head_dim] integers, scale float32 [batch, 1, heads, 1]).
+      {'axes', 'valid'} keyword arguments of the ``quant`` functions.
     """
-    xf = jax.lax.stop_gradient(x.astype(jnp.float32))
-    amax = jnp.max(jnp.where(valid[:, :, None, None], jnp.abs(xf), 0.0), axis=(1, 3),
-                   keepdims=True)
-    qmax = 2.0 ** (bits - 1) - 1.0
-    scale = jnp.where(amax > 0, amax / qmax, 1.0)
-    return jnp.clip(jnp.round(xf / scale), -qmax, qmax), scale
+    return {'axes': (1, 3), 'valid': mask[:, :, None, None]}
 
 
-def fake_quant(x: jax.Array, valid: jax.Array, bits: int) -> jax.Array:
-    """Returns x rounded to ``bits`` (:func:`quant_codes`), straight-through gradient."""
-    codes, scale = quant_codes(x, valid, bits)
-    return _straight_through(x, (codes * scale).astype(x.dtype))
+def fake_quant(x: jax.Array, mask: jax.Array, bits: int) -> jax.Array:
+    """Rounds x [batch, n, heads, head_dim] to ``bits`` (nearest), straight-through gradient.
+
+    One scale per example and head over the valid tokens (mask bool [batch, n]).
+    """
+    return quant.fake_quant(x, bits, **_per_example_head(mask))
 
 
-def msb_lsb_quant(x: jax.Array, valid: jax.Array, msb: int,
+def msb_lsb_quant(x: jax.Array, mask: jax.Array, msb: int,
                   lsb: int) -> tuple[jax.Array, jax.Array]:
     """(MSB-only value, full MSB+LSB value) of x's (msb+lsb)-bit code, straight-through.
 
-    The MSB-only value drops the low ``lsb`` bits of the code (arithmetic shift = floor), i.e.
-    what is seen when only the MSB half of the stored code is fetched.
+    Args:
+      x: [batch, n, heads, head_dim]; one scale per example and head over the valid tokens.
+      mask: bool [batch, n].
+      msb, lsb: bit widths of the two parts.
+
+    Returns:
+      Two arrays shaped like x. The MSB-only value drops the low ``lsb`` bits of the code
+      (arithmetic shift = floor), i.e. what is seen when only the MSB half of the stored code is
+      fetched.
     """
-    codes, scale = quant_codes(x, valid, msb + lsb)
-    step = 2.0 ** lsb
-    msb_codes = jnp.floor(codes / step) * step
-    return (_straight_through(x, (msb_codes * scale).astype(x.dtype)),
-            _straight_through(x, (codes * scale).astype(x.dtype)))
+    codes, scale = quant.quant_codes(x, msb + lsb, **_per_example_head(mask))
+    msb_codes = quant.drop_low_bits(codes, lsb, rounding='floor')
+    return (quant.straight_through(x, msb_codes * scale),
+            quant.straight_through(x, codes * scale))
 
 
 def _ceil_count(count: jax.Array, ratio: float) -> jax.Array:
@@ -331,18 +273,6 @@ def _ceil_count(count: jax.Array, ratio: float) -> jax.Array:
 
 
 # -- cost model -----------------------------------------------------------------------------------
-def _macs(n, kv, heads, emb_dim, head_dim, mlp_dim) -> dict:
-    """MACs of one layer: n tokens, kv V vectors per head, ``heads`` heads computed."""
-    d = heads * head_dim
-    return {
-        'qkv_proj': 3.0 * n * emb_dim * d,
-        'out_proj': 1.0 * n * d * emb_dim,
-        'scores': 1.0 * n * n * d,
-        'attention_values': 1.0 * n * kv * d,
-        'ffn': 2.0 * n * emb_dim * mlp_dim,
-    }
-
-
 def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
                mlp_dim: int) -> tuple[dict[str, float], int]:
     """MACs of one SpAtten layer for one example and the number of tokens leaving it.
@@ -356,7 +286,7 @@ def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
     ratios = token_keep_schedule(cfg, dims.num_layers)
     heads = head_keep_schedule(cfg, dims.num_heads, dims.num_layers)[layer]
     kv = next_capacity(n, float(cfg.value_keep_ratio))
-    macs = _macs(n, kv, heads, dims.emb_dim, dims.head_dim, mlp_dim)
+    macs = base.layer_macs(dims, n, mlp_dim, qkv_width=heads * dims.head_dim, value_pairs=n * kv)
     if cfg.quant != 'none':
         macs['qk_bits'] = float(cfg.msb_bits)
     last = layer + 1 >= dims.num_layers
@@ -378,33 +308,90 @@ class SpAttenAttention(base.Attention):
 
     def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
         super().__init__(dims, cfg, rngs=rngs)
-        check_fields(cfg, dims.num_layers, dims.num_heads)
         self.token_ratios = token_keep_schedule(cfg, dims.num_layers)
         self.head_counts = head_keep_schedule(cfg, dims.num_heads, dims.num_layers)
 
-    # -- projections -------------------------------------------------------------------------
+    def check_config(self, cfg, dims):
+        """Raises ConfigError for any bad SpAtten field."""
+        check_fields(cfg, dims.num_layers, dims.num_heads)
+
+    # -- the steps of one layer ---------------------------------------------------------------
+    # ``physical`` (the xla implementation) gathers: kept heads' weight slices, kept V vectors,
+    # the surviving tokens; otherwise (reference) the same selections are masks on full arrays.
+    def _entry_state(self, carry: base.LayerCarry, mask: jax.Array, physical: bool) -> dict:
+        """The carry state entering this layer; layer 0 starts it (nothing pruned yet).
+
+        Args:
+          carry: the previous layer's carry (state empty before layer 0).
+          mask: bool [batch, n] valid tokens.
+          physical: whether sequences shrink (reference: an 'alive' mask instead).
+
+        Returns:
+          {'token_scores' float32 [batch, n], 'head_scores' float32 [batch, H], 'head_keep' int32
+          [batch, H_l], 'valid0' int32 [batch], and for the reference 'alive' bool [batch, n]}.
+        """
+        if carry.state:
+            return dict(carry.state)
+        batch, n = mask.shape
+        h = self.dims.num_heads
+        state = {
+            'token_scores': jnp.zeros((batch, n), jnp.float32),
+            'head_scores': jnp.zeros((batch, h), jnp.float32),
+            'head_keep': jnp.broadcast_to(jnp.arange(h, dtype=jnp.int32), (batch, h)),
+            'valid0': jnp.sum(mask, axis=1).astype(jnp.int32),
+        }
+        if not physical:
+            state['alive'] = jnp.ones((batch, n), bool)
+        return state
+
     def _kernel(self, proj) -> jax.Array:
         return proj.kernel[...].astype(jnp.dtype(self.dims.dtype))
 
-    def _project_heads(self, x: jax.Array, head_keep: jax.Array):
-        """Q, K, V [batch, n, H_l, head_dim] of the kept heads only (per-example weight slices)."""
-        e, h, d = self.dims.emb_dim, self.dims.num_heads, self.dims.head_dim
-        x = x.astype(jnp.dtype(self.dims.dtype))
-        out = []
-        for proj in (self.query, self.key, self.value):
-            w = jnp.take(self._kernel(proj).reshape(e, h, d), head_keep, axis=1)  # [E, B, H_l, D]
-            out.append(jnp.einsum('ble,ebhd->blhd', x, w))
-        return tuple(out)
+    def _project_kept_heads(self, x: jax.Array, head_keep: jax.Array, physical: bool):
+        """Q, K, V of the computed heads and which of their slots are kept heads.
 
-    def _output_heads(self, o: jax.Array, head_keep: jax.Array) -> jax.Array:
-        """[batch, n, H_l, head_dim] -> [batch, n, emb] through the kept heads' output rows."""
+        Args:
+          x: [batch, n, emb]; head_keep: int32 [batch, H_l] ascending kept head ids.
+
+        Returns:
+          (q, k, v [batch, n, H', head_dim], head_on bool [batch, H']): physically with pruned
+          heads H' = H_l (per-example weight slices, all on); otherwise H' = H with the pruned
+          heads off.
+        """
+        batch, num_heads = x.shape[0], self.dims.num_heads
+        h_cur = head_keep.shape[1]
+        if physical and h_cur < num_heads:
+            e, d = self.dims.emb_dim, self.dims.head_dim
+            xc = x.astype(jnp.dtype(self.dims.dtype))
+            qkv = [jnp.einsum('ble,ebhd->blhd', xc, jnp.take(  # slices [E, B, H_l, D]
+                self._kernel(proj).reshape(e, num_heads, d), head_keep, axis=1))
+                for proj in (self.query, self.key, self.value)]
+            return (*qkv, jnp.ones((batch, h_cur), bool))
+        if h_cur < num_heads:
+            head_on = jnp.sum(jax.nn.one_hot(head_keep, num_heads, dtype=jnp.int32), axis=1) > 0
+        else:
+            head_on = jnp.ones((batch, num_heads), bool)
+        return (*self.project_qkv(x), head_on)
+
+    def _output_kept_heads(self, o: jax.Array, head_keep: jax.Array, physical: bool) -> jax.Array:
+        """[batch, n, H', head_dim] -> [batch, n, emb] through the kept heads' output rows."""
         e, h, d = self.dims.emb_dim, self.dims.num_heads, self.dims.head_dim
+        if not (physical and head_keep.shape[1] < h):
+            return self.project_out(o)
         w = jnp.take(self._kernel(self.out).reshape(h, d, e), head_keep, axis=0)  # [B, H_l, D, E]
         return jnp.einsum('blhd,bhde->ble', o.astype(w.dtype), w)
 
-    # -- probabilities ------------------------------------------------------------------------
     def _probs(self, q, k, mask, row_ok):
-        """Probabilities [batch, heads, n, n] with the configured quantization, and quant stats."""
+        """Probabilities with the configured Q/K quantization.
+
+        Args:
+          q, k: [batch, n, heads, head_dim]; mask: bool [batch, n] tokens processed.
+          row_ok: bool [batch, heads, n] valid query rows of computed heads (refetch counting).
+
+        Returns:
+          (probs float32 [batch, heads, n, n], quantization stats {'average_bits',
+          'lsb_refetch_fraction'} or {} without quantization).
+        """
         valid = base.pair_mask(mask, mask)
         scale = 1.0 / math.sqrt(self.dims.head_dim)
         cfg = self.cfg
@@ -428,107 +415,149 @@ class SpAttenAttention(base.Attention):
         return probs, {'lsb_refetch_fraction': frac,
                        'average_bits': (cfg.msb_bits + cfg.lsb_bits * frac).astype(jnp.float32)}
 
-    # -- the method ----------------------------------------------------------------------------
+    def _prune_values(self, probs, v, live, n_cur: int, v_cur, physical: bool):
+        """Local value pruning: per head, the V vectors with the largest probability mass.
+
+        Args:
+          probs: float32 [batch, heads, n, n]; v: [batch, n, heads, head_dim].
+          live: bool [batch, n] tokens processed; n_cur: static token count of the layer.
+          v_cur: int32 [batch] tokens processed per example.
+
+        Returns:
+          (probs of the used V vectors [batch, heads, n, kv], the used V [batch, kv, heads,
+          head_dim], kv_keep int32 [batch] V vectors used per head): physically kv = the static
+          ``ceil(value_keep_ratio * n_cur)`` gathered vectors, otherwise kv = n with the pruned
+          columns zeroed.
+        """
+        ratio = float(self.cfg.value_keep_ratio)
+        if ratio >= 1.0:
+            return probs, v, v_cur
+        kv_cap = next_capacity(n_cur, ratio)  # static V vectors per head
+        kv_keep = jnp.minimum(jnp.minimum(_ceil_count(v_cur, ratio), v_cur), kv_cap)  # [B]
+        mass = jnp.where(live[:, None, :], jnp.sum(probs, axis=2), -jnp.inf)
+        order = jnp.argsort(-jax.lax.stop_gradient(mass), axis=-1, stable=True)
+        if not physical:
+            rank = jnp.argsort(order, axis=-1, stable=True)
+            keep_v = rank < kv_keep[:, None, None]  # [B, heads, n]
+            return jnp.where(keep_v[:, :, None, :], probs, 0.0), v, kv_keep
+        idx = order[..., :kv_cap]  # [B, heads, kv_cap]
+        slot_ok = jnp.arange(kv_cap)[None, None] < kv_keep[:, None, None]
+        probs_v = jnp.take_along_axis(probs, idx[:, :, None, :], axis=-1)
+        probs_v = jnp.where(slot_ok[:, :, None, :], probs_v, 0.0)
+        v_used = jnp.take_along_axis(jnp.swapaxes(v, 1, 2), idx[..., None], axis=2)
+        return probs_v, jnp.swapaxes(v_used, 1, 2), kv_keep  # V [B, kv_cap, heads, D]
+
+    def _head_importance(self, o: jax.Array, head_keep: jax.Array, physical: bool) -> jax.Array:
+        """Head importance of this layer: sum of |E| over query rows and head_dim.
+
+        Args:
+          o: [batch, n, H', head_dim] attention output of the computed heads (0 for rows and
+            heads not processed); head_keep: int32 [batch, H_l].
+
+        Returns:
+          float32 [batch, H] indexed by original head id (no gradient).
+        """
+        part = jax.lax.stop_gradient(jnp.sum(jnp.abs(o.astype(jnp.float32)), axis=(1, 3)))
+        if physical and head_keep.shape[1] < self.dims.num_heads:
+            part = jnp.einsum('bk,bkh->bh', part,
+                              jax.nn.one_hot(head_keep, self.dims.num_heads, dtype=jnp.float32))
+        return part
+
+    def _tokens_to_keep(self, live, n_cur: int, v_cur, n_next: int, rho: float) -> jax.Array:
+        """Valid tokens each example keeps for the next layer (see the module docstring).
+
+        Args:
+          live: bool [batch, n] tokens processed; n_cur, n_next: static token counts of this
+            and the next layer; v_cur: int32 [batch] tokens processed; rho: r_{l+1} / r_l.
+
+        Returns:
+          int32 [batch], leaving room for index 0 and for padding to fill ``n_next`` slots.
+        """
+        keep = jnp.minimum(v_cur, n_next) if self.cfg.length_adaptive else _ceil_count(v_cur, rho)
+        first_invalid = (~live[:, 0]).astype(jnp.int32)
+        keep = jnp.clip(keep, n_next - (n_cur - v_cur), n_next - first_invalid)
+        return jnp.clip(keep, 0, v_cur)
+
+    def _carry_to_next_layer(self, carry, state, live, mask, n_cur: int, v_cur,
+                             physical: bool) -> base.LayerCarry:
+        """Cascade pruning: the heads and tokens the next layer processes.
+
+        Args:
+          carry: the carry this layer received; state: its updated state (this layer's
+            cumulative scores, heads computed here in 'head_keep').
+          live: bool [batch, n] tokens processed; mask: bool [batch, n] valid tokens.
+          n_cur: static token count; v_cur: int32 [batch] tokens processed.
+
+        Returns:
+          The next carry: physically ``select`` int32 [batch, n_next] and positions / token
+          scores in the new frame; otherwise the same sequence with the pruned tokens off in
+          'alive'. The last layer prunes nothing.
+        """
+        layer = self.dims.layer_index
+        if layer + 1 >= self.dims.num_layers:
+            return carry.replace(select=None, state=state)
+        head_keep = state['head_keep']
+        if self.head_counts[layer + 1] < head_keep.shape[1]:
+            state['head_keep'] = top_heads(state['head_scores'], head_keep,
+                                           self.head_counts[layer + 1])
+        rho = self.token_ratios[layer + 1] / self.token_ratios[layer]
+        if rho >= 1.0:
+            return carry.replace(select=None, state=state)
+        n_next = next_capacity(n_cur, rho)
+        keep = self._tokens_to_keep(live, n_cur, v_cur, n_next, rho)
+        select, kept = select_tokens(state['token_scores'], live, keep, n_next)
+        if not physical:
+            state['alive'] = state['alive'] & (kept | ~mask)
+            return carry.replace(select=None, state=state)
+        state['token_scores'] = jnp.take_along_axis(state['token_scores'], select, axis=1)
+        positions = jnp.take_along_axis(carry.positions, select, axis=1)
+        return carry.replace(positions=positions, select=select, state=state)
+
+    # -- the layer -----------------------------------------------------------------------------
     def attend(self, x, mask, carry, *, deterministic, rng):
         """SpAtten layer; see ``base.Attention.__call__`` and the module docstring."""
-        dims, cfg = self.dims, self.cfg
-        physical = cfg.impl != 'reference'
-        layer, num_layers, num_heads = dims.layer_index, dims.num_layers, dims.num_heads
-        batch, n = x.shape[0], x.shape[1]
-        state = dict(carry.state)
-        if not state:  # first layer: nothing pruned yet
-            state = {
-                'token_scores': jnp.zeros((batch, n), jnp.float32),
-                'head_scores': jnp.zeros((batch, num_heads), jnp.float32),
-                'head_keep': jnp.broadcast_to(jnp.arange(num_heads, dtype=jnp.int32),
-                                              (batch, num_heads)),
-                'valid0': jnp.sum(mask, axis=1).astype(jnp.int32),
-            }
-            if not physical:
-                state['alive'] = jnp.ones((batch, n), bool)
-        ratios, counts = self.token_ratios, self.head_counts
+        return self.implementation.run(self, x, mask, carry, deterministic, rng)
+
+    def _attend(self, x, mask, carry, deterministic, rng, *, physical: bool):
+        """The steps of Algorithm 2 for x [batch, n, emb], mask bool [batch, n].
+
+        ``physical``: gather (xla) rather than mask (reference); the implementations table binds
+        it.
+        """
+        state = self._entry_state(carry, mask, physical)
+        n = x.shape[1]
         # Static token count of this layer (reference: sequences never shrink, chain the rule).
-        n_cur = n if physical else capacity_chain(n, ratios, layer)
-        eff_mask = mask if physical else mask & state['alive']
+        n_cur = n if physical else capacity_chain(n, self.token_ratios, self.dims.layer_index)
+        live = mask if physical else mask & state['alive']  # [B, n] tokens processed
         head_keep = state['head_keep']
-        h_cur = head_keep.shape[1]
-        pruned_heads = h_cur < num_heads
-
-        # Q/K/V of the computed heads.
-        if physical and pruned_heads:
-            q, k, v = self._project_heads(x, head_keep)
-            head_on = jnp.ones((batch, h_cur), bool)
-        else:
-            q, k, v = self.project_qkv(x)
-            head_on = (jnp.sum(jax.nn.one_hot(head_keep, num_heads, dtype=jnp.int32), axis=1) > 0
-                       if pruned_heads else jnp.ones((batch, num_heads), bool))
-        row_ok = eff_mask[:, None, :] & head_on[:, :, None]  # [B, heads, n] valid query rows
-        probs, stats = self._probs(q, k, eff_mask, row_ok)
+        q, k, v, head_on = self._project_kept_heads(x, head_keep, physical)
+        probs, stats = self._probs(q, k, live, live[:, None, :] & head_on[:, :, None])
         probs = jnp.where(head_on[:, :, None, None], probs, 0.0)
-
+        v_cur = jnp.sum(live, axis=1).astype(jnp.int32)  # [B] tokens processed
         # Cumulative token importance (Algorithm 2): sum over heads and query rows.
-        v_cur = jnp.sum(eff_mask, axis=1).astype(jnp.int32)  # [B] valid tokens now
         token_scores = state['token_scores'] + jax.lax.stop_gradient(jnp.sum(probs, axis=(1, 2)))
-
-        # Local value pruning: per head, the V vectors with the largest probability mass.
-        ratio_v = float(cfg.value_keep_ratio)
-        if ratio_v < 1.0:
-            kv_cap = next_capacity(n_cur, ratio_v)  # static V vectors per head
-            kv_keep = jnp.minimum(jnp.minimum(_ceil_count(v_cur, ratio_v), v_cur), kv_cap)  # [B]
-            mass = jnp.where(eff_mask[:, None, :], jnp.sum(probs, axis=2), -jnp.inf)
-            order = jnp.argsort(-jax.lax.stop_gradient(mass), axis=-1, stable=True)
-            if physical:
-                idx = order[..., :kv_cap]  # [B, heads, kv_cap]
-                slot_ok = jnp.arange(kv_cap)[None, None] < kv_keep[:, None, None]
-                probs_v = jnp.take_along_axis(probs, idx[:, :, None, :], axis=-1)
-                probs_v = jnp.where(slot_ok[:, :, None, :], probs_v, 0.0)
-                v_used = jnp.take_along_axis(jnp.swapaxes(v, 1, 2), idx[..., None], axis=2)
-                v_used = jnp.swapaxes(v_used, 1, 2)  # [B, kv_cap, heads, D]
-            else:
-                rank = jnp.argsort(order, axis=-1, stable=True)
-                keep_v = rank < kv_keep[:, None, None]  # [B, heads, n]
-                probs_v, v_used = jnp.where(keep_v[:, :, None, :], probs, 0.0), v
-        else:
-            kv_keep, probs_v, v_used = v_cur, probs, v
+        probs_v, v_used, kv_keep = self._prune_values(probs, v, live, n_cur, v_cur, physical)
         o = base.weighted_values(self.drop_probs(probs_v, deterministic, rng), v_used)
         o = jnp.where(head_on[:, None, :, None], o, 0).astype(v.dtype)  # [B, n, heads, D]
-        y = self._output_heads(o, head_keep) if physical and pruned_heads else self.project_out(o)
-
-        # Cumulative head importance: sum of |E| over valid query rows and head_dim.
-        head_part = jax.lax.stop_gradient(jnp.sum(jnp.abs(o.astype(jnp.float32)), axis=(1, 3)))
-        if physical and pruned_heads:
-            head_part = jnp.einsum('bk,bkh->bh', head_part,
-                                   jax.nn.one_hot(head_keep, num_heads, dtype=jnp.float32))
-        head_scores = state['head_scores'] + head_part
-
-        stats.update(self._stats(v_cur, kv_keep, h_cur, state['valid0']))
-        new_state = dict(state, token_scores=token_scores, head_scores=head_scores)
-        select, positions = None, carry.positions
-        if layer + 1 < num_layers:
-            if counts[layer + 1] < h_cur:
-                new_state['head_keep'] = top_heads(head_scores, head_keep, counts[layer + 1])
-            rho = ratios[layer + 1] / ratios[layer]
-            if rho < 1.0:
-                n_next = next_capacity(n_cur, rho)
-                if cfg.length_adaptive:
-                    keep = jnp.minimum(v_cur, n_next)
-                else:
-                    keep = _ceil_count(v_cur, rho)
-                first_invalid = (~eff_mask[:, 0]).astype(jnp.int32)
-                keep = jnp.clip(keep, n_next - (n_cur - v_cur), n_next - first_invalid)
-                keep = jnp.clip(keep, 0, v_cur)
-                if physical:
-                    select, _ = select_tokens(token_scores, eff_mask, keep, n_next)
-                    positions = jnp.take_along_axis(carry.positions, select, axis=1)
-                    new_state['token_scores'] = jnp.take_along_axis(token_scores, select, axis=1)
-                else:
-                    _, kept = select_tokens(token_scores, eff_mask, keep, n_next)
-                    new_state['alive'] = state['alive'] & (kept | ~mask)
-        new_carry = carry.replace(positions=positions, select=select, state=new_state)
+        y = self._output_kept_heads(o, head_keep, physical)
+        head_scores = state['head_scores'] + self._head_importance(o, head_keep, physical)
+        stats.update(self._stats(v_cur, kv_keep, head_keep.shape[1], state['valid0']))
+        state = dict(state, token_scores=token_scores, head_scores=head_scores)
+        new_carry = self._carry_to_next_layer(carry, state, live, mask, n_cur, v_cur, physical)
         return base.AttentionOutput(y, new_carry, stats, {})
 
+    implementations = base.implementations(
+        base.Implementation('reference', functools.partial(_attend, physical=False)),
+        base.Implementation('xla', functools.partial(_attend, physical=True)),
+    )
+
     def _stats(self, v_cur, kv_keep, h_cur, valid0) -> dict[str, jax.Array]:
-        """Pooled-over-batch statistics (see the module docstring for the definitions)."""
+        """Pooled-over-batch statistics (see the module docstring for the definitions).
+
+        Args:
+          v_cur: int32 [batch] tokens processed; kv_keep: int32 [batch] V vectors used per head;
+          h_cur: heads computed (static); valid0: int32 [batch] valid tokens of the input.
+        """
         dims = self.dims
         f32 = jnp.float32
         v, kv, v0 = v_cur.astype(f32), kv_keep.astype(f32), valid0.astype(f32)
@@ -538,28 +567,19 @@ class SpAttenAttention(base.Attention):
 
         dense_pairs = jnp.sum(dims.num_heads * v0 * v0)
         attended = frac(jnp.sum(h_cur * v * kv), dense_pairs)
-        stats = {
+        return {
             'sparsity': jnp.where(dense_pairs > 0, 1.0 - attended, 0.0).astype(f32),
             'tokens_kept': frac(jnp.sum(v), jnp.sum(v0)),
             'heads_kept': jnp.asarray(h_cur / dims.num_heads, f32),
             'values_kept': frac(jnp.sum(kv), jnp.sum(v)),
         }
-        mlp_dim = getattr(dims, 'mlp_dim', None)
-        if mlp_dim:
-            kept = _macs(v, kv, h_cur, dims.emb_dim, dims.head_dim, mlp_dim)
-            full = _macs(v0, v0, dims.num_heads, dims.emb_dim, dims.head_dim, mlp_dim)
-            stats['flop_reduction'] = 1.0 - frac(jnp.sum(sum(kept.values())),
-                                                 jnp.sum(sum(full.values())))
-        return stats
-
 
 METHOD = base.AttentionMethod(
     name='spatten',
     module=SpAttenAttention,
     default_config=default_config,
-    validate=validate,
+    check=validate,
     layer_macs=layer_macs,
-    impls=('reference', 'xla'),
     description='cascade token and head pruning, local value pruning, progressive quantization '
                 '(SpAtten)',
     dense_equivalent={'token_keep_ratios': (), 'token_keep_final': 1.0,

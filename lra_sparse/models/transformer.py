@@ -149,20 +149,42 @@ class Encoder(nnx.Module):
         batch, length = tokens.shape[0], x.shape[1]
         carry = base.LayerCarry(
             positions=jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)))
-        per_layer, aux_loss = [], jnp.zeros((), jnp.float32)
-        for block, key in zip(self.blocks, keys[:-1]):
-            x, attn = block(x, mask, carry, deterministic=deterministic, rng=key)
-            carry = attn.carry
-            if carry.select is not None:
-                x = jnp.take_along_axis(x, carry.select[:, :, None], axis=1)
-                mask = jnp.take_along_axis(mask, carry.select, axis=1)
-                carry = carry.replace(select=None)
-            per_layer.append(attn.stats)
+        x, mask, carry, trace = run_blocks(self.blocks, x, mask, carry,
+                                           deterministic=deterministic, keys=keys[:-1])
+        aux_loss = jnp.zeros((), jnp.float32)
+        for attn, _ in trace:
             for value in attn.aux_losses.values():
                 aux_loss = aux_loss + value
         return self.final_ln(x), mask, {
-            'stats': merge_layer_stats(per_layer), 'aux_loss': aux_loss,
+            'stats': merge_layer_stats([attn.stats for attn, _ in trace]), 'aux_loss': aux_loss,
             'positions': carry.positions}
+
+
+def run_blocks(blocks, x: jax.Array, mask: jax.Array, carry: base.LayerCarry, *,
+               deterministic: bool, keys) -> tuple[jax.Array, jax.Array, base.LayerCarry, list]:
+    """The encoder's layer loop: each block, then its ``carry.select`` on the states and the mask.
+
+    Args:
+      blocks: callables ``(x, mask, carry, *, deterministic, rng) -> (x, AttentionOutput)``.
+      x: [batch, length, emb_dim] hidden states; mask: bool [batch, length].
+      carry: the LayerCarry entering the first block.
+      deterministic: False while training.
+      keys: one PRNG key (or None) per block.
+
+    Returns:
+      (x [batch, length', emb_dim], mask [batch, length'], the last carry (select applied), and
+      per block (its AttentionOutput, the mask it saw)).
+    """
+    trace = []
+    for block, key in zip(blocks, keys):
+        x, attn = block(x, mask, carry, deterministic=deterministic, rng=key)
+        trace.append((attn, mask))
+        carry = attn.carry
+        if carry.select is not None:
+            x = jnp.take_along_axis(x, carry.select[:, :, None], axis=1)
+            mask = jnp.take_along_axis(mask, carry.select, axis=1)
+            carry = carry.replace(select=None)
+    return x, mask, carry, trace
 
 
 def merge_layer_stats(per_layer: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
