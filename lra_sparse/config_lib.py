@@ -132,13 +132,19 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def attention_config(name: str, impl: str, apply: str) -> ml_collections.ConfigDict:
-    """``config.attention``: name, impl, apply plus the registered method's own fields."""
+    """``config.attention``: name, impl, apply plus the registered method's own fields.
+
+    The method's defaults come first, then those of the chosen implementation (an unknown
+    ``impl`` adds none; validation names it).
+    """
     method = attention_lib.get_method(name)
     c = ml_collections.ConfigDict()
     c.name = name  # attention method (registry key)
     c.impl = impl  # how it runs: reference | xla | pallas
     c.apply = apply  # train_and_eval | eval_only (dense while training, the method at evaluation)
     c.update(method.default_config())
+    if impl in method.impls:
+        c.update(method.impls[impl].defaults)
     return c
 
 

@@ -9,7 +9,8 @@ overrides apply to every point. A sweep named NAME is, in order of lookup:
      (dotted keys as ``add(**{'attention.sigma': 0.1})``; the key ``attention`` switches method);
   2. the attention method's registered sweep ``METHOD.sweeps[NAME]`` (overrides of
      ``config.attention``);
-  3. ``compare``: dense and every registered method on the same task, seed, steps and data order,
+  3. ``compare``: dense (its reference implementation, the oracle) and every registered method on
+     the same task, seed, steps and data order,
      methods with a sparsity knob at each of ``--sparsities``.
 Each point runs in ``WORKDIR/<point name>``, named by its method and the fields that differ between
 the points (e.g. ``dsa__attention.sigma=0.1``). A point whose ``results.json`` is valid and whose
@@ -101,8 +102,7 @@ def sweep_points(spec: str, name: str, *, seeds: Iterable = (), sparsities: Iter
         swept field, or identical points.
     """
     path, options = _split_spec(spec)
-    raw = _sweep_overrides(spec, path, options.get('attention', 'dense'), name,
-                           _numbers(sparsities, float, '--sparsities'))
+    raw = _sweep_overrides(spec, path, options, name, _numbers(sparsities, float, '--sparsities'))
     seeds = _numbers(seeds, int, '--seeds')
     if seeds:
         raw = [(method, {**overrides, 'seed': seed}) for method, overrides in raw for seed in seeds]
@@ -120,9 +120,10 @@ def sweep_points(spec: str, name: str, *, seeds: Iterable = (), sparsities: Iter
             for (method, overrides), point_name in zip(raw, names)]
 
 
-def _sweep_overrides(spec: str, path: str, method: str, name: str,
+def _sweep_overrides(spec: str, path: str, options: dict, name: str,
                      sparsities: list[float]) -> list[tuple[str, dict]]:
     """(method, overrides) of every point of sweep ``name``, before seeds and common overrides."""
+    method = options.get('attention', 'dense')
     raw: list[tuple[str, dict]] = []
     module = _load_module(path)
     if hasattr(module, f'sweep_{name}'):
@@ -138,6 +139,9 @@ def _sweep_overrides(spec: str, path: str, method: str, name: str,
             fields = config_lib.attention_config(m_name, 'reference', 'train_and_eval')
             if 'sparsity' in fields and m_name != 'dense':
                 raw.extend((m_name, {'attention.sparsity': s}) for s in sparsities)
+            elif m_name == 'dense' and options.get('impl', 'reference') != 'reference':
+                # the oracle: dense xla (a fused call) has no attention dropout, no kernel exists
+                raw.append((m_name, {'attention.impl': 'reference'}))
             else:
                 raw.append((m_name, {}))
     else:

@@ -101,3 +101,13 @@ def test_a_finished_point_is_skipped_only_with_the_same_config(tmp_path):
     assert not sweep._saved_config_is(str(tmp_path), config)
     (tmp_path / 'config.json').write_text('{"seed": ')
     assert not sweep._saved_config_is(str(tmp_path), config)
+
+
+def test_compare_runs_dense_as_its_reference_when_another_impl_is_chosen():
+    """Dense xla has no attention dropout: the compare sweep says dense runs its reference."""
+    points = sweep.sweep_points('configs/listops.py:tiny,impl=xla', 'compare', sparsities=[0.9])
+    assert [p.name for p in points][:2] == ['dense__attention.impl=reference',
+                                            'dsa__attention.sparsity=0.9']
+    for point in points:  # every point is a valid config (nothing refused, nothing switched)
+        config = sweep.point_config('configs/listops.py:tiny,impl=xla', point)
+        assert config.attention.impl == ('reference' if point.attention == 'dense' else 'xla')

@@ -232,6 +232,9 @@ class Implementation:
       attention_dropout: whether it applies attention dropout while training. Without it a rate
         above 0 is refused unless ``apply='eval_only'`` (training then runs dense attention).
       kernel: whether it runs a Pallas kernel (interpret mode on CPU).
+      defaults: attention fields a config that selects this implementation starts from, over the
+        method's own defaults (``config_lib.attention_config``; e.g. DSA's kernel path starts
+        at block granularity with 64 × 64 tiles).
     """
 
     name: str
@@ -239,6 +242,7 @@ class Implementation:
     settings: Mapping[str, Restriction] = dataclasses.field(default_factory=dict)
     attention_dropout: bool = True
     kernel: bool = False
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def used(self) -> str:
         """What runs on this backend: the name, plus ' (interpret)' for a kernel on CPU."""

@@ -30,7 +30,8 @@ Implementations (the table of :class:`DSAAttention`; other pairs are refused by 
   group, gathered K and V [batch, heads, groups, k_max, head_dim], attention on those only; the
   MSE from ``head_dim × k`` Gram matrices. No L×L attention score matrix (``S̃`` still is L×L at
   width k).
-* ``pallas``: ``block`` granularity, tiles powers of two >= 16, no attention dropout: the kept
+* ``pallas``: ``block`` granularity (its default, with 64 × 64 tiles), tiles powers of two >= 16
+  (>= 64 compiled for a GPU), no attention dropout: the kept
   tiles' index lists go to the block-sparse kernel (``pallas_kernels.block_sparse``); interpret
   mode on CPU.
 
@@ -134,8 +135,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _kernel_tile(value) -> bool:
-    """A tile size the block-sparse kernel takes: a power of two >= 16."""
-    return value >= 16 and value & (value - 1) == 0
+    """A tile size the block-sparse kernel takes: a power of two >= 16, >= 64 for a GPU.
+
+    Compiled for a GPU, 16- and 32-row tiles become m16 ``mma.sync`` programs with too little work
+    each to beat dense flash attention at any density (docs/BENCHMARKS.md); interpret mode (CPU)
+    and TPU take 16.
+    """
+    import pallas_kernels  # noqa: PLC0415  (jax-only, imported when used)
+
+    smallest = 64 if pallas_kernels.target_platform() == 'gpu' else 16
+    return value >= smallest and value & (value - 1) == 0
+
+
+_KERNEL_TILES = 'a power of two >= 16 (>= 64 on a GPU)'
 
 
 # -- counts, quantization, projection (pure functions, tested directly) ---------------------------
@@ -695,9 +707,10 @@ class DSAAttention(base.Attention):
             'granularity': base.one_of('element', 'vector'), 'selection': base.one_of('topk')}),
         base.Implementation('pallas', _attend_block_kernel, settings={
             'granularity': base.one_of('block'),
-            'block_q': base.Restriction(_kernel_tile, 'a power of two >= 16'),
-            'block_k': base.Restriction(_kernel_tile, 'a power of two >= 16')},
-            attention_dropout=False, kernel=True),
+            'block_q': base.Restriction(_kernel_tile, _KERNEL_TILES),
+            'block_k': base.Restriction(_kernel_tile, _KERNEL_TILES)},
+            attention_dropout=False, kernel=True,
+            defaults={'granularity': 'block', 'block_q': 64, 'block_k': 64}),
     )
 
     def attend(self, x, mask, carry, *, deterministic, rng):
