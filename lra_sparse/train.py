@@ -512,10 +512,10 @@ def restore_or_init(run: Run, state: TrainState,
                     mngr: ocp.CheckpointManager) -> tuple[TrainState, int]:
     """The run's latest intact checkpoint, else the weights of ``config.init_from``, else ``state``.
 
-    A checkpoint that fails to restore, or holds non-finite values, is reported in one warning
-    line naming its step and the reason; the previous one is tried. Once one restores, the broken
-    newer ones are moved to ``workdir/unreadable_checkpoints/`` so the run can save those steps
-    again.
+    A checkpoint that fails to restore, or holds non-finite values, is skipped for the previous
+    one. Once one restores, each broken newer one is moved to ``workdir/unreadable_checkpoints/``
+    (so the run can save that step again) and reported in one warning line naming its step and
+    the reason.
 
     Args:
       run: the Run.
@@ -533,23 +533,21 @@ def restore_or_init(run: Run, state: TrainState,
         if run.config.init_from:
             state = init_from_workdir(state, run.config.init_from)
         return run.place(state), 0
-    failures = []
+    failures = {}
     for step in steps:
         try:
             restored = restore_state(mngr, step, run.abstract_state)
             if not _all_finite(restored):
                 raise ValueError('it holds non-finite values')
         except Exception as error:  # noqa: BLE001  (any failure means: try the previous one)
-            reason = workdir_lib.one_line(error)
-            _log.warning('checkpoint %d in %s cannot be restored (%s); trying the previous one',
-                         step, mngr.directory, reason)
-            failures.append(f'step {step}: {reason}')
+            failures[step] = workdir_lib.one_line(error)
             continue
-        _set_aside(mngr, steps[:len(failures)])
+        _set_aside(mngr, failures, step)
         return run.place(restored), step
+    listed = '; '.join(f'step {step}: {reason}' for step, reason in failures.items())
     raise CheckpointError(
-        f'no checkpoint in {mngr.directory} can be restored ({"; ".join(failures)}): move that '
-        'folder away to train from step 0, or use another workdir.')
+        f'no checkpoint in {mngr.directory} can be restored ({listed}): move that folder away to '
+        'train from step 0, or use another workdir.')
 
 
 def _all_finite(state: TrainState) -> bool:
@@ -558,21 +556,31 @@ def _all_finite(state: TrainState) -> bool:
     return all(bool(np.isfinite(np.asarray(x)).all()) for x in leaves)
 
 
-def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
-    """Moves unrestorable checkpoints to ``<workdir>/unreadable_checkpoints/<step>`` (process 0)."""
-    if not steps:
+def _set_aside(mngr: ocp.CheckpointManager, failures: dict[int, str], restored: int) -> None:
+    """Moves unrestorable checkpoints to ``<workdir>/unreadable_checkpoints/<step>``.
+
+    One warning line per checkpoint names its step, the reason and where it went. Process 0
+    moves; every process reloads the manager.
+
+    Args:
+      mngr: the run's checkpoint manager.
+      failures: {step: why it cannot be restored}.
+      restored: the step restored instead.
+    """
+    if not failures:
         return
     _sync('lra_sparse_restored')  # every process has read its checkpoint before any moves
     if jax.process_index() == 0:
         directory = os.fspath(mngr.directory)
         aside = os.path.join(os.path.dirname(directory), 'unreadable_checkpoints')
         os.makedirs(aside, exist_ok=True)
-        for step in steps:
+        for step, reason in failures.items():
             target = os.path.join(aside, str(step))
             if os.path.exists(target):
                 target += f'.{time.strftime("%Y%m%d-%H%M%S")}'
             os.replace(os.path.join(directory, str(step)), target)
-            _log.warning('moved unreadable checkpoint %d to %s', step, target)
+            _log.warning('checkpoint %d in %s cannot be restored (%s): moved to %s; resuming from '
+                         'checkpoint %d', step, directory, reason, target, restored)
     _sync('lra_sparse_set_aside')
     mngr.reload()
 
@@ -605,27 +613,29 @@ def train_loop(run: Run, state: TrainState, start_step: int, task, writer: metri
     window, last_eval = _TrainWindow(start_step), {}
     bar = tqdm.tqdm(total=total, initial=start_step, disable=jax.process_index() != 0,
                     desc=_run_name(config), unit='step', dynamic_ncols=True)
-    for step in range(start_step, total):
-        state, step_metrics = run.train_step(state, run.shard(next(batches)))
-        window.add(step_metrics)
-        done = step + 1
-        bar.update(1)
-        evaluate_now = done % config.eval_every_steps == 0 or done == total
-        save_now = done % config.checkpoint_every_steps == 0 or done == total
-        if done % config.log_every_steps == 0 or done == total:
-            summary = window.summary(done)
-            writer.write(done, 'train', summary)
-            bar.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{summary["accuracy"]:.3f}')
-        elif evaluate_now or save_now:
-            window.check_finite()
-        if evaluate_now:
-            last_eval = evaluate_during_training(run, state, task, done, writer)
-            window.restart_clock()  # keep evaluation time out of steps_per_second
-        if save_now:
-            mngr.save(done, args=ocp.args.StandardSave(state))
-            files.pause_point(f'checkpoint_save:{done}')
-        files.pause_point(f'step:{done}')
-    bar.close()
+    try:
+        for step in range(start_step, total):
+            state, step_metrics = run.train_step(state, run.shard(next(batches)))
+            window.add(step_metrics)
+            done = step + 1
+            bar.update(1)
+            evaluate_now = done % config.eval_every_steps == 0 or done == total
+            save_now = done % config.checkpoint_every_steps == 0 or done == total
+            if done % config.log_every_steps == 0 or done == total:
+                summary = window.summary(done)
+                writer.write(done, 'train', summary)
+                bar.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{summary["accuracy"]:.3f}')
+            elif evaluate_now or save_now:
+                window.check_finite()
+            if evaluate_now:
+                last_eval = evaluate_during_training(run, state, task, done, writer)
+                window.restart_clock()  # keep evaluation time out of steps_per_second
+            if save_now:
+                mngr.save(done, args=ocp.args.StandardSave(state))
+                files.pause_point(f'checkpoint_save:{done}')
+            files.pause_point(f'step:{done}')
+    finally:
+        bar.close()  # before any error message, on a line of its own
     return state, last_eval
 
 
@@ -691,9 +701,10 @@ class _TrainWindow:
             last = 'no loss of this run was finite'
         else:
             last = 'the last finite loss was {1:.6g} at step {0}'.format(*self.last_finite_loss)
-        return (f'training stopped at step {done}: non-finite {", ".join(bad)}; {last}; no '
-                'checkpoint of a non-finite state was written. Train in a new workdir with a '
-                'lower learning_rate (or a grad_clip_norm).')
+        checked_at = self.first_step + len(self.step_metrics)
+        return (f'training diverged at step {done}: non-finite {", ".join(bad)}; {last}. The run '
+                f'stopped at step {checked_at} and wrote no checkpoint of a non-finite state: '
+                'train in a new workdir with a lower learning_rate (or a grad_clip_norm).')
 
     def summary(self, done: int) -> dict[str, float]:
         """The window's summary with ``steps_per_second``; empties the window.

@@ -63,6 +63,9 @@ CHANGEABLE_FIELDS = {
 }
 
 
+MAX_LISTED = 12  # differing fields named in a refusal (the rest are counted)
+
+
 class WorkdirError(UserError):
     """The workdir cannot hold this run (the message names the workdir and the reason)."""
 
@@ -430,8 +433,10 @@ class RunDirectory:
                                  field_defaults(config.attention.name))
         refused = refused_changes(changes, max(checkpoint_steps(self.path), default=0))
         if refused:
+            shown = refused[:MAX_LISTED] + (
+                [f'and {len(refused) - MAX_LISTED} more'] if len(refused) > MAX_LISTED else [])
             raise ConfigChangedError(
-                f'workdir {self.path!r} holds a run of another config ({"; ".join(refused)}); a '
+                f'workdir {self.path!r} holds a run of another config ({"; ".join(shown)}); a '
                 f'run continues only with its own config (it may change '
                 f'{", ".join(CHANGEABLE_FIELDS)}): use a new workdir for this config.')
         self.changes = changes

@@ -104,7 +104,7 @@ def baseline(tmp_path_factory):
     path = tmp_path_factory.mktemp('baseline') / 'run'
     results = train.train_and_evaluate(make_config(), str(path))
     return {'events': comparable(metrics.read_metrics(str(path))), 'results': results,
-            'params': final_params(path)}
+            'params': final_params(path), 'path': path}
 
 
 def assert_same_as_baseline(path, baseline, end_of_shorter_run=None):
@@ -205,6 +205,23 @@ def test_changeable_fields_continue_and_are_recorded(tmp_path, baseline):
         assert json.load(f)['num_train_steps'] == 8
     # Steps 1-4 then 5-8 in two runs: the same run as the uninterrupted one.
     assert_same_as_baseline(path, baseline, end_of_shorter_run=4)
+
+
+def test_evaluate_mode_keeps_to_its_own_workdir(tmp_path, baseline):
+    trained = baseline['path']
+    before = snapshot(trained)
+    config = make_config(init_from=str(trained))
+    with pytest.raises(workdir.WorkdirError, match='holds a training run'):
+        train.evaluate_checkpoint(config, str(trained))
+    assert snapshot(trained) == before
+    path = tmp_path / 'eval'
+    first = train.evaluate_checkpoint(config, str(path))
+    evaluated = snapshot(path)
+    assert train.evaluate_checkpoint(config, str(path)) == json.loads(json.dumps(first))
+    assert snapshot(path) == evaluated
+    with pytest.raises(workdir.WorkdirError, match='holds an evaluation'):
+        train.train_and_evaluate(make_config(init_from=str(trained)), str(path))
+    assert snapshot(path) == evaluated
 
 
 def test_cli_refuses_a_changed_config_in_one_line(tmp_path, baseline):
@@ -365,6 +382,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, base
     assert results['resumed_from_step'] == 4
     lines = [r.getMessage() for r in caplog.records if 'cannot be restored' in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith('checkpoint 6 in ')
+    assert lines[0].endswith('resuming from checkpoint 4') and '\n' not in lines[0]
     assert (path / 'unreadable_checkpoints' / '6').is_dir()
     assert_same_as_baseline(path, baseline)
 
@@ -399,8 +417,8 @@ def test_guard_names_the_first_non_finite_step_and_the_last_finite_loss():
     with pytest.raises(train.NonFiniteError) as error:
         window.check_finite()
     assert str(error.value).startswith(
-        'training stopped at step 13: non-finite gradient norm inf; the last finite loss was 2 '
-        'at step 13;')
+        'training diverged at step 13: non-finite gradient norm inf; the last finite loss was 2 '
+        'at step 13. The run stopped at step 14 and wrote no checkpoint')
     window = train._TrainWindow(start_step=0)
     window.add({'total_loss': np.float32(np.nan), 'grad_norm': np.float32(np.nan),
                 'param_norm': np.float32(1)})
@@ -419,7 +437,7 @@ def test_diverging_run_stops_at_the_first_bad_step_and_saves_nothing_non_finite(
             train.train_and_evaluate(config, str(path))
         message = str(error.value)
         assert '\n' not in message and 'last finite loss' in message
-        step = int(message.split('training stopped at step ')[1].split(':')[0])
+        step = int(message.split('training diverged at step ')[1].split(':')[0])
         stops.append(step)
         saved = workdir.checkpoint_steps(str(path))
         assert saved and max(saved) < step
