@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import logging
 import math
 import os
 import time
@@ -32,9 +32,12 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lra_sparse import config_lib, data, metrics
+from lra_sparse import config_lib, data, files, metrics
+from lra_sparse import workdir as workdir_lib
 from lra_sparse.errors import UserError
 from lra_sparse.models import transformer
+
+_log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Learning-rate schedule and optimizer
@@ -373,16 +376,26 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state) -> Tra
 
 
 def restore_params(workdir: str) -> dict:
-    """Parameters (pure nested dict) of the latest checkpoint of a finished or running run."""
+    """Parameters (pure nested dict) of the latest intact checkpoint of a finished or running run.
+
+    A checkpoint that fails to restore is reported in a warning and the previous one is used.
+    """
     directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     if not os.path.isdir(directory):
         raise CheckpointError(f'no checkpoints in {workdir!r} (expected {directory})')
+    failures = []
     with ocp.CheckpointManager(directory) as mngr:
-        step = mngr.latest_step()
-        if step is None:
-            raise CheckpointError(f'no checkpoints in {directory}')
-        restored = mngr.restore(step, args=ocp.args.StandardRestore())
-    return restored['params']
+        for step in sorted(mngr.all_steps(), reverse=True):
+            try:
+                return mngr.restore(step, args=ocp.args.StandardRestore())['params']
+            except Exception as error:  # noqa: BLE001  (any failure means: try the previous one)
+                _log.warning('checkpoint %d in %s cannot be restored (%s); trying the previous '
+                             'one', step, directory, workdir_lib.one_line(error))
+                failures.append(f'step {step}: {workdir_lib.one_line(error)}')
+    if failures:
+        raise CheckpointError(f'no checkpoint in {directory} can be restored '
+                              f'({"; ".join(failures)})')
+    raise CheckpointError(f'no checkpoints in {directory}')
 
 
 def _leaf_names(tree, strip_value: bool) -> dict[tuple[str, ...], Any]:
@@ -449,39 +462,60 @@ def init_from_workdir(state: TrainState, source: str) -> TrainState:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates.
 
-    Writes config.json, metrics.jsonl, TensorBoard events, orbax checkpoints and results.json.
+    The workdir is locked for the run, and a config that differs from the one the workdir was
+    started with (other than :data:`workdir.CHANGEABLE_FIELDS`) is refused before anything is
+    written or loaded. A finished run returns its saved results and changes nothing. Writes
+    config.json, config_history.jsonl, metrics.jsonl, TensorBoard events, orbax checkpoints and
+    results.json.
 
     Returns:
       The results dict (also written to results.json): final validation and test metrics,
       num_params, attention method, steps, wall time and throughput.
     """
     config_lib.validate(config)
-    task = data.load_task(config)
-    os.makedirs(workdir, exist_ok=True)
-    is_main = jax.process_index() == 0
-    if is_main:
-        _write_json(workdir, 'config.json', json.loads(config.to_json_best_effort()))
-    run, state = setup_run(config, task.info)
-    mngr = checkpoint_manager(workdir, config)
-    state, start_step = restore_or_init(run, state, mngr)
-    writer = metrics.MetricWriter(workdir, enabled=is_main, resume_step=start_step)
-    t_start = time.perf_counter()
-    state, last_eval = train_loop(run, state, start_step, task, writer, mngr)
-    mngr.wait_until_finished()
-    mngr.close()
-    validation, test = final_evaluation(run, state, task, last_eval)
-    writer.write(config.num_train_steps, 'test', test)
-    results = _results(config, run.num_params, config.num_train_steps, start_step,
-                       time.perf_counter() - t_start, validation, test)
-    if is_main:
-        _write_json(workdir, 'results.json', results)
-    writer.close()
+    with workdir_lib.RunDirectory(workdir, is_main=jax.process_index() == 0) as rundir:
+        rundir.check_config(config, mode='train')
+        finished = rundir.finished_results(config, mode='train')
+        if finished is not None:
+            _log.warning('%s holds the finished run of this config (%d steps): its results are '
+                         'returned unchanged', workdir, config.num_train_steps)
+            return finished
+        results = _train(config, rundir)
+        rundir.write_results(results)
     return results
+
+
+def _train(config: ml_collections.ConfigDict, rundir: workdir_lib.RunDirectory) -> dict:
+    """Loads the data, restores or initialises, trains and evaluates; returns the results."""
+    task = data.load_task(config)
+    run, state = setup_run(config, task.info)
+    total = config.num_train_steps
+    with checkpoint_manager(rundir.path, config) as mngr:
+        state, start_step = restore_or_init(run, state, mngr)
+        rundir.record_start(config, start_step)
+        writer = metrics.MetricWriter(rundir.path, enabled=rundir.is_main,
+                                      resume_step=start_step)
+        t_start = time.perf_counter()
+        try:
+            state, last_eval = train_loop(run, state, start_step, task, writer, mngr)
+            mngr.wait_until_finished()
+            validation, test = final_evaluation(run, state, task, last_eval)
+            if not writer.has(total, 'test'):  # a resumed finished run logged it already
+                writer.write(total, 'test', test)
+        finally:
+            writer.close()
+    return _results(config, run.num_params, total, start_step, time.perf_counter() - t_start,
+                    validation, test)
 
 
 def restore_or_init(run: Run, state: TrainState,
                     mngr: ocp.CheckpointManager) -> tuple[TrainState, int]:
-    """The run's latest checkpoint, else the weights of ``config.init_from``, else ``state``.
+    """The run's latest intact checkpoint, else the weights of ``config.init_from``, else ``state``.
+
+    A checkpoint that fails to restore, or holds non-finite values, is skipped for the previous
+    one. Once one restores, each broken newer one is moved to ``workdir/unreadable_checkpoints/``
+    (so the run can save that step again) and reported in one warning line naming its step and
+    the reason.
 
     Args:
       run: the Run.
@@ -490,54 +524,150 @@ def restore_or_init(run: Run, state: TrainState,
 
     Returns:
       (the state placed on the devices, the step it continues from).
+
+    Raises:
+      CheckpointError: the workdir has checkpoints but none of them restores.
     """
-    start_step = mngr.latest_step() or 0
-    if start_step:
-        state = restore_state(mngr, start_step, run.abstract_state)
-    elif run.config.init_from:
-        state = init_from_workdir(state, run.config.init_from)
-    return run.place(state), start_step
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        if run.config.init_from:
+            state = init_from_workdir(state, run.config.init_from)
+        return run.place(state), 0
+    failures = {}
+    for step in steps:
+        try:
+            restored = restore_state(mngr, step, run.abstract_state)
+            if not _all_finite(restored):
+                raise ValueError('it holds non-finite values')
+        except Exception as error:  # noqa: BLE001  (any failure means: try the previous one)
+            failures[step] = workdir_lib.one_line(error)
+            continue
+        _set_aside(mngr, failures, step)
+        return run.place(restored), step
+    listed = '; '.join(f'step {step}: {reason}' for step, reason in failures.items())
+    raise CheckpointError(
+        f'no checkpoint in {mngr.directory} can be restored ({listed}): move that folder away to '
+        'train from step 0, or use another workdir.')
+
+
+def _all_finite(state: TrainState) -> bool:
+    """Whether every floating-point value of a (host or device) TrainState is finite."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return all(bool(np.isfinite(np.asarray(x)).all()) for x in leaves)
+
+
+def _set_aside(mngr: ocp.CheckpointManager, failures: dict[int, str], restored: int) -> None:
+    """Moves unrestorable checkpoints to ``<workdir>/unreadable_checkpoints/<step>``.
+
+    One warning line per checkpoint names its step, the reason and where it went. Process 0
+    moves; every process reloads the manager.
+
+    Args:
+      mngr: the run's checkpoint manager.
+      failures: {step: why it cannot be restored}.
+      restored: the step restored instead.
+    """
+    if not failures:
+        return
+    _sync('lra_sparse_restored')  # every process has read its checkpoint before any moves
+    if jax.process_index() == 0:
+        directory = os.fspath(mngr.directory)
+        aside = os.path.join(os.path.dirname(directory), 'unreadable_checkpoints')
+        os.makedirs(aside, exist_ok=True)
+        for step, reason in failures.items():
+            target = os.path.join(aside, str(step))
+            if os.path.exists(target):
+                target += f'.{time.strftime("%Y%m%d-%H%M%S")}'
+            os.replace(os.path.join(directory, str(step)), target)
+            _log.warning('checkpoint %d in %s cannot be restored (%s): moved to %s; resuming from '
+                         'checkpoint %d', step, directory, reason, target, restored)
+    _sync('lra_sparse_set_aside')
+    mngr.reload()
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def train_loop(run: Run, state: TrainState, start_step: int, task, writer: metrics.MetricWriter,
                mngr: ocp.CheckpointManager) -> tuple[TrainState, dict]:
     """Steps ``start_step`` to ``num_train_steps``: logs, evaluates and checkpoints on schedule.
 
-    The last step is always logged, evaluated and saved.
+    The last step is always logged, evaluated and saved. Every step's loss, gradient norm and
+    parameter norm are checked (:class:`_TrainWindow`) before each log line, evaluation and save,
+    so nothing non-finite is ever evaluated or saved.
 
     Returns:
       (the final state, the metrics of the last validation; empty if no step ran).
+
+    Raises:
+      NonFiniteError: a step produced a non-finite value (the message names the first such step).
     """
     config, total = run.config, run.config.num_train_steps
     batches: Iterator[dict] = data.train_batches(
         task.splits['train'], config.batch_size, seed=config.seed, start_step=start_step,
         process_index=jax.process_index(), process_count=jax.process_count())
-    window, last_eval = _TrainWindow(), {}
+    window, last_eval = _TrainWindow(start_step), {}
     bar = tqdm.tqdm(total=total, initial=start_step, disable=jax.process_index() != 0,
                     desc=_run_name(config), unit='step', dynamic_ncols=True)
-    for step in range(start_step, total):
-        state, step_metrics = run.train_step(state, run.shard(next(batches)))
-        window.add(step_metrics)
-        done = step + 1
-        bar.update(1)
-        if done % config.log_every_steps == 0 or done == total:
-            summary = window.summary(done)
-            writer.write(done, 'train', summary)
-            bar.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{summary["accuracy"]:.3f}')
-        if done % config.eval_every_steps == 0 or done == total:
-            last_eval = evaluate_during_training(run, state, task, done, writer)
-            window.restart_clock()  # keep evaluation time out of steps_per_second
-        if done % config.checkpoint_every_steps == 0 or done == total:
-            mngr.save(done, args=ocp.args.StandardSave(state))
-    bar.close()
+    try:
+        for step in range(start_step, total):
+            state, step_metrics = run.train_step(state, run.shard(next(batches)))
+            window.add(step_metrics)
+            done = step + 1
+            bar.update(1)
+            evaluate_now = done % config.eval_every_steps == 0 or done == total
+            save_now = done % config.checkpoint_every_steps == 0 or done == total
+            if done % config.log_every_steps == 0 or done == total:
+                summary = window.summary(done)
+                writer.write(done, 'train', summary)
+                bar.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{summary["accuracy"]:.3f}')
+            elif evaluate_now or save_now:
+                window.check_finite()
+            if evaluate_now:
+                last_eval = evaluate_during_training(run, state, task, done, writer)
+                window.restart_clock()  # keep evaluation time out of steps_per_second
+            if save_now:
+                mngr.save(done, args=ocp.args.StandardSave(state))
+                files.pause_point(f'checkpoint_save:{done}')
+            files.pause_point(f'step:{done}')
+    finally:
+        bar.close()  # before any error message, on a line of its own
     return state, last_eval
 
 
-class _TrainWindow:
-    """Train-step metrics since the last log line and the training time they took."""
+class NonFiniteError(UserError):
+    """A training step produced a non-finite loss, gradient norm or parameter norm.
 
-    def __init__(self):
+    The message names the first such step and the last finite loss. Nothing after the last
+    finite state is saved.
+    """
+
+
+# The per-step values the guard checks, and their names in its message.
+GUARDED_METRICS = {'total_loss': 'loss', 'grad_norm': 'gradient norm',
+                   'param_norm': 'parameter norm'}
+
+
+class _TrainWindow:
+    """Train-step metrics since the last log line, the training time they took, and the guard.
+
+    The guard costs no extra synchronisation on log steps (the summary fetches every metric
+    anyway); on an evaluation or checkpoint step between log steps it fetches the three guarded
+    scalars of the steps not checked yet.
+
+    Args:
+      start_step: steps done before the first step of this window.
+    """
+
+    def __init__(self, start_step: int = 0):
         self.step_metrics: list[dict] = []
+        self.first_step = start_step  # steps done before step_metrics[0]
+        self.checked = 0  # leading entries of step_metrics already checked
+        self.last_finite_loss: tuple[int, float] | None = None
         self.t_start = time.perf_counter()
 
     def add(self, step_metrics: dict) -> None:
@@ -548,18 +678,47 @@ class _TrainWindow:
         """Starts the window's time now (after work that is not training)."""
         self.t_start = time.perf_counter()
 
+    def check_finite(self) -> None:
+        """Raises NonFiniteError at the first unchecked step with a non-finite guarded value."""
+        pending = [{k: m[k] for k in GUARDED_METRICS} for m in self.step_metrics[self.checked:]]
+        self._check(jax.device_get(pending))
+
+    def _check(self, host_values: list[dict]) -> None:
+        """Checks host values of the steps after the ``checked`` ones, in order."""
+        for values in host_values:
+            done = self.first_step + self.checked + 1
+            loss = float(values['total_loss'])
+            if math.isfinite(loss):
+                self.last_finite_loss = (done, loss)
+            bad = [f'{name} {float(values[key])}' for key, name in GUARDED_METRICS.items()
+                   if not math.isfinite(float(values[key]))]
+            if bad:
+                raise NonFiniteError(self._message(done, bad))
+            self.checked += 1
+
+    def _message(self, done: int, bad: list[str]) -> str:
+        if self.last_finite_loss is None:
+            last = 'no loss of this run was finite'
+        else:
+            last = 'the last finite loss was {1:.6g} at step {0}'.format(*self.last_finite_loss)
+        checked_at = self.first_step + len(self.step_metrics)
+        return (f'training diverged at step {done}: non-finite {", ".join(bad)}; {last}. The run '
+                f'stopped at step {checked_at} and wrote no checkpoint of a non-finite state: '
+                'train in a new workdir with a lower learning_rate (or a grad_clip_norm).')
+
     def summary(self, done: int) -> dict[str, float]:
         """The window's summary with ``steps_per_second``; empties the window.
 
         Raises:
-          FloatingPointError: the mean training loss of the window is not finite.
+          NonFiniteError: a step of the window produced a non-finite guarded value.
         """
-        summary = summarize(self.step_metrics)
-        if not math.isfinite(summary['loss']):
-            raise FloatingPointError(f'non-finite training loss at step {done}: {summary}')
+        host = jax.device_get(self.step_metrics)
+        self._check(host[self.checked:])
+        summary = summarize(host)
         elapsed = time.perf_counter() - self.t_start
         summary['steps_per_second'] = len(self.step_metrics) / max(elapsed, 1e-9)
-        self.step_metrics, self.t_start = [], time.perf_counter()
+        self.step_metrics, self.checked, self.first_step = [], 0, done
+        self.t_start = time.perf_counter()
         return summary
 
 
@@ -590,8 +749,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     This is how a method is applied to a dense-trained model without fine-tuning (DFSS's "w/o
     finetune" columns, SpAtten or CTA at inference): parameters the source run has are loaded,
     the method's own extra state (a DSA predictor, CTA hash parameters) keeps its fresh init.
-    Writes config.json, metrics.jsonl (validation and test events at the source's step) and
-    results.json (``mode: 'evaluate'``) in ``workdir``.
+    Writes config.json, config_history.jsonl, metrics.jsonl (validation and test events at the
+    source's step) and results.json (``mode: 'evaluate'``) in ``workdir``, which is locked and
+    checked like a training run's; a finished evaluation returns its saved results.
 
     Returns:
       The results dict, as :func:`train_and_evaluate` with ``num_train_steps`` 0.
@@ -601,25 +761,37 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
             'config.init_from=None is not allowed in evaluate mode: give the workdir of the run '
             'whose weights to evaluate (--config.init_from=runs/dense).')
     config_lib.validate(config)
+    with workdir_lib.RunDirectory(workdir, is_main=jax.process_index() == 0) as rundir:
+        rundir.check_config(config, mode='evaluate')
+        finished = rundir.finished_results(config, mode='evaluate')
+        if finished is not None:
+            _log.warning('%s holds the finished evaluation of this config: its results are '
+                         'returned unchanged', workdir)
+            return finished
+        results = _evaluate(config, rundir)
+        rundir.write_results(results)
+    return results
+
+
+def _evaluate(config: ml_collections.ConfigDict, rundir: workdir_lib.RunDirectory) -> dict:
+    """Loads the data and the weights of ``config.init_from``, evaluates; returns the results."""
     task = data.load_task(config)
-    os.makedirs(workdir, exist_ok=True)
-    is_main = jax.process_index() == 0
     t_start = time.perf_counter()
     run, state = setup_run(config, task.info)
     state = run.place(init_from_workdir(state, config.init_from))
     source_steps = restored_step(config.init_from)
-    writer = metrics.MetricWriter(workdir, enabled=is_main)
+    rundir.record_start(config, 0)
+    writer = metrics.MetricWriter(rundir.path, enabled=rundir.is_main)
     splits = {}
-    for split in ('validation', 'test'):
-        splits[split] = run.evaluate(state, task.splits[split])
-        writer.write(source_steps, split, splits[split])
-    writer.close()
+    try:
+        for split in ('validation', 'test'):
+            splits[split] = run.evaluate(state, task.splits[split])
+            writer.write(source_steps, split, splits[split])
+    finally:
+        writer.close()
     results = _results(config, run.num_params, 0, 0, time.perf_counter() - t_start,
                        splits['validation'], splits['test'])
     results.update(mode='evaluate', init_from=config.init_from)
-    if is_main:
-        _write_json(workdir, 'config.json', json.loads(config.to_json_best_effort()))
-        _write_json(workdir, 'results.json', results)
     return results
 
 
@@ -635,11 +807,6 @@ def _results(config, num_params: int, total: int, start_step: int, wall: float,
         'validation': validation, 'test': test, 'devices': jax.device_count(),
         'platform': jax.devices()[0].platform, 'jax_version': jax.__version__,
     }
-
-
-def _write_json(workdir: str, name: str, payload: dict) -> None:
-    with open(os.path.join(workdir, name), 'w') as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
 
 
 def _run_name(config) -> str:
