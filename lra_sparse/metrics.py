@@ -11,7 +11,9 @@ import contextlib
 import json
 import logging
 import os
+import sys
 
+import tqdm
 from absl import flags
 from absl import logging as absl_logging
 from tensorboardX import SummaryWriter
@@ -102,9 +104,11 @@ class MetricWriter:
       workdir: run directory.
       enabled: False on non-main hosts (nothing is written).
       resume_step: the step the run continues from (0: a fresh start, every old event dropped).
+      config_text: the run's config (JSON) for TensorBoard's text tab, or None.
     """
 
-    def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0):
+    def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0,
+                 config_text: str | None = None):
         self.enabled = enabled
         self.path = os.path.join(workdir, METRICS_FILE)
         self.logged: set[tuple[int, str]] = set()
@@ -112,6 +116,8 @@ class MetricWriter:
             return
         self._drop_after(resume_step)
         self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+        if config_text is not None:  # TensorBoard's Text tab shows the run's config
+            self.tb.add_text('config', f'```\n{config_text}\n```', resume_step)
 
     def _drop_after(self, resume_step: int) -> None:
         """Keeps the events up to ``resume_step`` (an atomic rewrite if any is dropped)."""
@@ -147,3 +153,67 @@ class MetricWriter:
         """Flushes and closes TensorBoard."""
         if self.enabled:
             self.tb.close()
+
+
+class Progress:
+    """What a run shows on the terminal while it trains (process 0 only).
+
+    On a terminal: a progress bar on stderr, with the latest train loss and accuracy beside it,
+    "evaluating <split>" while an evaluation runs, and one line per evaluation printed on stdout
+    above the bar. When stderr is not a terminal (a log file, SLURM, CI): no bar, one plain line
+    on stdout per log step and per evaluation, so a log never fills with carriage-return
+    fragments. Errors alone go to stderr.
+
+    Lines look like ``[listops/dense] step 200/600 validation loss 1.7702 accuracy 0.3480
+    sparsity 0.000 1210 ex/s``.
+    """
+
+    def __init__(self, name: str, total: int, start_step: int, *, enabled: bool = True):
+        self.name, self.total, self.enabled = name, total, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm.tqdm(total=total, initial=start_step, disable=not self.tty, desc=name,
+                             unit='step', dynamic_ncols=True)  # on stderr
+
+    def step(self) -> None:
+        """One optimizer step done."""
+        self.bar.update(1)
+
+    def evaluating(self, step: int, split: str) -> None:
+        """An evaluation of ``split`` starts (it can take a while: say so)."""
+        if self.tty:
+            self.bar.set_description(f'{self.name} evaluating {split}')
+        elif self.enabled:
+            self._line(f'step {step}/{self.total} evaluating {split}')
+
+    def report(self, step: int, split: str, values: dict[str, float]) -> None:
+        """The metrics of a log step ('train') or of an evaluation, as one line (or bar postfix)."""
+        if not self.enabled:
+            return
+        if self.tty and split == 'train':
+            self.bar.set_postfix(loss=f'{values["loss"]:.3f}', acc=f'{values["accuracy"]:.3f}')
+            return
+        if self.tty:
+            self.bar.set_description(self.name)
+        self._line(format_line(step, self.total, split, values))
+
+    def _line(self, text: str) -> None:
+        """One line on stdout (above the bar, if there is one)."""
+        tqdm.tqdm.write(f'[{self.name}] {text}', file=sys.stdout)
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        """Closes the bar (before any error message, so that it prints on a line of its own)."""
+        self.bar.close()
+
+
+def format_line(step: int, total: int, split: str, values: dict[str, float]) -> str:
+    """``step S/T <split> loss L accuracy A [sparsity X] [N steps/s | N ex/s]``."""
+    parts = [f'step {step}/{total} {split} loss {values["loss"]:.4f}',
+             f'accuracy {values["accuracy"]:.4f}']
+    if 'sparsity' in values:
+        parts.append(f'sparsity {values["sparsity"]:.3f}')
+    if 'steps_per_second' in values:
+        parts.append(f'{values["steps_per_second"]:.2f} steps/s')
+    if 'examples_per_second' in values:
+        parts.append(f'{values["examples_per_second"]:.0f} ex/s')
+    return ' '.join(parts)

@@ -27,11 +27,11 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import tqdm
 from flax import nnx, struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lra_sparse import attention as attention_lib
 from lra_sparse import config_lib, data, files, metrics
 from lra_sparse import workdir as workdir_lib
 from lra_sparse.errors import UserError
@@ -494,7 +494,7 @@ def _train(config: ml_collections.ConfigDict, rundir: workdir_lib.RunDirectory) 
         state, start_step = restore_or_init(run, state, mngr)
         rundir.record_start(config, start_step)
         writer = metrics.MetricWriter(rundir.path, enabled=rundir.is_main,
-                                      resume_step=start_step)
+                                      resume_step=start_step, config_text=config.to_json(indent=2))
         t_start = time.perf_counter()
         try:
             state, last_eval = train_loop(run, state, start_step, task, writer, mngr)
@@ -611,31 +611,31 @@ def train_loop(run: Run, state: TrainState, start_step: int, task, writer: metri
         task.splits['train'], config.batch_size, seed=config.seed, start_step=start_step,
         process_index=jax.process_index(), process_count=jax.process_count())
     window, last_eval = _TrainWindow(start_step), {}
-    bar = tqdm.tqdm(total=total, initial=start_step, disable=jax.process_index() != 0,
-                    desc=_run_name(config), unit='step', dynamic_ncols=True)
+    progress = metrics.Progress(_run_name(config), total, start_step,
+                                enabled=jax.process_index() == 0)
     try:
         for step in range(start_step, total):
             state, step_metrics = run.train_step(state, run.shard(next(batches)))
             window.add(step_metrics)
             done = step + 1
-            bar.update(1)
+            progress.step()
             evaluate_now = done % config.eval_every_steps == 0 or done == total
             save_now = done % config.checkpoint_every_steps == 0 or done == total
             if done % config.log_every_steps == 0 or done == total:
                 summary = window.summary(done)
                 writer.write(done, 'train', summary)
-                bar.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{summary["accuracy"]:.3f}')
+                progress.report(done, 'train', summary)
             elif evaluate_now or save_now:
                 window.check_finite()
             if evaluate_now:
-                last_eval = evaluate_during_training(run, state, task, done, writer)
+                last_eval = evaluate_during_training(run, state, task, done, writer, progress)
                 window.restart_clock()  # keep evaluation time out of steps_per_second
             if save_now:
                 mngr.save(done, args=ocp.args.StandardSave(state))
                 files.pause_point(f'checkpoint_save:{done}')
             files.pause_point(f'step:{done}')
     finally:
-        bar.close()  # before any error message, on a line of its own
+        progress.close()  # before any error message, on a line of its own
     return state, last_eval
 
 
@@ -723,13 +723,20 @@ class _TrainWindow:
 
 
 def evaluate_during_training(run: Run, state: TrainState, task, done: int,
-                             writer: metrics.MetricWriter) -> dict[str, float]:
-    """Validation (and test, with ``eval_test_every_eval``) at step ``done``; returns validation."""
-    validation = run.evaluate(state, task.splits['validation'])
-    writer.write(done, 'validation', validation)
-    if run.config.eval_test_every_eval:
-        writer.write(done, 'test', run.evaluate(state, task.splits['test']))
-    return validation
+                             writer: metrics.MetricWriter,
+                             progress: metrics.Progress) -> dict[str, float]:
+    """Validation (and test, with ``eval_test_every_eval``) at step ``done``; returns validation.
+
+    Each evaluation is announced on the terminal and its result printed as one line.
+    """
+    splits = ('validation', 'test') if run.config.eval_test_every_eval else ('validation',)
+    results = {}
+    for split in splits:
+        progress.evaluating(done, split)
+        results[split] = run.evaluate(state, task.splits[split])
+        writer.write(done, split, results[split])
+        progress.report(done, split, results[split])
+    return results['validation']
 
 
 def final_evaluation(run: Run, state: TrainState, task,
@@ -797,15 +804,20 @@ def _evaluate(config: ml_collections.ConfigDict, rundir: workdir_lib.RunDirector
 
 def _results(config, num_params: int, total: int, start_step: int, wall: float,
              validation: dict, test: dict) -> dict:
-    """The results.json payload of a run."""
+    """The results.json payload of a run: metrics, throughput, what ran and where it came from."""
+    device = jax.devices()[0]
     return {
         'task': config.task, 'attention': config.attention.name,
-        'attention_config': config.attention.to_dict(), 'num_params': num_params,
+        'attention_config': config.attention.to_dict(),
+        'implementation': attention_lib.implementation_used(config.attention),
+        'seed': config.seed, 'num_params': num_params,
         'num_train_steps': total, 'resumed_from_step': start_step,
         'wall_time_seconds': wall,
         'train_steps_per_second': (total - start_step) / wall if total > start_step else None,
         'validation': validation, 'test': test, 'devices': jax.device_count(),
-        'platform': jax.devices()[0].platform, 'jax_version': jax.__version__,
+        'processes': jax.process_count(), 'platform': device.platform,
+        'device_kind': getattr(device, 'device_kind', device.platform),
+        'jax_version': jax.__version__, **workdir_lib.run_metadata(),
     }
 
 

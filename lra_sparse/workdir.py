@@ -299,6 +299,12 @@ def checkpoint_steps(workdir: str) -> list[int]:
     return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
+def run_metadata() -> dict[str, Any]:
+    """Where a run comes from: command line, host, package versions, git commit and dirty flag."""
+    return {'command': list(sys.argv), 'host': socket.gethostname(), 'versions': _versions(),
+            **_git_state()}
+
+
 def _versions() -> dict[str, str | None]:
     """Versions of Python and the packages that decide the computation."""
     out: dict[str, str | None] = {'python': platform.python_version()}
@@ -500,8 +506,7 @@ class RunDirectory:
             'event': 'resumed' if existed else 'started', 'start_step': int(start_step),
             'changes': {name: [None if old is ABSENT else old, None if new is ABSENT else new]
                         for name, (old, new) in self.changes.items()},
-            'command': list(sys.argv), 'host': socket.gethostname(), 'pid': os.getpid(),
-            'versions': _versions(), **_git_state(),
+            'pid': os.getpid(), **run_metadata(),
         }
         files.append_line(self.file(HISTORY_FILE), json.dumps(entry, sort_keys=True))
 

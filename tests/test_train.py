@@ -52,7 +52,33 @@ def test_every_task_trains_and_writes_outputs(task, tmp_path):
     for e in train_events:
         assert np.isfinite(e['loss']) and 'sparsity' in e and 'learning_rate' in e
     assert results['num_params'] > 0 and np.isfinite(results['test']['loss'])
-    assert json.loads((tmp_path / 'results.json').read_text())['attention'] == 'dense'
+    saved = json.loads((tmp_path / 'results.json').read_text())
+    assert saved['attention'] == 'dense' and saved['implementation'] == 'reference'
+    assert saved['seed'] == config.seed and saved['device_kind'] and saved['command']
+    assert saved['versions']['jax'] == jax.__version__ and saved['versions']['flax']
+    assert 'git_commit' in saved and 'git_dirty' in saved
+
+
+def test_log_without_a_terminal_shows_each_evaluation_as_it_happens(tmp_path):
+    """stdout is a pipe: plain lines, and validation accuracy appears before the run ends."""
+    command = [sys.executable, '-m', 'lra_sparse.main',
+               '--config=configs/listops.py:attention=dense,tiny,synthetic',
+               '--config.max_length=32', '--config.model.num_layers=1',
+               '--config.data.synthetic_examples=64', '--config.batch_size=8',
+               '--config.num_train_steps=6', '--config.eval_every_steps=3',
+               '--config.log_every_steps=3', f'--workdir={tmp_path}']
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert '\r' not in done.stdout + done.stderr  # no progress-bar fragments in a log
+    first_eval = next(i for i, line in enumerate(lines)
+                      if line.startswith('[listops/dense] step 3/6 validation loss')
+                      and ' accuracy ' in line and ' ex/s' in line)
+    assert lines[first_eval - 1] == '[listops/dense] step 3/6 evaluating validation'
+    assert any(line.startswith('[listops/dense] step 3/6 train loss') for line in lines)
+    final = next(i for i, line in enumerate(lines) if line.startswith('final validation accuracy'))
+    assert first_eval < final
 
 
 def _one_step(config, batch, num_microbatches):
