@@ -1,4 +1,4 @@
-"""Describe a config without touching data: parameter count and per-layer attention cost (MACs).
+"""Describe a config without touching data: parameters, per-layer cost (MACs), train-step memory.
 
 MACs are multiply-accumulates for ONE example (one document for retrieval, where the dual encoder
 runs twice). Each attention method supplies its own per-layer count through its registry entry; a
@@ -69,3 +69,66 @@ def describe(config: ml_collections.ConfigDict) -> dict:
         'dense_encoder_macs_per_sequence': dense_total,
         'mac_reduction': dense_total / total if total else None,
     }
+
+
+def train_step_memory(config: ml_collections.ConfigDict) -> dict[str, int] | None:
+    """XLA's memory analysis of the compiled train step, in bytes per device.
+
+    Compiles the real train step (the batch abstract: nothing is loaded), so it takes as long as
+    the first step of a run does (about a minute for a full-size config on a CPU).
+
+    Returns:
+      {'argument_bytes', 'output_bytes', 'temp_bytes', 'generated_code_bytes'}, or None when the
+      backend reports no analysis.
+    """
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from lra_sparse import train  # noqa: PLC0415  (heavy import, only for this)
+
+    info = data.task_info(config)
+    run, state = train.setup_run(config, info)
+    shape = (config.batch_size, info.seq_len)
+    batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32) for key in info.input_keys}
+    batch['targets'] = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
+    batch['weights'] = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
+    analysis = run.train_step.lower(run.place(state), batch).compile().memory_analysis()
+    if analysis is None:
+        return None
+    return {'argument_bytes': int(analysis.argument_size_in_bytes),
+            'output_bytes': int(analysis.output_size_in_bytes),
+            'temp_bytes': int(analysis.temp_size_in_bytes),
+            'generated_code_bytes': int(analysis.generated_code_size_in_bytes)}
+
+
+def table(description: dict) -> str:
+    """The description as a compact text table: one row per layer, MACs per column, totals."""
+    layers = description['layers']
+    keys = list(dict.fromkeys(k for row in layers for k in row['macs'] if _is_mac(k)))
+    head = (f"{description['task']} / {description['attention']} "
+            f"(impl {description['attention_config'].get('impl')}), {len(layers)} layers, "
+            f"{description['num_params']:,} parameters, {description['tokens_per_sequence']} "
+            'tokens per sequence; MACs per example')
+    columns = ['layer', 'tokens', *keys, 'total']
+    rows = [[str(r['layer']), str(r['tokens_in']),
+             *[_si(r['macs'].get(k, 0.0)) for k in keys], _si(r['total_macs'])] for r in layers]
+    rows.append(['all', '', *[''] * len(keys), _si(description['encoder_macs_per_sequence'])])
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    lines = [head, '  '.join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ['  '.join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+    reduction = description['mac_reduction']
+    lines.append(f"dense: {_si(description['dense_encoder_macs_per_sequence'])} MACs"
+                 + (f' ({reduction:.2f}x this method)' if reduction else ''))
+    memory = description.get('train_step_memory')
+    if memory:
+        lines.append('train step, compiled, per device: '
+                     + ', '.join(f'{name.removesuffix("_bytes").replace("_", " ")} '
+                                 f'{_si(value, "B")}' for name, value in memory.items()))
+    return '\n'.join(lines)
+
+
+def _si(value: float, unit: str = '') -> str:
+    """1234567 -> '1.23M' (k, M, G, T)."""
+    for scale, prefix in ((1e12, 'T'), (1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
+        if abs(value) >= scale:
+            return f'{value / scale:.2f}{prefix}{unit}'
+    return f'{value:.0f}{unit}'

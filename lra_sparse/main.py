@@ -27,7 +27,12 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (outputs, checkpo
 _MODE = flags.DEFINE_enum(
     'mode', 'train', ['train', 'evaluate', 'describe'],
     'train: train and evaluate; evaluate: evaluate the weights of --config.init_from with this '
-    "config's attention (no training); describe: print params and MACs as JSON.")
+    "config's attention (no training); describe: parameters, MACs per layer and train-step memory.")
+_FORMAT = flags.DEFINE_enum('describe_format', 'table', ['table', 'json'],
+                            'describe mode: a compact table, or JSON with every field.')
+_MEMORY = flags.DEFINE_bool(
+    'describe_memory', True, "describe mode: compile the train step and report XLA's memory "
+    'analysis (about a minute for a full-size config on a CPU); --nodescribe_memory skips it.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() first (multi-host launches).')
 
@@ -41,7 +46,11 @@ def run(argv) -> int:
         raise cli.UsageError('--config is required, e.g. --config=configs/listops.py:tiny')
     config_lib.validate(config)
     if _MODE.value == 'describe':
-        print(json.dumps(describe.describe(config), indent=2))
+        description = describe.describe(config)
+        if _MEMORY.value:
+            description['train_step_memory'] = describe.train_step_memory(config)
+        print(json.dumps(description, indent=2) if _FORMAT.value == 'json'
+              else describe.table(description))
         return 0
     if not _WORKDIR.value:
         raise cli.UsageError(f'--workdir is required in {_MODE.value} mode (outputs go there)')

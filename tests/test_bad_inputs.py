@@ -466,7 +466,8 @@ def test_the_driver_runs_commands_as_python_m(tmp_path):
     driver = _Driver()
     try:
         forked = driver.run('main', args, {}, str(tmp_path))
-        described = driver.run('main', args[:2], {}, str(tmp_path))
+        described = driver.run('main', [*args[:2], '--describe_format=json',
+                                         '--nodescribe_memory'], {}, str(tmp_path))
     finally:
         driver.close()
     assert forked == (direct.returncode, direct.stderr) == (2, "error: config.seed='x' is not "
