@@ -19,7 +19,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from lra_sparse import cli, config_lib, describe, train
+from lra_sparse import cli, config_lib, describe, distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and options, e.g. configs/listops.py:attention=dsa,tiny.',
@@ -29,25 +29,35 @@ _MODE = flags.DEFINE_enum(
     'mode', 'train', ['train', 'evaluate', 'describe'],
     'train: train and evaluate; evaluate: evaluate the weights of --config.init_from with this '
     "config's attention (no training); describe: print params and MACs as JSON.")
+# Multi-process runs (README "Multi-host"; lra_sparse/distributed.py says where values come from).
 _DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', False, 'Call jax.distributed.initialize() first (multi-host launches).')
+    'distributed', False, 'Join a multi-process run; JAX detects what the flags below omit.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'HOST:PORT of process 0 (else $LRA_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Processes in the run (else $LRA_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'This process, 0 .. num_processes - 1 (else $LRA_PROCESS_ID).')
 
 
 @cli.command
 def run(argv) -> int:
     """Entry point body; returns the exit status."""
     del argv
+    group = distributed.resolve(distributed=_DISTRIBUTED.value,
+                                coordinator_address=_COORDINATOR.value,
+                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     config = _CONFIG.value
     if config is None:
         raise cli.UsageError('--config is required, e.g. --config=configs/listops.py:tiny')
+    if group is not None:  # before anything asks JAX for its devices (validate does)
+        distributed.initialize(group)
     config_lib.validate(config)
     if _MODE.value == 'describe':
         print(json.dumps(describe.describe(config), indent=2))
         return 0
     if not _WORKDIR.value:
         raise cli.UsageError(f'--workdir is required in {_MODE.value} mode (outputs go there)')
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
     if _MODE.value == 'evaluate':
         results = train.evaluate_checkpoint(config, _WORKDIR.value)
     else:
