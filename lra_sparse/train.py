@@ -269,7 +269,8 @@ class Run:
       replicated: the same value on every device (parameters, optimizer state, metrics).
       graphdef: the model's nnx GraphDef.
       tx: the optax optimizer.
-      abstract_state: shapes and dtypes of the TrainState (the target of checkpoint restores).
+      abstract_state: shapes, dtypes and (replicated) shardings of the TrainState: the target of
+        checkpoint restores.
       num_params: trainable scalars of the model.
       train_step: jitted ``(state, batch) -> (state, metrics)``; donates ``state``.
       eval_step: jitted ``(params, rest, batch) -> metrics`` (no dropout).
@@ -338,7 +339,8 @@ def setup_run(config: ml_collections.ConfigDict, info) -> tuple[Run, TrainState]
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated)
     run = Run(config=config, mesh=mesh, batch_sharding=batch_sharding, replicated=replicated,
               graphdef=graphdef, tx=tx,
-              abstract_state=jax.tree.map(ocp.utils.to_shape_dtype_struct, state),
+              abstract_state=jax.tree.map(  # restored straight onto every device of every host
+                  lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state),
               num_params=count_params(state.params), train_step=train_fn, eval_step=eval_fn)
     return run, state
 
@@ -373,15 +375,20 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state) -> Tra
 
 
 def restore_params(workdir: str) -> dict:
-    """Parameters (pure nested dict) of the latest checkpoint of a finished or running run."""
+    """Parameters (pure nested dict of numpy arrays) of the latest checkpoint of a run.
+
+    Restored to host memory, so a run saved on any number of devices and processes loads here.
+    """
     directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     if not os.path.isdir(directory):
         raise CheckpointError(f'no checkpoints in {workdir!r} (expected {directory})')
-    with ocp.CheckpointManager(directory) as mngr:
+    with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as mngr:
         step = mngr.latest_step()
         if step is None:
             raise CheckpointError(f'no checkpoints in {directory}')
-        restored = mngr.restore(step, args=ocp.args.StandardRestore())
+        on_host = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype),
+                               mngr.item_metadata(step).tree)
+        restored = mngr.restore(step, args=ocp.args.StandardRestore(on_host))
     return restored['params']
 
 
