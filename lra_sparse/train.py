@@ -337,12 +337,28 @@ def setup_run(config: ml_collections.ConfigDict, info) -> tuple[Run, TrainState]
         in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
         donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated)
+    if jax.process_count() > 1 and jax.default_backend() == 'cpu':
+        train_fn, eval_fn = _one_at_a_time(train_fn), _one_at_a_time(eval_fn)
     run = Run(config=config, mesh=mesh, batch_sharding=batch_sharding, replicated=replicated,
               graphdef=graphdef, tx=tx,
               abstract_state=jax.tree.map(  # restored straight onto every device of every host
                   lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state),
               num_params=count_params(state.params), train_step=train_fn, eval_step=eval_fn)
     return run, state
+
+
+def _one_at_a_time(step_fn: Callable) -> Callable:
+    """``step_fn`` that returns only once its computation has finished on this process's devices.
+
+    For multi-process CPU runs: with two programs holding cross-process (gloo) collectives in
+    flight at once, a process's devices can enter them in different orders and every process
+    waits forever (seen with jax 0.10 and 2 processes x 2 CPU devices). Waiting for each step
+    keeps one such program in flight at a time.
+    """
+    @functools.wraps(step_fn)
+    def wait_for(*args):
+        return jax.block_until_ready(step_fn(*args))
+    return wait_for
 
 
 # ---------------------------------------------------------------------------------------------
