@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from lra_sparse import data, distributed, launch, metrics, train
+from lra_sparse.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -165,11 +166,13 @@ def test_command_line_errors_name_the_flag():
     out = subprocess.run([sys.executable, '-m', 'lra_sparse.main', *MAIN_ARGS,
                           '--workdir=unused', '--num_processes=2', '--process_id=2'],
                          cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1].startswith('error: --process_id=2 is not allowed')
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "error: --process_id=2 is not allowed: 0 .. 1 (--num_processes=2).")
     out = subprocess.run([sys.executable, '-m', 'lra_sparse.launch', '--num_processes=2'],
                          cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 2 and 'after "--"' in out.stderr
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert out.stderr.startswith('error: give the arguments of lra_sparse.main after "--"')
+    assert issubclass(distributed.DistributedSetupError, UserError)
 
 
 # ---------------------------------------------------------------------------------------------
