@@ -20,7 +20,7 @@ import json
 import jax
 from absl import flags
 
-from lra_sparse import cli, config_lib, describe
+from lra_sparse import cli, config_lib, describe, distributed
 
 _CONFIG = cli.define_config()
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (outputs, checkpoints; resumes).')
@@ -33,17 +33,29 @@ _FORMAT = flags.DEFINE_enum('describe_format', 'table', ['table', 'json'],
 _MEMORY = flags.DEFINE_bool(
     'describe_memory', True, "describe mode: compile the train step and report XLA's memory "
     'analysis (about a minute for a full-size config on a CPU); --nodescribe_memory skips it.')
+# Multi-process runs (README "Multi-host"; lra_sparse/distributed.py says where values come from).
 _DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', False, 'Call jax.distributed.initialize() first (multi-host launches).')
+    'distributed', False, 'Join a multi-process run; JAX detects what the flags below omit.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'HOST:PORT of process 0 (else $LRA_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Processes in the run (else $LRA_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'This process, 0 .. num_processes - 1 (else $LRA_PROCESS_ID).')
 
 
 @cli.command
 def run(argv) -> int:
     """Entry point body; returns the exit status."""
     cli.no_arguments(argv)
+    group = distributed.resolve(distributed=_DISTRIBUTED.value,
+                                coordinator_address=_COORDINATOR.value,
+                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     config = _CONFIG.value
     if config is None:
         raise cli.UsageError('--config is required, e.g. --config=configs/listops.py:tiny')
+    if group is not None:  # before anything asks JAX for its devices (validate does)
+        distributed.initialize(group)
     config_lib.validate(config)
     if _MODE.value == 'describe':
         description = describe.describe(config)
@@ -57,8 +69,6 @@ def run(argv) -> int:
     cli.check_output_dir(_WORKDIR.value, '--workdir')
     from lra_sparse import train  # heavy import (orbax) only when training or evaluating
 
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
     if _MODE.value == 'evaluate':
         results = train.evaluate_checkpoint(config, _WORKDIR.value)
     else:

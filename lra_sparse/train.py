@@ -272,7 +272,8 @@ class Run:
       replicated: the same value on every device (parameters, optimizer state, metrics).
       graphdef: the model's nnx GraphDef.
       tx: the optax optimizer.
-      abstract_state: shapes and dtypes of the TrainState (the target of checkpoint restores).
+      abstract_state: shapes, dtypes and (replicated) shardings of the TrainState: the target of
+        checkpoint restores.
       num_params: trainable scalars of the model.
       train_step: jitted ``(state, batch) -> (state, metrics)``; donates ``state``.
       eval_step: jitted ``(params, rest, batch) -> metrics`` (no dropout).
@@ -339,11 +340,28 @@ def setup_run(config: ml_collections.ConfigDict, info) -> tuple[Run, TrainState]
         in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
         donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated)
+    if jax.process_count() > 1 and jax.default_backend() == 'cpu':
+        train_fn, eval_fn = _one_at_a_time(train_fn), _one_at_a_time(eval_fn)
     run = Run(config=config, mesh=mesh, batch_sharding=batch_sharding, replicated=replicated,
               graphdef=graphdef, tx=tx,
-              abstract_state=jax.tree.map(ocp.utils.to_shape_dtype_struct, state),
+              abstract_state=jax.tree.map(  # restored straight onto every device of every host
+                  lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state),
               num_params=count_params(state.params), train_step=train_fn, eval_step=eval_fn)
     return run, state
+
+
+def _one_at_a_time(step_fn: Callable) -> Callable:
+    """``step_fn`` that returns only once its computation has finished on this process's devices.
+
+    For multi-process CPU runs: with two programs holding cross-process (gloo) collectives in
+    flight at once, a process's devices can enter them in different orders and every process
+    waits forever (seen with jax 0.10 and 2 processes x 2 CPU devices). Waiting for each step
+    keeps one such program in flight at a time.
+    """
+    @functools.wraps(step_fn)
+    def wait_for(*args):
+        return jax.block_until_ready(step_fn(*args))
+    return wait_for
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,18 +394,21 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state) -> Tra
 
 
 def restore_params(workdir: str) -> dict:
-    """Parameters (pure nested dict) of the latest intact checkpoint of a finished or running run.
+    """Parameters (pure nested dict of numpy arrays) of the latest intact checkpoint of a run.
 
+    Restored to host memory, so a run saved on any number of devices and processes loads here.
     A checkpoint that fails to restore is reported in a warning and the previous one is used.
     """
     directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     if not os.path.isdir(directory):
         raise CheckpointError(f'no checkpoints in {workdir!r} (expected {directory})')
     failures = []
-    with ocp.CheckpointManager(directory) as mngr:
+    with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as mngr:
         for step in sorted(mngr.all_steps(), reverse=True):
             try:
-                return mngr.restore(step, args=ocp.args.StandardRestore())['params']
+                on_host = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype),
+                                       mngr.item_metadata(step).tree)
+                return mngr.restore(step, args=ocp.args.StandardRestore(on_host))['params']
             except Exception as error:  # noqa: BLE001  (any failure means: try the previous one)
                 _log.warning('checkpoint %d in %s cannot be restored (%s); trying the previous '
                              'one', step, directory, workdir_lib.one_line(error))
