@@ -31,7 +31,6 @@ times only show that the harness works (interpret mode is not a performance mode
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import json
@@ -39,12 +38,14 @@ import platform
 import statistics
 import sys
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from pallas_kernels import block_sparse, nm_sparse
 
@@ -345,26 +346,47 @@ def _parse_list(text: str, kind):
     return tuple(kind(x) for x in text.split(',') if x)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags (see --help)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--out', default='bench_results.json', help='JSON output path')
-    p.add_argument('--small', action='store_true',
-                   help='small interpret-mode run (automatic when the backend is cpu)')
-    p.add_argument('--lengths', help='comma-separated sequence lengths')
-    p.add_argument('--densities', help='comma-separated block densities in (0, 1]')
-    p.add_argument('--dtypes', help='comma-separated: bfloat16,float32 (bf16/f32 accepted)')
-    p.add_argument('--patterns', help="comma-separated N:M patterns, e.g. '2:4,1:2'")
-    p.add_argument('--modes', default=','.join(MODES), help='comma-separated: fwd,fwdbwd')
-    for name in ('batch', 'heads', 'head_dim', 'block_q', 'block_k', 'warmup', 'repeats',
-                 'rounds'):
-        p.add_argument(f'--{name.replace("_", "-")}', dest=name, type=int)
-    p.add_argument('--precision', choices=('default', 'highest'),
-                   help="the kernels' float32 dots: default (TF32 on GPU) or highest (IEEE)")
-    return p.parse_args(argv)
+FLAGS = flags.FlagValues()  # this module's own flags: importing it defines no global flags
+flags.DEFINE_string('out', 'bench_results.json', 'JSON output path.', flag_values=FLAGS)
+flags.DEFINE_bool('small', False, 'Small interpret-mode run (automatic when the backend is cpu).',
+                  flag_values=FLAGS)
+flags.DEFINE_string('lengths', None, 'Comma-separated sequence lengths.', flag_values=FLAGS)
+flags.DEFINE_string('densities', None, 'Comma-separated block densities in (0, 1].',
+                    flag_values=FLAGS)
+flags.DEFINE_string('dtypes', None, 'Comma-separated: bfloat16,float32 (bf16/f32 accepted).',
+                    flag_values=FLAGS)
+flags.DEFINE_string('patterns', None, "Comma-separated N:M patterns, e.g. '2:4,1:2'.",
+                    flag_values=FLAGS)
+flags.DEFINE_string('modes', ','.join(MODES), 'Comma-separated: fwd,fwdbwd.', flag_values=FLAGS)
+_INT_FLAGS = ('batch', 'heads', 'head_dim', 'block_q', 'block_k', 'warmup', 'repeats', 'rounds')
+for _name in _INT_FLAGS:
+    flags.DEFINE_integer(_name, None, f'{_name} (default: the full or small table).',
+                         flag_values=FLAGS)
+flags.DEFINE_enum('precision', None, ['default', 'highest'],
+                  "The kernels' float32 dots: default (TF32 on GPU) or highest (IEEE).",
+                  flag_values=FLAGS)
 
 
-def build_config(args: argparse.Namespace) -> dict:
+def parse_args(argv: list[str] | None = None) -> types.SimpleNamespace:
+    """Command-line flags, ``--name=value`` as every CLI of the project (``--help`` lists them).
+
+    Args:
+      argv: the arguments after the program name (None: ``sys.argv[1:]``).
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ('-h', '--help', '--helpfull') for a in args):
+        print(__doc__)
+        print(FLAGS.get_help())
+        raise SystemExit(0)
+    FLAGS.unparse_flags()
+    try:
+        FLAGS(['pallas_kernels.bench', *args])
+    except flags.Error as e:
+        raise SystemExit(f'pallas_kernels.bench: {e}') from None
+    return types.SimpleNamespace(**{name: FLAGS[name].value for name in FLAGS})
+
+
+def build_config(args: types.SimpleNamespace) -> dict:
     """FULL or SMALL defaults overridden by the flags."""
     small = args.small or jax.default_backend() == 'cpu'
     cfg = dict(SMALL if small else FULL)
@@ -377,8 +399,7 @@ def build_config(args: argparse.Namespace) -> dict:
         cfg['dtypes'] = tuple(alias.get(x, x) for x in _parse_list(args.dtypes, str))
     if args.patterns:
         cfg['patterns'] = _parse_list(args.patterns, str)
-    for name in ('batch', 'heads', 'head_dim', 'block_q', 'block_k', 'warmup', 'repeats',
-                 'rounds', 'precision'):
+    for name in (*_INT_FLAGS, 'precision'):
         if getattr(args, name) is not None:
             cfg[name] = getattr(args, name)
     cfg['modes'] = _parse_list(args.modes, str)
