@@ -123,17 +123,7 @@ def _read_config(workdir: str) -> dict:
             config = json.load(f)
     except (OSError, ValueError):
         return {}
-    return _flatten(config) if isinstance(config, dict) else {}
-
-
-def _flatten(tree: dict, prefix: str = '') -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f'{prefix}{key}.'))
-        else:
-            flat[f'{prefix}{key}'] = value
-    return flat
+    return results_lib.flatten(config) if isinstance(config, dict) else {}
 
 
 def summarize(records: list[dict]) -> list[dict]:

@@ -61,3 +61,14 @@ def is_finished(workdir: str) -> bool:
 
 
 __all__ = ['REQUIRED', 'UnreadableResultsError', 'is_finished', 'read_results']
+
+
+def flatten(tree: dict, prefix: str = '') -> dict:
+    """{'model': {'emb_dim': 64}} -> {'model.emb_dim': 64} (dicts only; lists are leaves)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f'{prefix}{key}.'))
+        else:
+            out[f'{prefix}{key}'] = value
+    return out

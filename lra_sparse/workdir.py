@@ -40,6 +40,7 @@ from lra_sparse import attention as attention_lib
 from lra_sparse import config_lib, files
 from lra_sparse import data as data_lib
 from lra_sparse.errors import ConfigError, UserError
+from lra_sparse.results import flatten
 
 _log = logging.getLogger(__name__)
 
@@ -211,17 +212,6 @@ ABSENT = _Absent()
 def config_as_json(config: ml_collections.ConfigDict) -> dict:
     """The config as the plain JSON dict ``config.json`` holds."""
     return json.loads(config.to_json_best_effort())
-
-
-def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
-    """{'model': {'emb_dim': 64}} -> {'model.emb_dim': 64} (dicts only; lists are leaves)."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f'{prefix}{key}.'))
-        else:
-            out[f'{prefix}{key}'] = value
-    return out
 
 
 def field_defaults(attention_name: str) -> dict[str, Any]:

@@ -92,14 +92,25 @@ def test_only_unreadable_runs_is_one_error(tmp_path, capsys):
     assert not (tmp_path / 'summary.csv').exists()
 
 
-def test_a_torn_metrics_file_leaves_out_only_the_curve(tmp_path, capsys):
+def test_a_broken_metrics_file_leaves_out_only_the_curve(tmp_path, capsys):
+    make_run(tmp_path / 'd0', 'listops', 'dense', 0, 0.30, 0.32, 0.0)
+    with open(tmp_path / 'd0' / 'metrics.jsonl', 'a') as f:
+        f.write('{"step": 40, "spl\n{"step": 50, "split": "train", "loss": 1.0}\n')
+    rows = report.report([str(tmp_path)])
+    assert rows[0]['test_accuracy'] == pytest.approx(0.32)
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'metrics.jsonl is not readable' in err
+
+
+def test_a_torn_last_metrics_line_is_left_out_with_a_warning(tmp_path, capsys, caplog):
+    """A run killed while writing its last event: the complete events still make the curve."""
     make_run(tmp_path / 'd0', 'listops', 'dense', 0, 0.30, 0.32, 0.0)
     with open(tmp_path / 'd0' / 'metrics.jsonl', 'a') as f:
         f.write('{"step": 40, "spl')
     rows = report.report([str(tmp_path)])
     assert rows[0]['test_accuracy'] == pytest.approx(0.32)
-    err = capsys.readouterr().err
-    assert err.count('\n') == 1 and 'metrics.jsonl is not readable' in err
+    assert capsys.readouterr().err == ''
+    assert [r.getMessage() for r in caplog.records if 'is incomplete' in r.getMessage()]
 
 
 def test_legends_name_only_the_fields_that_differ(tmp_path):
