@@ -247,38 +247,39 @@ CASES = [
      'read_only'),
     ('new_workdir_in_read_only_dir', 'main', [TINY, '--workdir={run}/new'],
      "run/new' cannot be created in the unwritable '", 'read_only'),
-    # Data
+    # Data (in an empty workdir: the finished run in {run} has another config, which the
+    # provenance check refuses before any data is read)
     ('cache_dir_is_a_file', 'main', [TINY, '--config.cache_dir={tmp}/afile', '--workdir={run}'],
      "afile' is not allowed: a directory you can write to (it is a file)", 'workdir_file'),
     ('listops_data_dir_missing', 'main', [TINY, '--config.data_dir={tmp}/nope',
-                                          '--workdir={run}'],
+                                          '--workdir={fresh}'],
      "nope' does not exist: point it at the folder", None),
-    ('listops_non_utf8', 'main', [TINY, '--config.data_dir={tmp}/data', '--workdir={run}'],
+    ('listops_non_utf8', 'main', [TINY, '--config.data_dir={tmp}/data', '--workdir={fresh}'],
      'basic_test.tsv, line 3: byte 0xff at column 1 is not UTF-8 text', 'listops_non_utf8'),
-    ('listops_empty_split', 'main', [TINY, '--config.data_dir={tmp}/data', '--workdir={run}'],
+    ('listops_empty_split', 'main', [TINY, '--config.data_dir={tmp}/data', '--workdir={fresh}'],
      'basic_test.tsv is empty', 'listops_empty'),
-    ('listops_header_only', 'main', [TINY, '--config.data_dir={tmp}/data', '--workdir={run}'],
+    ('listops_header_only', 'main', [TINY, '--config.data_dir={tmp}/data', '--workdir={fresh}'],
      'basic_test.tsv holds only the header', 'listops_header_only'),
     ('retrieval_missing', 'main', ['--config=configs/retrieval.py:tiny',
-                                   '--config.data_dir={tmp}/data', '--workdir={run}'],
+                                   '--config.data_dir={tmp}/data', '--workdir={fresh}'],
      'new_aan_pairs.train.tsv', 'retrieval_missing'),
     ('retrieval_empty_split', 'main', ['--config=configs/retrieval.py:tiny',
-                                       '--config.data_dir={tmp}/data', '--workdir={run}'],
+                                       '--config.data_dir={tmp}/data', '--workdir={fresh}'],
      'new_aan_pairs.eval.tsv holds no examples', 'retrieval_empty'),
     ('retrieval_bad_line', 'main', ['--config=configs/retrieval.py:tiny',
-                                    '--config.data_dir={tmp}/data', '--workdir={run}'],
+                                    '--config.data_dir={tmp}/data', '--workdir={fresh}'],
      'new_aan_pairs.eval.tsv, line 1: expected 5 tab-separated fields', 'retrieval_bad_line'),
     ('retrieval_bad_label', 'main', ['--config=configs/retrieval.py:tiny',
-                                     '--config.data_dir={tmp}/data', '--workdir={run}'],
+                                     '--config.data_dir={tmp}/data', '--workdir={fresh}'],
      'new_aan_pairs.eval.tsv, line 1: cannot convert float NaN', 'retrieval_bad_label'),
     ('imdb_garbage_archive', 'main', ['--config=configs/text.py:tiny',
-                                      '--config.data_dir={tmp}/data', '--workdir={run}'],
+                                      '--config.data_dir={tmp}/data', '--workdir={fresh}'],
      'aclImdb_v1.tar.gz: the archive is damaged or not a gzip tar', 'imdb_garbage'),
     ('imdb_archive_without_split', 'main', ['--config=configs/text.py:tiny',
-                                            '--config.data_dir={tmp}/data', '--workdir={run}'],
+                                            '--config.data_dir={tmp}/data', '--workdir={fresh}'],
      'aclImdb_v1.tar.gz', 'imdb_no_split'),
     ('cifar_garbage_archive', 'main', ['--config=configs/image.py:tiny',
-                                       '--config.data_dir={tmp}/data', '--workdir={run}'],
+                                       '--config.data_dir={tmp}/data', '--workdir={fresh}'],
      'cifar-10-binary.tar.gz: the archive is damaged or not a gzip tar', 'cifar_garbage'),
     # Sweeps
     ('unknown_sweep', 'sweep', [TINY, '--sweep=nope', '--workdir={run}'],
@@ -423,14 +424,16 @@ def _run_case(driver: _Driver, case: tuple, root: str) -> dict:
     """Prepares and runs one case; its exit status, stderr and the files that changed."""
     case_id, module, args, _, prepare = case
     tmp, out_dir = os.path.join(root, case_id), os.path.join(root, '_output', case_id)
-    run = os.path.join(tmp, 'run')
+    run, fresh = os.path.join(tmp, 'run'), os.path.join(tmp, 'fresh')
     os.makedirs(out_dir)
+    os.makedirs(fresh)
     _finished_run(run)
     if prepare:
         PREPARE[prepare](tmp)
     before = _snapshot(tmp)
     try:
-        returncode, stderr = driver.run(module, [a.format(tmp=tmp, run=run) for a in args],
+        argv = [a.format(tmp=tmp, run=run, fresh=fresh) for a in args]
+        returncode, stderr = driver.run(module, argv,
                                         {'XDG_CACHE_HOME': os.path.join(tmp, 'cache')}, out_dir)
         after = _snapshot(tmp)
     finally:

@@ -153,7 +153,8 @@ def _cli(*args):
 
 
 def test_cli_describe_prints_json():
-    out = _cli('--config=configs/listops.py', '--mode=describe')
+    out = _cli('--config=configs/listops.py', '--mode=describe', '--describe_format=json',
+               '--nodescribe_memory')
     assert out.returncode == 0, out.stderr
     desc = json.loads(out.stdout)
     assert desc['num_params'] > 8e6
