@@ -65,6 +65,20 @@ def atomic_write_json(path: str, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + '\n')
 
 
+def read_json_object(path: str) -> dict:
+    """The JSON object stored in ``path``.
+
+    Raises:
+      OSError: the file cannot be read.
+      ValueError: it is not JSON, or its JSON is not an object.
+    """
+    with open(path, encoding='utf-8') as f:
+        value = json.load(f)
+    if not isinstance(value, dict):
+        raise ValueError(f'not a JSON object but a {type(value).__name__}')
+    return value
+
+
 def append_line(path: str, line: str) -> None:
     """Appends ``line`` plus a newline in one write (after a newline if the file lacks its last).
 

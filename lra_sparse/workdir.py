@@ -397,10 +397,7 @@ class RunDirectory:
                     'they belong to is unknown: restore the file or use another workdir.')
             return None
         try:
-            with open(path) as f:
-                saved = json.load(f)
-            if not isinstance(saved, dict):
-                raise ValueError('not a JSON object')
+            saved = files.read_json_object(path)
         except (OSError, ValueError) as error:
             raise WorkdirError(f'{path} cannot be read ({one_line(error)}), so the config of '
                                'this workdir is unknown: restore the file or use another '
@@ -452,10 +449,7 @@ class RunDirectory:
         if not os.path.exists(path):
             return None
         try:
-            with open(path) as f:
-                results = json.load(f)
-            if not isinstance(results, dict):
-                raise ValueError('not a JSON object')
+            results = files.read_json_object(path)
         except (OSError, ValueError) as error:
             _log.warning('%s cannot be read (%s); the run is treated as unfinished', path,
                          one_line(error))

@@ -14,6 +14,7 @@ import pytest
 from conftest import tiny_config
 
 from lra_sparse import config_lib, data, metrics, train
+from lra_sparse import results as results_lib
 
 SMOKE = {'num_train_steps': 3, 'log_every_steps': 1, 'eval_every_steps': 2,
          'checkpoint_every_steps': 2, 'batch_size': 4, 'num_eval_steps': 1,
@@ -125,17 +126,7 @@ def _flatten_state(state):
 
 def _final_params(workdir):
     return {k: np.asarray(v) for k, v in
-            _flatten(train.restore_params(workdir)).items()}
-
-
-def _flatten(tree, prefix=''):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f'{prefix}{k}/'))
-        else:
-            out[f'{prefix}{k}'] = v
-    return out
+            results_lib.flatten(train.restore_params(workdir)).items()}
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
