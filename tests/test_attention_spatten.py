@@ -45,14 +45,18 @@ def copy_weights(src, dst):
 
 def run_stack(layers, x, mask):
     """Runs the layers through the encoder's loop (``transformer.run_blocks``), each block being
-    the bare attention layer: every layer sees the same x, gathered with the carry's select.
+    the bare attention layer: every layer sees the same x, gathered with the carry's select (as
+    ``transformer.Block`` gathers before its feed-forward).
 
     Returns:
       ([(AttentionOutput, mask entering the layer)] per layer, the last carry).
     """
     def block(layer):
         def run(x, mask, carry, *, deterministic, rng):
-            return x, layer(x, mask, carry, deterministic=deterministic, rng=rng)
+            out = layer(x, mask, carry, deterministic=deterministic, rng=rng)
+            if out.carry.select is not None:
+                x = jnp.take_along_axis(x, out.carry.select[:, :, None], axis=1)
+            return x, out
         return run
 
     batch, length = mask.shape
@@ -177,7 +181,7 @@ def test_top_heads_lowest_dropped_ties_to_lowest_id():
 # -- Algorithm 2 against numpy --------------------------------------------------------------------
 def test_cumulative_scores_match_numpy_algorithm2():
     lengths, length = [16, 11], 16
-    layers = make_layers(3, token_keep_ratios=(1.0, 0.75, 0.5), **PLAIN)
+    layers = make_layers(3, token_keep_ratios=(1.0, 0.75, 0.5), length_adaptive=False, **PLAIN)
     x, mask = random_inputs(lengths, length)
     outs, _ = run_stack(layers, x, mask)
     xs, masks = np.asarray(x), np.asarray(mask)
@@ -208,7 +212,7 @@ def test_cumulative_scores_match_numpy_algorithm2():
 
 
 def test_pruned_tokens_never_reappear_and_cls_survives():
-    layers = make_layers(4, token_keep_final=0.25)
+    layers = make_layers(4, token_keep_final=0.25, length_adaptive=False)
     x, mask = random_inputs([40, 23], 40, seed=3)
     outs, carry = run_stack(layers, x, mask)
     for out, _ in outs:
@@ -241,7 +245,7 @@ def test_cls_kept_even_with_the_lowest_score():
 
 def test_length_adaptive_budget():
     x, mask = random_inputs([32, 10], 32, seed=5)
-    fixed = make_layers(2, token_keep_ratios=(1.0, 0.5), **PLAIN)
+    fixed = make_layers(2, token_keep_ratios=(1.0, 0.5), length_adaptive=False, **PLAIN)
     adaptive = make_layers(2, token_keep_ratios=(1.0, 0.5), length_adaptive=True, **PLAIN)
     copy_weights(fixed, adaptive)
     fixed_outs, _ = run_stack(fixed, x, mask)
@@ -319,14 +323,18 @@ def test_msb_lsb_quant_matches_numpy():
     rng = np.random.default_rng(8)
     x = jnp.asarray(rng.normal(size=(2, 6, 2, 4)).astype(np.float32))
     mask = jnp.asarray(np.arange(6)[None] < np.array([[6], [4]]))
-    msb, full = spatten.msb_lsb_quant(x, mask, 6, 4)
+    msb, full = spatten.msb_lsb_quant(x, mask, 6, 4, rounding='floor')
     codes, scale = np_codes(x, mask, 10)
     np.testing.assert_allclose(full, codes * scale, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(msb, np.floor(codes / 16) * 16 * scale, rtol=1e-6, atol=1e-7)
     assert np.abs(np.floor(codes / 16)).max() <= 2 ** 5  # fits in 6 signed bits
     # Straight-through gradient.
-    g = jax.grad(lambda x: jnp.sum(spatten.msb_lsb_quant(x, mask, 6, 4)[0] * 3.0))(x)
+    g = jax.grad(lambda x: jnp.sum(spatten.msb_lsb_quant(x, mask, 6, 4, 'floor')[0] * 3.0))(x)
     np.testing.assert_allclose(g, 3.0)
+
+
+# The former progressive mode: floor MSBs, Q and K only, absolute threshold.
+OLD_PROGRESSIVE = dict(msb_rounding='floor', quant_values=False, requant_reference_length=0)
 
 
 def quant_layer(**kw):
@@ -337,9 +345,9 @@ def quant_layer(**kw):
 def test_progressive_threshold_zero_and_one():
     x, mask = random_inputs([20, 13], 20, seed=9)
     carry = base.LayerCarry(positions=jnp.zeros((2, 20), jnp.int32))
-    none = quant_layer(quant='progressive', requant_threshold=0.0)
-    all_rows = quant_layer(quant='progressive', requant_threshold=1.0)
-    static12 = quant_layer(quant='static', msb_bits=12)
+    none = quant_layer(quant='progressive', requant_threshold=0.0, **OLD_PROGRESSIVE)
+    all_rows = quant_layer(quant='progressive', requant_threshold=1.0, **OLD_PROGRESSIVE)
+    static12 = quant_layer(quant='static', static_bits=12, quant_values=False)
     copy_weights([none], [all_rows])
     copy_weights([none], [static12])
     out0, out1 = none(x, mask, carry), all_rows(x, mask, carry)
@@ -365,7 +373,7 @@ def test_progressive_threshold_zero_and_one():
 
 
 def test_dominated_row_is_not_refetched():
-    layer = quant_layer(quant='progressive', requant_threshold=0.5)
+    layer = quant_layer(quant='progressive', requant_threshold=0.5, **OLD_PROGRESSIVE)
     n, d = 8, 8
     k = np.zeros((1, n, 1, d), np.float32)
     k[0, :, 0, :] = np.eye(d)[:n] * 0.1
@@ -379,6 +387,211 @@ def test_dominated_row_is_not_refetched():
     probs, stats = layer._probs(jnp.asarray(q), jnp.asarray(k), mask, row_ok)
     assert float(jnp.max(probs[0, 0, 0])) > 0.99
     assert float(stats['lsb_refetch_fraction']) == pytest.approx((n - 1) / n)
+
+
+# -- one layer against numpy: the defaults and every former behaviour -----------------------------
+def np_quant(x, mask, bits):
+    """Per (example, head) symmetric linear quantization of [batch, n, heads, d], nearest."""
+    codes, scale = np_codes(x, mask, bits)
+    return codes * scale
+
+
+def np_msb(x, mask, msb, lsb, rounding):
+    """(MSB value, full value) of the (msb + lsb)-bit code; the MSB half a signed msb-bit int."""
+    codes, scale = np_codes(x, mask, msb + lsb)
+    step = 2.0 ** lsb
+    high = np.floor(codes / step) if rounding == 'floor' else np.round(codes / step)
+    high = np.clip(high, -2.0 ** (msb - 1), 2.0 ** (msb - 1) - 1)
+    return high * step * scale, codes * scale
+
+
+def np_softmax(q, k, mask):
+    s = np.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(q.shape[-1])
+    valid = (np.asarray(mask)[:, :, None] & np.asarray(mask)[:, None, :])[:, None]
+    s = np.where(valid, s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True)
+    p = np.exp(s - np.where(np.isfinite(m), m, 0))
+    return np.where(valid, p / np.maximum(p.sum(-1, keepdims=True), 1e-300), 0.0)
+
+
+def np_layer(layer, x, mask, *, quant='none', bits=12, quant_values=False, msb=8, lsb=4,
+             rounding='nearest', threshold=0.05, reference_length=0, value_pruning='per_query',
+             ratio=1.0):
+    """One SpAtten layer (layer 0: no token or head pruning yet) in float64 numpy.
+
+    Returns:
+      (y [batch, n, emb], probs used in AV [batch, H, n, n], refetched rows [batch, H, n]).
+    """
+    x, mask = np.asarray(x, np.float64), np.asarray(mask)
+    h, d = layer.dims.num_heads, layer.dims.head_dim
+    q, k, v = (np.einsum('ble,ef->blf', x, np.asarray(p.kernel[...], np.float64))
+               .reshape(x.shape[0], x.shape[1], h, d)
+               for p in (layer.query, layer.key, layer.value))
+    need = np.zeros((x.shape[0], h, x.shape[1]), bool)
+    if quant == 'static':
+        p = np_softmax(np_quant(q, mask, bits), np_quant(k, mask, bits), mask)
+        v = np_quant(v, mask, bits) if quant_values else v
+    elif quant == 'progressive':
+        qm, qf = np_msb(q, mask, msb, lsb, rounding)
+        km, kf = np_msb(k, mask, msb, lsb, rounding)
+        p_msb, p_full = np_softmax(qm, km, mask), np_softmax(qf, kf, mask)
+        keys = np.maximum(mask.sum(1), 1)[:, None, None]
+        thr = threshold * reference_length / keys if reference_length else threshold
+        need = (p_msb.max(-1) < thr) & mask[:, None, :]
+        p = np.where(need[..., None], p_full, p_msb)
+        v = np_quant(v, mask, msb + lsb) if quant_values else v
+    else:
+        p = np_softmax(q, k, mask)
+    if ratio < 1.0:
+        keep = np.zeros(p.shape, bool)
+        for b in range(p.shape[0]):
+            kv = math.ceil(ratio * mask[b].sum() - 1e-4)
+            for hh in range(h):
+                if value_pruning == 'per_head':  # one set per head by column mass, ties low id
+                    mass = np.where(mask[b], p[b, hh].sum(0), -np.inf)
+                    cols = np.argsort(-mass, kind='stable')[:kv]
+                    keep[b, hh][:, cols] = True
+                else:  # per query row: its own kv largest probabilities among valid keys
+                    for i in range(p.shape[2]):
+                        row = np.where(mask[b], p[b, hh, i], -1.0)
+                        keep[b, hh, i, np.argsort(-row, kind='stable')[:kv]] = True
+        p = np.where(keep, p, 0.0)
+    o = np.einsum('bhqk,bkhd->bqhd', p, v).reshape(x.shape[0], x.shape[1], h * d)
+    return o @ np.asarray(layer.out.kernel[...], np.float64), p, need
+
+
+def one_layer(impl='xla', **kw):
+    return make_layers(1, impl, heads=4, token_keep_ratios=(1.0,), head_keep_final=1.0, **kw)[0]
+
+
+def layer_y(layer, x, mask):
+    carry = base.LayerCarry(positions=jnp.zeros(mask.shape, jnp.int32))
+    return layer(x, mask, carry)
+
+
+@pytest.mark.parametrize('impl', ['reference', 'xla'])
+def test_per_query_value_pruning_matches_numpy(impl):
+    x, mask = random_inputs([24, 15], 24, seed=11)
+    layer = one_layer(impl, quant='none', value_keep_ratio=0.3)
+    out = layer_y(layer, x, mask)
+    want, p, _ = np_layer(layer, x, mask, ratio=0.3)
+    np.testing.assert_allclose(out.y, want, rtol=1e-4, atol=1e-5)
+    # Every valid query row keeps exactly ceil(0.3 * valid) values (8 and 5), its own set.
+    kept = (p > 0).sum(-1)
+    assert set(kept[0].ravel()) == {8}
+    assert set(kept[1][:, np.asarray(mask[1])].ravel()) == {5}
+    assert len({tuple(np.nonzero(p[0, 0, i])[0]) for i in range(24)}) > 1
+    assert float(out.stats['kept_fraction']) == pytest.approx(
+        4 * (24 * 8 + 15 * 5) / (4 * (24 ** 2 + 15 ** 2)), rel=1e-6)
+    # The per-query mask agrees with the helper given the same counts.
+    mask_fn = spatten.per_query_value_mask(jnp.asarray(p[..., :], jnp.float32) + 0.0,
+                                           mask, jnp.asarray([8, 5]), 8)
+    assert ((np.asarray(mask_fn) > 0) == (p > 0)).all()
+
+
+def test_per_query_keeps_more_mass_than_per_head():
+    x, mask = random_inputs([32, 32], 32, seed=12)
+    x = x * 3.0  # peaked rows, as after training
+    per_query = one_layer(quant='none', value_keep_ratio=0.3)
+    per_head = one_layer(quant='none', value_keep_ratio=0.3, value_pruning='per_head')
+    copy_weights([per_query], [per_head])
+    dense, _, _ = np_layer(per_query, x, mask)
+    err_query = np.abs(np.asarray(layer_y(per_query, x, mask).y) - dense).mean()
+    err_head = np.abs(np.asarray(layer_y(per_head, x, mask).y) - dense).mean()
+    assert err_query < err_head
+
+
+@pytest.mark.parametrize('impl', ['reference', 'xla'])
+def test_per_head_option_is_the_former_rule(impl):
+    x, mask = random_inputs([24, 15], 24, seed=13)
+    layer = one_layer(impl, quant='none', value_keep_ratio=0.3, value_pruning='per_head')
+    want, _, _ = np_layer(layer, x, mask, value_pruning='per_head', ratio=0.3)
+    np.testing.assert_allclose(layer_y(layer, x, mask).y, want, rtol=1e-4, atol=1e-5)
+
+
+def test_default_static_quantizes_q_k_v_at_12_bits():
+    x, mask = random_inputs([24, 15], 24, seed=14)
+    layer = one_layer(value_keep_ratio=1.0)  # defaults: static, 12 bits, V quantized
+    out = layer_y(layer, x, mask)
+    want, _, _ = np_layer(layer, x, mask, quant='static', bits=12, quant_values=True)
+    np.testing.assert_allclose(out.y, want, rtol=1e-4, atol=1e-5)
+    assert float(out.stats['average_bits']) == 12.0
+    plain, _, _ = np_layer(layer, x, mask, quant='static', bits=12, quant_values=False)
+    assert not np.allclose(want, plain, rtol=0, atol=1e-9)  # V really is quantized
+
+
+@pytest.mark.parametrize('rounding,reference_length', [('nearest', 1024), ('floor', 0),
+                                                       ('nearest', 0)])
+def test_progressive_matches_numpy(rounding, reference_length):
+    x, mask = random_inputs([24, 15], 24, seed=15)
+    layer = one_layer(value_keep_ratio=1.0, quant='progressive', msb_bits=4,
+                      msb_rounding=rounding, requant_threshold=0.08,
+                      requant_reference_length=reference_length)
+    out = layer_y(layer, x, mask)
+    want, _, need = np_layer(layer, x, mask, quant='progressive', quant_values=True, msb=4,
+                             rounding=rounding, threshold=0.08,
+                             reference_length=reference_length)
+    np.testing.assert_allclose(out.y, want, rtol=1e-4, atol=1e-5)
+    rows = 4 * (24 + 15)
+    assert float(out.stats['lsb_refetch_fraction']) == pytest.approx(need.sum() / rows)
+
+
+def test_relative_threshold_refetches_fewer_rows_at_long_lengths():
+    x, mask = random_inputs([256], 256, seed=16)
+    absolute = one_layer(value_keep_ratio=1.0, quant='progressive', requant_reference_length=0)
+    relative = one_layer(value_keep_ratio=1.0, quant='progressive', requant_reference_length=64)
+    copy_weights([absolute], [relative])
+    frac_abs = float(layer_y(absolute, x, mask).stats['lsb_refetch_fraction'])
+    frac_rel = float(layer_y(relative, x, mask).stats['lsb_refetch_fraction'])
+    assert frac_abs > 0.5 > frac_rel  # 0.05 absolute vs 0.05 * 64 / 256 = 0.0125
+
+
+def test_nearest_msbs_are_unbiased_floor_is_not():
+    rng = np.random.default_rng(17)
+    x = jnp.asarray(rng.normal(size=(4, 64, 2, 16)).astype(np.float32))
+    mask = jnp.ones((4, 64), bool)
+    near, full = spatten.msb_lsb_quant(x, mask, 4, 4, 'nearest')
+    floor, _ = spatten.msb_lsb_quant(x, mask, 4, 4, 'floor')
+    want, _ = np_msb(x, mask, 4, 4, 'nearest')
+    np.testing.assert_allclose(near, want, rtol=1e-6, atol=1e-7)
+    codes, scale = np_codes(x, mask, 8)
+    assert np.abs(np.round(np.asarray(near) / scale / 16)).max() <= 8  # signed 4-bit MSB half
+    bias_near = float(jnp.mean(near - full))
+    bias_floor = float(jnp.mean(floor - full))
+    assert abs(bias_near) < abs(bias_floor) / 4 and bias_floor < 0
+
+
+def test_former_defaults_layer_equals_the_old_formulas():
+    """value_pruning='per_head', quant='progressive' (8+4), msb_rounding='floor',
+    quant_values=False, requant_reference_length=0 is the former default layer."""
+    x, mask = random_inputs([24, 15], 24, seed=18)
+    layer = one_layer(value_keep_ratio=0.3, value_pruning='per_head', quant='progressive',
+                      requant_threshold=0.2, **OLD_PROGRESSIVE)
+    want, _, need = np_layer(layer, x, mask, quant='progressive', rounding='floor',
+                             threshold=0.2, value_pruning='per_head', ratio=0.3)
+    out = layer_y(layer, x, mask)
+    np.testing.assert_allclose(out.y, want, rtol=1e-4, atol=1e-5)
+    assert 0.0 < float(out.stats['lsb_refetch_fraction']) == pytest.approx(need.sum() / 156)
+
+
+def test_cls_forcing_is_an_option():
+    scores = jnp.asarray([[0.0, 5.0, 2.0, 9.0, 7.0, 1.0], [8.0, 1.0, 3.0, 2.0, 0.0, 0.0]])
+    valid = jnp.asarray([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], bool)
+    select, kept = spatten.select_tokens(scores, valid, jnp.asarray([3, 2]), 3,
+                                         force_first=False)
+    assert select.tolist() == [[1, 3, 4], [0, 2, 4]]  # row 0: index 0 pruned
+    assert np.asarray(kept).nonzero()[1].tolist() == [1, 3, 4, 0, 2]
+    forced, _ = spatten.select_tokens(scores, valid, jnp.asarray([3, 2]), 3)
+    assert forced.tolist() == [[0, 3, 4], [0, 2, 4]]
+    # In a stack: without forcing, the kept tokens are exactly the top-k of Algorithm 2.
+    x, mask = random_inputs([16, 16], 16, seed=4)
+    free = make_layers(2, force_cls=False, token_keep_ratios=(1.0, 0.25), **PLAIN)
+    outs, _ = run_stack(free, x, mask)
+    select = np.asarray(outs[0][0].carry.select)
+    full, _ = np_probs(free[0], x, mask)
+    for b in range(2):
+        s = full[b].sum(axis=(0, 1))
+        assert select[b].tolist() == sorted(np.argsort(-s, kind='stable')[:4].tolist())
 
 
 # -- cost model -----------------------------------------------------------------------------------
@@ -406,12 +619,14 @@ def test_layer_macs_match_hand_count():
         for n, h in zip(hand_tokens, hand_heads))
     assert 1.4 < dense / total < 1.6
     quant_macs, _ = method.macs(dims, make_cfg(), seq, mlp)
-    assert quant_macs['qk_bits'] == 8.0
+    assert quant_macs['qk_bits'] == 12.0  # static, static_bits
+    quant_macs, _ = method.macs(dims, make_cfg(quant='progressive'), seq, mlp)
+    assert quant_macs['qk_bits'] == 8.0  # progressive: the MSB width
 
 
 def test_runtime_sparsity_and_token_stats():
     cfg = make_cfg(token_keep_ratios=(1.0, 0.5), value_keep_ratio=0.5, quant='none',
-                   head_keep_counts=(2, 1))
+                   head_keep_counts=(2, 1), length_adaptive=False)
     rngs = nnx.Rngs(params=0)
     layers = [spatten.SpAttenAttention(base.AttentionDims(
         emb_dim=E, qkv_dim=E, num_heads=2, max_len=16, layer_index=i, num_layers=2), cfg,
@@ -421,6 +636,7 @@ def test_runtime_sparsity_and_token_stats():
     assert 'flop_reduction' not in outs[0][0].stats  # MACs belong to the cost model
     # sparsity: layer 1 attends 1 head x 8 x 4 and 1 x 5 x 3 of 2 x (256 + 100) pairs.
     assert float(outs[1][0].stats['sparsity']) == pytest.approx(1 - (32 + 15) / 712, rel=1e-5)
+    assert float(outs[1][0].stats['kept_fraction']) == pytest.approx((32 + 15) / 712, rel=1e-5)
     assert float(outs[1][0].stats['tokens_kept']) == pytest.approx(13 / 26)
 
 

@@ -46,7 +46,9 @@ import ml_collections
 from lra_sparse.attention import base, quant
 
 QUANT_MODES = ('none', 'static', 'progressive')
+VALUE_PRUNING = ('per_query', 'per_head')
 MSB_BITS = (4, 6, 8, 10, 12)
+STATIC_BITS = (4, 6, 8, 10, 12, 16)
 LSB_BITS = (4,)
 _EPS = 1e-6
 
@@ -59,16 +61,25 @@ def default_config() -> ml_collections.ConfigDict:
     c.token_keep_final = 0.5  # rule: fraction of tokens the last layer processes, in (0, 1]
     c.token_prune_start_layer = 1  # rule: first layer that sees pruned tokens, 1..num_layers
     # (num_layers = no token pruning); linear decrease from 1.0 to token_keep_final after it
-    c.length_adaptive = False  # True: the schedule is a token budget (fraction of the padded
-    # length), so longer inputs prune more; False: each example keeps the fraction of its length
+    c.length_adaptive = True  # True: the schedule is a token budget (fraction of the padded
+    # length), so longer inputs prune more (the paper); False: each example keeps the fraction
+    # of its own length
+    c.force_cls = True  # index 0 (the CLS token, the pooled position) is never pruned
     c.head_keep_counts = ()  # heads each layer computes, one per layer, first = num_heads,
     # non-increasing, >= 1; () = the rule: the last round(num_layers/3) layers keep head_keep_final
     c.head_keep_final = 0.75  # rule: fraction of heads kept in the last third, in (0, 1]
-    c.value_keep_ratio = 0.3  # local value pruning: fraction of V vectors used per head, (0, 1]
-    c.quant = 'progressive'  # Q/K quantization: none | static (msb_bits) | progressive (msb+lsb)
-    c.msb_bits = 8  # MSB bits: 4 | 6 | 8 | 10 | 12 (static: the bit width)
-    c.lsb_bits = 4  # LSB bits fetched on a refetch (progressive): 4
+    c.value_keep_ratio = 0.3  # local value pruning: fraction of V vectors used, (0, 1]
+    c.value_pruning = 'per_query'  # per_query (each query its own top V) | per_head (one set
+    # per head by column mass, shared by all queries)
+    c.quant = 'static'  # none | static (static_bits) | progressive (msb_bits + lsb_bits)
+    c.static_bits = 12  # static: bit width of Q, K (and V): 4 | 6 | 8 | 10 | 12 | 16
+    c.quant_values = True  # quantize V too (static: static_bits; progressive: msb + lsb bits)
+    c.msb_bits = 8  # progressive: MSB bits, 4 | 6 | 8 | 10 | 12
+    c.lsb_bits = 4  # progressive: LSB bits fetched on a refetch, 4
+    c.msb_rounding = 'nearest'  # progressive: MSB value of a code, nearest | floor (bit drop)
     c.requant_threshold = 0.05  # progressive: refetch rows whose max probability is below, [0, 1]
+    c.requant_reference_length = 1024  # progressive: > 0: the threshold is relative to the row,
+    # requant_threshold * requant_reference_length / (keys of the row); 0: absolute
     return c
 
 
@@ -156,8 +167,8 @@ def check_fields(cfg, num_layers: int, num_heads: int) -> None:
     _check(isinstance(start, int) and not isinstance(start, bool) and 1 <= start <= num_layers,
            'token_prune_start_layer', start,
            f'an integer in [1, {num_layers}] (layer 0 sees every token; {num_layers} = never)')
-    _check(isinstance(cfg.length_adaptive, bool), 'length_adaptive', cfg.length_adaptive,
-           'True or False')
+    for flag in ('length_adaptive', 'force_cls', 'quant_values'):
+        _check(isinstance(cfg[flag], bool), flag, cfg[flag], 'True or False')
     _check_schedule(
         'head_keep_counts', cfg.head_keep_counts, num_layers,
         entry_ok=lambda h: isinstance(h, int) and not isinstance(h, bool) and h >= 1,
@@ -168,7 +179,13 @@ def check_fields(cfg, num_layers: int, num_heads: int) -> None:
     _check(_is_number(hf) and 0.0 < hf <= 1.0, 'head_keep_final', hf, 'a fraction in (0, 1]')
     vr = cfg.value_keep_ratio
     _check(_is_number(vr) and 0.0 < vr <= 1.0, 'value_keep_ratio', vr, 'a fraction in (0, 1]')
+    _check(cfg.value_pruning in VALUE_PRUNING, 'value_pruning', cfg.value_pruning,
+           f'one of {", ".join(VALUE_PRUNING)}')
     _check(cfg.quant in QUANT_MODES, 'quant', cfg.quant, f'one of {", ".join(QUANT_MODES)}')
+    _check(cfg.static_bits in STATIC_BITS and not isinstance(cfg.static_bits, bool),
+           'static_bits', cfg.static_bits, f'one of {", ".join(map(str, STATIC_BITS))}')
+    _check(cfg.msb_rounding in quant.ROUNDINGS, 'msb_rounding', cfg.msb_rounding,
+           f'one of {", ".join(quant.ROUNDINGS)}')
     _check(cfg.msb_bits in MSB_BITS and not isinstance(cfg.msb_bits, bool), 'msb_bits',
            cfg.msb_bits, f'one of {", ".join(map(str, MSB_BITS))} (settings 4+4 ... 12+4)')
     _check(cfg.lsb_bits in LSB_BITS and not isinstance(cfg.lsb_bits, bool), 'lsb_bits',
@@ -176,6 +193,10 @@ def check_fields(cfg, num_layers: int, num_heads: int) -> None:
     thr = cfg.requant_threshold
     _check(_is_number(thr) and 0.0 <= thr <= 1.0, 'requant_threshold', thr,
            'a probability in [0, 1]')
+    ref = cfg.requant_reference_length
+    _check(isinstance(ref, int) and not isinstance(ref, bool) and ref >= 0,
+           'requant_reference_length', ref,
+           'an integer >= 0 (0: absolute threshold; > 0: relative to the row length)')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -184,30 +205,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 # -- selection and quantization helpers (pure functions, tested directly) -------------------------
-def select_tokens(scores: jax.Array, valid: jax.Array, keep: jax.Array,
-                  capacity: int) -> tuple[jax.Array, jax.Array]:
-    """Cascade token selection: top-``keep`` valid tokens by score, index 0 always, padding first.
+def select_tokens(scores: jax.Array, valid: jax.Array, keep: jax.Array, capacity: int,
+                  force_first: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Cascade token selection: top-``keep`` valid tokens by score, padding first to fill.
 
     Args:
       scores: float [batch, n] cumulative importance.
       valid: bool [batch, n] tokens currently valid.
-      keep: int32 [batch] valid tokens to keep (index 0 included when valid); the caller ensures
-        ``keep <= capacity - (index 0 invalid)`` and enough invalid positions to fill the rest.
+      keep: int32 [batch] valid tokens to keep (index 0 included when forced and valid); the
+        caller ensures ``keep <= capacity - (index 0 forced and invalid)`` and enough invalid
+        positions to fill the rest.
       capacity: static number of tokens leaving the layer.
+      force_first: index 0 is always selected (kept when valid), whatever its score.
 
     Returns:
-      (select int32 [batch, capacity] ascending indices: the kept tokens, index 0 and padding
-      positions; kept bool [batch, n] the valid tokens that survive). Ties: lowest index first.
+      (select int32 [batch, capacity] ascending indices: the kept tokens (index 0 when forced)
+      and padding positions; kept bool [batch, n] the valid tokens that survive). Ties: lowest
+      index first.
     """
     n = scores.shape[1]
     key = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
-    key = key.at[:, 0].set(jnp.inf)
+    idx = jnp.arange(n, dtype=jnp.int32)[None]
+    if force_first:
+        key = key.at[:, 0].set(jnp.inf)
+        offset = (~valid[:, 0]).astype(jnp.int32)  # an invalid index 0 takes rank 0
+        first = idx == 0
+    else:
+        offset, first = 0, jnp.zeros_like(idx, bool)
     order = jnp.argsort(-key, axis=1, stable=True)
     rank = jnp.argsort(order, axis=1, stable=True)
-    offset = (~valid[:, 0]).astype(jnp.int32)  # an invalid index 0 takes rank 0
     kept = valid & (rank < (keep + offset)[:, None])
-    idx = jnp.arange(n, dtype=jnp.int32)[None]
-    tier = jnp.where(kept | (idx == 0), 0, jnp.where(valid, 2, 1))
+    tier = jnp.where(kept | first, 0, jnp.where(valid, 2, 1))
     chosen = jnp.argsort(tier * n + idx, axis=1, stable=True)[:, :capacity]
     return jnp.sort(chosen, axis=1).astype(jnp.int32), kept
 
@@ -248,28 +276,56 @@ def fake_quant(x: jax.Array, mask: jax.Array, bits: int) -> jax.Array:
     return quant.fake_quant(x, bits, **_per_example_head(mask))
 
 
-def msb_lsb_quant(x: jax.Array, mask: jax.Array, msb: int,
-                  lsb: int) -> tuple[jax.Array, jax.Array]:
+def msb_lsb_quant(x: jax.Array, mask: jax.Array, msb: int, lsb: int,
+                  rounding: str = 'nearest') -> tuple[jax.Array, jax.Array]:
     """(MSB-only value, full MSB+LSB value) of x's (msb+lsb)-bit code, straight-through.
 
     Args:
       x: [batch, n, heads, head_dim]; one scale per example and head over the valid tokens.
       mask: bool [batch, n].
       msb, lsb: bit widths of the two parts.
+      rounding: how the MSB value drops the low ``lsb`` bits of the code: 'nearest' (round the
+        code to the nearest multiple of 2^lsb, unbiased) or 'floor' (an arithmetic shift, what
+        reading only the MSB half of a two's-complement code gives; biased by -2^(lsb-1) codes
+        on average).
 
     Returns:
-      Two arrays shaped like x. The MSB-only value drops the low ``lsb`` bits of the code
-      (arithmetic shift = floor), i.e. what is seen when only the MSB half of the stored code is
-      fetched.
+      Two arrays shaped like x; the MSB code, a multiple of 2^lsb, lies in
+      [-2^(msb-1), 2^(msb-1) - 1] * 2^lsb.
     """
     codes, scale = quant.quant_codes(x, msb + lsb, **_per_example_head(mask))
-    msb_codes = quant.drop_low_bits(codes, lsb, rounding='floor')
+    step, top = 2.0 ** lsb, 2.0 ** (msb - 1)
+    # The MSB half is a signed msb-bit integer: nearest rounding of the largest codes is clipped.
+    msb_codes = jnp.clip(quant.drop_low_bits(codes, lsb, rounding=rounding) / step,
+                         -top, top - 1) * step
     return (quant.straight_through(x, msb_codes * scale),
             quant.straight_through(x, codes * scale))
 
 
 def _ceil_count(count: jax.Array, ratio: float) -> jax.Array:
     return jnp.ceil(count.astype(jnp.float32) * ratio - 1e-4).astype(jnp.int32)
+
+
+def per_query_value_mask(probs: jax.Array, live: jax.Array, kv_keep: jax.Array,
+                         kv_cap: int) -> jax.Array:
+    """Per-query local value pruning: each row keeps its own ``kv_keep`` largest probabilities.
+
+    Args:
+      probs: float32 [batch, heads, n, n] (rows of padded queries all zero).
+      live: bool [batch, n] keys processed.
+      kv_keep: int32 [batch] V vectors each query row keeps, 1 <= kv_keep <= kv_cap.
+      kv_cap: static upper bound of kv_keep.
+
+    Returns:
+      probs with every entry below the row's ``kv_keep``-th largest live probability set to 0
+      (not renormalised). Entries equal to that value are all kept (ties: a row may keep more
+      than ``kv_keep``; equal probabilities need equal scores).
+    """
+    ranked = jnp.where(live[:, None, None, :], jax.lax.stop_gradient(probs), -1.0)
+    top = jax.lax.top_k(ranked, kv_cap)[0]  # [B, heads, n, kv_cap] descending
+    kth = jnp.take_along_axis(top, jnp.broadcast_to((kv_keep - 1)[:, None, None, None],
+                                                    top.shape[:3] + (1,)), axis=-1)
+    return jnp.where(ranked >= kth, probs, 0.0)
 
 
 # -- cost model -----------------------------------------------------------------------------------
@@ -288,7 +344,7 @@ def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
     kv = next_capacity(n, float(cfg.value_keep_ratio))
     macs = base.layer_macs(dims, n, mlp_dim, qkv_width=heads * dims.head_dim, value_pairs=n * kv)
     if cfg.quant != 'none':
-        macs['qk_bits'] = float(cfg.msb_bits)
+        macs['qk_bits'] = float(cfg.static_bits if cfg.quant == 'static' else cfg.msb_bits)
     last = layer + 1 >= dims.num_layers
     leaving = n if last else next_capacity(n, ratios[layer + 1] / ratios[layer])
     return macs, leaving
@@ -381,6 +437,14 @@ class SpAttenAttention(base.Attention):
         w = jnp.take(self._kernel(self.out).reshape(h, d, e), head_keep, axis=0)  # [B, H_l, D, E]
         return jnp.einsum('blhd,bhde->ble', o.astype(w.dtype), w)
 
+    def _quantize_values(self, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """V [batch, n, heads, head_dim] at the configured width (unchanged unless quant_values)."""
+        cfg = self.cfg
+        if cfg.quant == 'none' or not cfg.quant_values:
+            return v
+        bits = cfg.static_bits if cfg.quant == 'static' else cfg.msb_bits + cfg.lsb_bits
+        return fake_quant(v, mask, bits)
+
     def _probs(self, q, k, mask, row_ok):
         """Probabilities with the configured Q/K quantization.
 
@@ -402,21 +466,36 @@ class SpAttenAttention(base.Attention):
         if cfg.quant == 'none':
             return probs_of(q, k), {}
         if cfg.quant == 'static':
-            probs = probs_of(fake_quant(q, mask, cfg.msb_bits), fake_quant(k, mask, cfg.msb_bits))
-            return probs, {'average_bits': jnp.asarray(float(cfg.msb_bits), jnp.float32),
+            bits = cfg.static_bits
+            probs = probs_of(fake_quant(q, mask, bits), fake_quant(k, mask, bits))
+            return probs, {'average_bits': jnp.asarray(float(bits), jnp.float32),
                            'lsb_refetch_fraction': jnp.zeros((), jnp.float32)}
-        q_msb, q_full = msb_lsb_quant(q, mask, cfg.msb_bits, cfg.lsb_bits)
-        k_msb, k_full = msb_lsb_quant(k, mask, cfg.msb_bits, cfg.lsb_bits)
+        q_msb, q_full = msb_lsb_quant(q, mask, cfg.msb_bits, cfg.lsb_bits, cfg.msb_rounding)
+        k_msb, k_full = msb_lsb_quant(k, mask, cfg.msb_bits, cfg.lsb_bits, cfg.msb_rounding)
         p_msb = probs_of(q_msb, k_msb)
-        need = (jnp.max(p_msb, axis=-1) < cfg.requant_threshold) & row_ok  # [B, heads, n]
+        need = (jnp.max(p_msb, axis=-1) < self._requant_threshold(mask)) & row_ok  # [B, h, n]
         probs = jnp.where(need[..., None], probs_of(q_full, k_full), p_msb)
         rows = jnp.sum(row_ok)
         frac = jnp.where(rows > 0, jnp.sum(need) / jnp.maximum(rows, 1), 0.0).astype(jnp.float32)
         return probs, {'lsb_refetch_fraction': frac,
                        'average_bits': (cfg.msb_bits + cfg.lsb_bits * frac).astype(jnp.float32)}
 
+    def _requant_threshold(self, mask: jax.Array) -> jax.Array | float:
+        """Refetch threshold on a row's largest probability: float, or float32 [batch, 1, 1].
+
+        Absolute (``requant_reference_length=0``): ``requant_threshold``. Relative: scaled by
+        ``requant_reference_length / keys`` (keys: the example's tokens processed), so a row is
+        judged against the uniform value 1/keys as the paper's threshold was at its reference
+        length (0.05 at 1024 keys: 51x uniform).
+        """
+        cfg = self.cfg
+        if not cfg.requant_reference_length:
+            return cfg.requant_threshold
+        keys = jnp.maximum(jnp.sum(mask, axis=1), 1).astype(jnp.float32)
+        return (cfg.requant_threshold * cfg.requant_reference_length / keys)[:, None, None]
+
     def _prune_values(self, probs, v, live, n_cur: int, v_cur, physical: bool):
-        """Local value pruning: per head, the V vectors with the largest probability mass.
+        """Local value pruning (``value_pruning``): per query, or per head.
 
         Args:
           probs: float32 [batch, heads, n, n]; v: [batch, n, heads, head_dim].
@@ -425,15 +504,17 @@ class SpAttenAttention(base.Attention):
 
         Returns:
           (probs of the used V vectors [batch, heads, n, kv], the used V [batch, kv, heads,
-          head_dim], kv_keep int32 [batch] V vectors used per head): physically kv = the static
-          ``ceil(value_keep_ratio * n_cur)`` gathered vectors, otherwise kv = n with the pruned
-          columns zeroed.
+          head_dim], kv_keep int32 [batch] V vectors used per query row): kv = n with the pruned
+          entries zeroed, except per head under xla, which gathers the static
+          ``ceil(value_keep_ratio * n_cur)`` vectors.
         """
         ratio = float(self.cfg.value_keep_ratio)
         if ratio >= 1.0:
             return probs, v, v_cur
-        kv_cap = next_capacity(n_cur, ratio)  # static V vectors per head
+        kv_cap = next_capacity(n_cur, ratio)  # static V vectors per row or head
         kv_keep = jnp.minimum(jnp.minimum(_ceil_count(v_cur, ratio), v_cur), kv_cap)  # [B]
+        if self.cfg.value_pruning == 'per_query':
+            return per_query_value_mask(probs, live, kv_keep, kv_cap), v, kv_keep
         mass = jnp.where(live[:, None, :], jnp.sum(probs, axis=2), -jnp.inf)
         order = jnp.argsort(-jax.lax.stop_gradient(mass), axis=-1, stable=True)
         if not physical:
@@ -474,7 +555,7 @@ class SpAttenAttention(base.Attention):
           int32 [batch], leaving room for index 0 and for padding to fill ``n_next`` slots.
         """
         keep = jnp.minimum(v_cur, n_next) if self.cfg.length_adaptive else _ceil_count(v_cur, rho)
-        first_invalid = (~live[:, 0]).astype(jnp.int32)
+        first_invalid = (~live[:, 0]).astype(jnp.int32) if self.cfg.force_cls else 0
         keep = jnp.clip(keep, n_next - (n_cur - v_cur), n_next - first_invalid)
         return jnp.clip(keep, 0, v_cur)
 
@@ -505,7 +586,8 @@ class SpAttenAttention(base.Attention):
             return carry.replace(select=None, state=state)
         n_next = next_capacity(n_cur, rho)
         keep = self._tokens_to_keep(live, n_cur, v_cur, n_next, rho)
-        select, kept = select_tokens(state['token_scores'], live, keep, n_next)
+        select, kept = select_tokens(state['token_scores'], live, keep, n_next,
+                                     force_first=self.cfg.force_cls)
         if not physical:
             state['alive'] = state['alive'] & (kept | ~mask)
             return carry.replace(select=None, state=state)
@@ -531,6 +613,7 @@ class SpAttenAttention(base.Attention):
         live = mask if physical else mask & state['alive']  # [B, n] tokens processed
         head_keep = state['head_keep']
         q, k, v, head_on = self._project_kept_heads(x, head_keep, physical)
+        v = self._quantize_values(v, live)
         probs, stats = self._probs(q, k, live, live[:, None, :] & head_on[:, :, None])
         probs = jnp.where(head_on[:, :, None, None], probs, 0.0)
         v_cur = jnp.sum(live, axis=1).astype(jnp.int32)  # [B] tokens processed
@@ -566,9 +649,10 @@ class SpAttenAttention(base.Attention):
             return jnp.where(den > 0, num / jnp.maximum(den, 1e-30), 0.0).astype(f32)
 
         dense_pairs = jnp.sum(dims.num_heads * v0 * v0)
-        attended = frac(jnp.sum(h_cur * v * kv), dense_pairs)
+        kept = frac(jnp.sum(h_cur * v * kv), dense_pairs)
         return {
-            'sparsity': jnp.where(dense_pairs > 0, 1.0 - attended, 0.0).astype(f32),
+            'kept_fraction': kept,
+            'sparsity': jnp.where(dense_pairs > 0, 1.0 - kept, 0.0).astype(f32),
             'tokens_kept': frac(jnp.sum(v), jnp.sum(v0)),
             'heads_kept': jnp.asarray(h_cur / dims.num_heads, f32),
             'values_kept': frac(jnp.sum(kv), jnp.sum(v)),

@@ -81,10 +81,22 @@ class Block(nnx.Module):
                        rngs=rngs)
 
     def __call__(self, x, mask, carry, *, deterministic, rng):
-        """x: [batch, length, emb_dim]; mask: bool [batch, length]. Returns (x, AttentionOutput)."""
+        """One block; the attention's token selection applies before the feed-forward.
+
+        Args:
+          x: [batch, length, emb_dim]; mask: bool [batch, length]; carry: the LayerCarry.
+          deterministic: False while training; rng: dropout key or None.
+
+        Returns:
+          (x [batch, length', emb_dim], AttentionOutput): length' = the length of
+          ``attn.carry.select`` when the attention selects tokens (the feed-forward runs on the
+          surviving tokens only), else length.
+        """
         keys = (None,) * 4 if rng is None else tuple(jax.random.split(rng, 4))
         attn = self.attention(self.ln1(x), mask, carry, deterministic=deterministic, rng=keys[0])
         x = x + self.dropout(attn.y.astype(x.dtype), deterministic=deterministic, rngs=keys[1])
+        if attn.carry.select is not None:
+            x = jnp.take_along_axis(x, attn.carry.select[:, :, None], axis=1)
         x = x + self.mlp(self.ln2(x), deterministic, keys[2:])
         return x, attn
 
@@ -162,10 +174,12 @@ class Encoder(nnx.Module):
 
 def run_blocks(blocks, x: jax.Array, mask: jax.Array, carry: base.LayerCarry, *,
                deterministic: bool, keys) -> tuple[jax.Array, jax.Array, base.LayerCarry, list]:
-    """The encoder's layer loop: each block, then its ``carry.select`` on the states and the mask.
+    """The encoder's layer loop: each block, then its ``carry.select`` on the mask.
 
     Args:
-      blocks: callables ``(x, mask, carry, *, deterministic, rng) -> (x, AttentionOutput)``.
+      blocks: callables ``(x, mask, carry, *, deterministic, rng) -> (x, AttentionOutput)``
+        whose x is already in the frame of ``carry.select`` when the attention selects tokens
+        (:class:`Block` applies the selection before its feed-forward).
       x: [batch, length, emb_dim] hidden states; mask: bool [batch, length].
       carry: the LayerCarry entering the first block.
       deterministic: False while training.
@@ -181,7 +195,6 @@ def run_blocks(blocks, x: jax.Array, mask: jax.Array, carry: base.LayerCarry, *,
         trace.append((attn, mask))
         carry = attn.carry
         if carry.select is not None:
-            x = jnp.take_along_axis(x, carry.select[:, :, None], axis=1)
             mask = jnp.take_along_axis(mask, carry.select, axis=1)
             carry = carry.replace(select=None)
     return x, mask, carry, trace
