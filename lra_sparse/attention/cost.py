@@ -38,7 +38,7 @@ from collections.abc import Mapping
 # Ops per element XLA counts (jax 0.10, checked in tests/test_cost.py).
 SOFTMAX_OPS = 5  # max, subtract, exp (a transcendental), sum, divide
 LAYER_NORM_OPS = 7  # mean, centre, square, mean, rsqrt (per row), scale, bias
-GELU_OPS = 9  # tanh approximation: 7 flops and one tanh (a transcendental), plus the bias add
+GELU_OPS = 9  # tanh approximation: 8 flops and one tanh (a transcendental)
 
 
 def matmul(m: int, k: int, n: int, batch: int = 1) -> float:
@@ -127,8 +127,8 @@ def layer_ops(layer: LayerCost, emb_dim: int, mlp_dim: int) -> dict[str, float]:
     """{part: ops} of one encoder block for one example.
 
     Parts: 'attention' (the layer's components summed), 'qkv_proj', 'out_proj', 'ffn' (two
-    matmuls with biases and the GELU), 'norms_residuals' (the two pre-norms and the two residual
-    adds; the second norm and residual over the feed-forward's tokens).
+    matmuls, their bias adds and the GELU), 'norms_residuals' (the two pre-norms and the two
+    residual adds; the second norm and residual over the feed-forward's tokens).
     """
     e, d, f = emb_dim, layer.qkv_width, layer.ffn_tokens
     return {
@@ -136,7 +136,7 @@ def layer_ops(layer: LayerCost, emb_dim: int, mlp_dim: int) -> dict[str, float]:
         'qkv_proj': matmul(layer.query_rows + 2 * layer.kv_rows, e, d),
         'out_proj': matmul(layer.out_rows, d, e),
         'ffn': (matmul(f, e, mlp_dim) + matmul(f, mlp_dim, e)
-                + elementwise(f * mlp_dim, GELU_OPS) + elementwise(f * e)),
+                + elementwise(f * mlp_dim, GELU_OPS + 1) + elementwise(f * e)),
         'norms_residuals': elementwise((layer.tokens + f) * e, LAYER_NORM_OPS + 1),
     }
 
