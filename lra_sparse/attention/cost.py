@@ -3,7 +3,9 @@
 Unit: one *op* is one flop or one transcendental as XLA counts them (``HloCostAnalysis``:
 ``compiled.cost_analysis()['flops'] + ['transcendentals']``): a multiply-accumulate is 2 ops, an
 elementwise add, compare or select 1, an ``exp`` 1 flop-free transcendental. Every count is for
-ONE example at the configured (padded) length with every token valid, forward pass only.
+ONE example at the configured (padded) length with every token valid, and covers what the
+deterministic forward pass runs (what evaluation runs): the layer's output and its statistics.
+Training-only work (auxiliary losses, dropout) and the backward pass are not counted.
 
 Two conventions differ from XLA's own bookkeeping, because XLA's would not measure the work:
 
