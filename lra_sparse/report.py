@@ -109,6 +109,8 @@ def load_run(workdir: str) -> dict:
     results = results_lib.read_results(workdir)
     attn = results.get('attention_config', {})
     knobs = {k: v for k, v in sorted(attn.items()) if k not in _NOT_KNOBS}
+    if results.get('mode') == 'evaluate':  # trained weights of another run, evaluated as is
+        knobs['mode'] = 'evaluate'
     val, test = results['validation'], results['test']
     logged = 'kept_fraction' in test
     config = _read_config(workdir)
@@ -430,12 +432,12 @@ def _draw_accuracy_panel(ax, rows: list[dict], x_key: str, labels: dict, colors:
     """One panel: reference lines, one series per method, labels, optionally the Pareto front."""
     for r in rows:
         if r['method'] == 'dense' and r.get('test_accuracy') is not None:
-            ax.axhline(100 * r['test_accuracy'], color='black', ls='--', lw=1,
+            ax.axhline(100 * r['test_accuracy'], color='black', ls='--', lw=1, zorder=1,
                        label='dense' + (f' ({r["impl"]})' if len(
                            [d for d in rows if d['method'] == 'dense']) > 1 else ''))
     majority = _mean([r.get('majority_accuracy') for r in rows])
     if majority is not None:
-        ax.axhline(100 * majority, color='gray', ls=':', lw=1.2, label='majority class')
+        ax.axhline(100 * majority, color='gray', ls=':', lw=1.2, label='majority class', zorder=1)
     shown = [r for r in rows if r.get(x_key) is not None and r.get('test_accuracy') is not None]
     for method in dict.fromkeys(r['method'] for r in shown):
         series = sorted((r for r in shown if r['method'] == method), key=lambda r: r[x_key])
@@ -449,9 +451,9 @@ def _draw_accuracy_panel(ax, rows: list[dict], x_key: str, labels: dict, colors:
         for r, xi, yi in zip(series, x, y):
             if labels.get(id(r)):
                 ax.annotate(labels[id(r)], (xi, yi), textcoords='offset points', xytext=(6, 6),
-                            fontsize=7, color=color, zorder=6,
+                            fontsize=7, color=color, zorder=1.5,
                             bbox={'boxstyle': 'round,pad=0.15', 'fc': 'white', 'ec': 'none',
-                                  'alpha': 0.8})
+                                  'alpha': 0.9})
     if front and shown:
         points = [(-r[x_key], r['test_accuracy']) for r in shown]
         idx = pareto_front(points)

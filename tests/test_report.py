@@ -90,8 +90,16 @@ def test_report_standard_statistics_and_speed_vs_dense(tmp_path):
              _standard(0.0, 0.5, 0.75, effective_pairs=0.2), majority=0.18, eval_speed=400.0)
     make_run(tmp_path / 'elsewhere' / 'dfss', 'listops', 'dfss', 0, 0.26, 0.28, 0.5, None,
              _standard(0.5, 1.25, 1.125), majority=0.18, eval_speed=100.0)
+    make_run(tmp_path / 'elsewhere' / 'dfss_eval', 'listops', 'dfss', 0, 0.25, 0.27, 0.5, None,
+             _standard(0.5, 1.25, 1.125), majority=0.18, eval_speed=100.0)
+    evaluated = json.loads((tmp_path / 'elsewhere' / 'dfss_eval' / 'results.json').read_text())
+    (tmp_path / 'elsewhere' / 'dfss_eval' / 'results.json').write_text(
+        json.dumps({**evaluated, 'mode': 'evaluate'}))
     rows = report.report([str(tmp_path)])
-    assert [r['method'] for r in rows] == ['dense', 'cta', 'dfss', 'dsa']
+    assert [r['method'] for r in rows] == ['dense', 'cta', 'dfss', 'dfss', 'dsa']
+    assert rows[3]['knobs'] == 'apply=train_and_eval mode=evaluate'  # not a seed of the other
+    (tmp_path / 'elsewhere' / 'dfss_eval' / 'results.json').unlink()
+    rows = report.report([str(tmp_path)])
     md = (tmp_path / 'summary.md').read_text().splitlines()
     assert md[0].endswith('| eval speed vs dense | effective_pairs | mse |')
     assert md[2:] == [
