@@ -467,16 +467,23 @@ def curve_labels(records: list[dict]) -> list[str]:
     """Legend of each run: its method and the config fields that differ between the runs.
 
     Fields equal in every run (the common overrides) are left out, and so is the ``attention.``
-    prefix: e.g. ``['dsa sparsity=0.9', 'dsa sparsity=0.95', 'dense']``.
+    prefix; a method's own attention fields count only among the runs of that method (another
+    method's defaults are not a difference): e.g. ``['dsa sparsity=0.9', 'dsa sparsity=0.95',
+    'dense']``.
     """
+    def differs(key, runs):
+        return len({json.dumps(r['config'].get(key), sort_keys=True) for r in runs}) > 1
+
     keys = sorted({k for r in records for k in r['config']} - {'attention.name'})
-    varying = [k for k in keys
-               if len({json.dumps(r['config'].get(k), sort_keys=True) for r in records}) > 1]
+    common = {k for k in keys
+              if (not k.startswith('attention.') or k == 'attention.impl') and differs(k, records)}
     labels = []
     for r in records:
-        knobs = [f'{k.removeprefix("attention.")}={r["config"][k]}' for k in varying
-                 if k in r['config']]
-        labels.append(' '.join([r['method'], *knobs]))
+        mates = [m for m in records if m['method'] == r['method']]
+        shown = [k for k in keys if k in r['config'] and (k in common or (
+            k.startswith('attention.') and differs(k, mates)))]
+        labels.append(' '.join([r['method'], *(f'{k.removeprefix("attention.")}={r["config"][k]}'
+                                               for k in shown)]))
     return labels
 
 
