@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from lra_sparse import attention as attention_lib
 from lra_sparse import config_lib, data, files, metrics
+from lra_sparse import results as results_lib
 from lra_sparse import workdir as workdir_lib
 from lra_sparse.errors import UserError
 from lra_sparse.models import transformer
@@ -527,7 +528,7 @@ def _train(config: ml_collections.ConfigDict, rundir: workdir_lib.RunDirectory) 
         finally:
             writer.close()
     return _results(config, run.num_params, total, start_step, time.perf_counter() - t_start,
-                    validation, test)
+                    validation, test, task)
 
 
 def restore_or_init(run: Run, state: TrainState,
@@ -828,14 +829,18 @@ def _evaluate(config: ml_collections.ConfigDict, rundir: workdir_lib.RunDirector
     finally:
         writer.close()
     results = _results(config, run.num_params, 0, 0, time.perf_counter() - t_start,
-                       splits['validation'], splits['test'])
+                       splits['validation'], splits['test'], task)
     results.update(mode='evaluate', init_from=config.init_from)
     return results
 
 
 def _results(config, num_params: int, total: int, start_step: int, wall: float,
-             validation: dict, test: dict) -> dict:
-    """The results.json payload of a run: metrics, throughput, what ran and where it came from."""
+             validation: dict, test: dict, task) -> dict:
+    """The results.json payload of a run: metrics, throughput, what ran and where it came from.
+
+    ``majority_accuracy`` is the test accuracy of always predicting the train split's most
+    frequent class (the floor the reports draw).
+    """
     device = jax.devices()[0]
     return {
         'task': config.task, 'attention': config.attention.name,
@@ -845,7 +850,10 @@ def _results(config, num_params: int, total: int, start_step: int, wall: float,
         'num_train_steps': total, 'resumed_from_step': start_step,
         'wall_time_seconds': wall,
         'train_steps_per_second': (total - start_step) / wall if total > start_step else None,
-        'validation': validation, 'test': test, 'devices': jax.device_count(),
+        'validation': validation, 'test': test,
+        'majority_accuracy': results_lib.majority_accuracy(task.splits['train']['targets'],
+                                                           task.splits['test']['targets']),
+        'devices': jax.device_count(),
         'processes': jax.process_count(), 'platform': device.platform,
         'device_kind': getattr(device, 'device_kind', device.platform),
         'jax_version': jax.__version__, **workdir_lib.run_metadata(),
