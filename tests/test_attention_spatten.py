@@ -12,7 +12,7 @@ from conftest import tiny_config
 from flax import nnx
 
 from lra_sparse import attention, config_lib
-from lra_sparse.attention import base, spatten
+from lra_sparse.attention import base, cost, spatten
 from lra_sparse.models import transformer
 
 E, H = 16, 2
@@ -562,11 +562,10 @@ def test_nearest_msbs_are_unbiased_floor_is_not():
 
 
 def test_former_defaults_layer_equals_the_old_formulas():
-    """value_pruning='per_head', quant='progressive' (8+4), msb_rounding='floor',
-    quant_values=False, requant_reference_length=0 is the former default layer."""
+    """FORMER_DEFAULTS (per-head values, progressive 8+4 with floor MSBs on Q and K only, an
+    absolute threshold) is the former default layer."""
     x, mask = random_inputs([24, 15], 24, seed=18)
-    layer = one_layer(value_keep_ratio=0.3, value_pruning='per_head', quant='progressive',
-                      requant_threshold=0.2, **OLD_PROGRESSIVE)
+    layer = one_layer(value_keep_ratio=0.3, requant_threshold=0.2, **spatten.FORMER_DEFAULTS)
     want, _, need = np_layer(layer, x, mask, quant='progressive', rounding='floor',
                              threshold=0.2, value_pruning='per_head', ratio=0.3)
     out = layer_y(layer, x, mask)
@@ -595,33 +594,70 @@ def test_cls_forcing_is_an_option():
 
 
 # -- cost model -----------------------------------------------------------------------------------
-def test_layer_macs_match_hand_count():
-    cfg = make_cfg(quant='none')  # defaults: tokens 1, 5/6, 2/3, 1/2; heads (8,8,8,6); V 0.3
+def test_layer_costs_follow_the_static_capacities():
+    cfg = make_cfg(quant='none')  # tokens 1, 5/6, 2/3, 1/2; heads (8, 8, 8, 6); V 0.3 per query
     method = attention.get_method('spatten')
-    e, mlp, heads, length = 64, 128, 8, 101
-    seq, total = length, 0.0
-    hand_tokens = [101, 85, 68, 51]
-    hand_heads = [8, 8, 8, 6]
-    for i in range(4):
-        dims = base.AttentionDims(emb_dim=e, qkv_dim=e, num_heads=heads, max_len=seq,
-                                  layer_index=i, num_layers=4)
-        macs, seq_next = method.macs(dims, cfg, seq, mlp)
-        n, d = hand_tokens[i], hand_heads[i] * 8
+    e, heads, length = 64, 8, 101
+    hand_tokens, hand_heads = [101, 85, 68, 51], [8, 8, 8, 6]
+    dims = [base.AttentionDims(emb_dim=e, qkv_dim=e, num_heads=heads, max_len=length,
+                               layer_index=i, num_layers=4) for i in range(4)]
+    costs = method.chain_costs(dims, cfg, length)
+    for i, c in enumerate(costs):
+        n, h = hand_tokens[i], hand_heads[i]
+        leaving = hand_tokens[i + 1] if i < 3 else n
+        assert (c.tokens, c.qkv_width, c.ffn_tokens, c.tokens_out) == (n, h * 8, leaving, leaving)
+        assert c.attention['scores'] == cost.matmul(n, 8, n, batch=h)
+        assert c.attention['values'] == cost.matmul(n, n, 8, batch=h)  # masked, full width
         kv = math.ceil(0.3 * n)
-        assert macs == {'qkv_proj': 3 * n * e * d, 'out_proj': n * d * e, 'scores': n * n * d,
-                        'attention_values': n * kv * d, 'ffn': 2 * n * e * mlp}
-        assert seq_next == (hand_tokens[i + 1] if i < 3 else n)
-        total += sum(macs.values())
-        seq = seq_next
-    dense = 4 * (4 * 101 * 64 * 64 + 2 * 101 * 101 * 64 + 2 * 101 * 64 * 128)
-    assert total == sum(
-        4 * n * e * h * 8 + n * n * h * 8 + n * math.ceil(0.3 * n) * h * 8 + 2 * n * e * mlp
-        for n, h in zip(hand_tokens, hand_heads))
-    assert 1.4 < dense / total < 1.6
-    quant_macs, _ = method.macs(dims, make_cfg(), seq, mlp)
-    assert quant_macs['qk_bits'] == 12.0  # static, static_bits
-    quant_macs, _ = method.macs(dims, make_cfg(quant='progressive'), seq, mlp)
-    assert quant_macs['qk_bits'] == 8.0  # progressive: the MSB width
+        assert c.attention['value_selection'] == (cost.top_k(h * n, n, kv)
+                                                  + cost.elementwise(h * n * n, 3))
+        assert ('selection' in c.attention) == (i < 3)
+    # Per head under xla gathers ceil(0.3 n) V vectors; the reference keeps every token and head.
+    per_head = method.layer_cost(dims[1], make_cfg(quant='none', value_pruning='per_head'), 85)
+    assert per_head.attention['values'] == cost.matmul(85, math.ceil(0.3 * 85), 8, batch=8)
+    ref = method.chain_costs(dims, make_cfg('reference', quant='none'), length)
+    assert [c.tokens for c in ref] == [101] * 4 and ref[3].qkv_width == e
+    # Quantization passes and the progressive refetch are counted.
+    static = method.layer_cost(dims[0], make_cfg(), length)
+    assert static.attention['quantization'] == cost.elementwise(101 * 64, 27)
+    progressive = method.layer_cost(dims[0], make_cfg(quant='progressive'), length)
+    assert progressive.attention['refetch'] > progressive.attention['scores']
+
+
+def test_inspect_maps_follow_the_layer():
+    layers = make_layers(3, heads=4, token_keep_ratios=(1.0, 0.5, 0.25),
+                         head_keep_counts=(4, 2, 2), value_keep_ratio=0.5)
+    ref = make_layers(3, 'reference', heads=4, token_keep_ratios=(1.0, 0.5, 0.25),
+                      head_keep_counts=(4, 2, 2), value_keep_ratio=0.5)
+    copy_weights(layers, ref)
+    x, mask = random_inputs([20, 11], 20, seed=19)
+    for stack in (layers, ref):
+        outs, _ = run_stack(stack, x, mask)
+        carry = base.LayerCarry(positions=jnp.broadcast_to(jnp.arange(20, dtype=jnp.int32),
+                                                           (2, 20)))
+        xi, mi = x, mask
+        for i, layer in enumerate(stack):
+            maps = layer.inspect_maps(xi, mi, carry)
+            out = outs[i][0]
+            next_mask = np.asarray(outs[i + 1][1]) if i < 2 else None
+            kept_pos = np.asarray(maps['kept_positions'])
+            if stack is layers and i < 2:  # xla: the surviving tokens, in the next frame
+                np.testing.assert_array_equal(kept_pos >= 0, next_mask)
+                np.testing.assert_array_equal(kept_pos[next_mask],
+                                              np.asarray(out.carry.positions)[next_mask])
+            heads = np.asarray(maps['kept_heads'])
+            assert heads.shape == (2, 4) and heads.sum(1).tolist() == [[4, 2, 2][i]] * 2
+            kept = np.asarray(maps['kept_values'])
+            assert kept.shape[:2] == (2, 4) and (kept == np.asarray(maps['kept'])).all()
+            assert not kept[~heads].any()
+            # kept pairs / valid input pairs = the layer's kept_fraction.
+            assert kept.sum() / (4 * (20 ** 2 + 11 ** 2)) == pytest.approx(
+                float(out.stats['kept_fraction']), rel=1e-6)
+            carry = out.carry
+            if carry.select is not None:
+                xi = jnp.take_along_axis(xi, carry.select[:, :, None], axis=1)
+                mi = jnp.take_along_axis(mi, carry.select, axis=1)
+                carry = carry.replace(select=None)
 
 
 def test_runtime_sparsity_and_token_stats():
@@ -682,8 +718,13 @@ def test_models_reference_and_xla_same_logits_and_pruning_is_physical():
     b, aux_b = xla(batch)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     for key in aux_a['stats']:
+        if key.endswith(('attention_cost', 'model_cost')):  # what each implementation runs
+            continue
         np.testing.assert_allclose(aux_a['stats'][key], aux_b['stats'][key], rtol=1e-4,
                                    atol=1e-6, err_msg=key)
+    # The reference computes every head over the full length; xla the kept ones only.
+    assert float(aux_a['stats']['model_cost']) > float(aux_b['stats']['model_cost'])
+    assert float(aux_b['stats']['model_cost']) < 1.0
     # 41 tokens -> ceil(41 * 0.65) = 27 -> ceil(27 * 0.3 / 0.65) = 13 in the last layer.
     assert aux_b['positions'].shape == (2, 13) and aux_a['positions'].shape == (2, 41)
     stats = aux_b['stats']

@@ -1,36 +1,39 @@
-"""SpAtten: cascade token and head pruning, local value pruning, progressive quantization.
+"""SpAtten: cascade token and head pruning, local value pruning, quantization.
 
 SpAtten (Wang, Zhang, Han, "SpAtten: Efficient Sparse Attention Architecture with Cascade Token
-and Head Pruning", HPCA 2021; Algorithm 2, Sections III-C, III-D) as a method of the one
-encoder. For x [batch, n, emb] and its mask [batch, n], one layer:
+and Head Pruning", HPCA 2021; Algorithm 2, Sections III and IV-A) as a method of the one encoder.
+For x [batch, n, emb] and its mask [batch, n], one layer:
 
 1. projects Q/K/V [batch, n, heads, head_dim] of the heads kept so far only (``head_keep``);
-2. computes the probabilities [batch, heads, n, n], with Q and K quantized (``quant``: ``none``;
-   ``static`` at ``msb_bits``; ``progressive``: MSBs first, rows whose largest probability is
-   below ``requant_threshold`` recomputed with MSB+LSB);
+2. quantizes them (``quant``: ``static``, the paper's mode for BERT-type encoders, Q, K and V at
+   ``static_bits``; ``progressive``: MSBs first, rows whose largest probability is below the
+   threshold recomputed with MSB+LSB; ``none``) and computes the probabilities [batch, heads, n,
+   n];
 3. adds them to the cumulative token importance ``s_t`` [batch, n] (sum over heads and rows);
-4. uses, per head, the ``ceil(value_keep_ratio * valid)`` V vectors of largest probability mass
-   (local value pruning) for AV;
+4. local value pruning (``value_pruning``): each query row keeps its own
+   ``ceil(value_keep_ratio * valid)`` largest probabilities (``per_query``, Sec. IV-A), or each
+   head one set of V vectors by column mass (``per_head``);
 5. adds ``sum |E|`` per head to the cumulative head importance ``s_h`` [batch, H];
 6. keeps, for the next layers, the best heads by ``s_h`` and the best tokens by ``s_t`` (index 0
-   always; counts from the token schedule, per example or as a budget with
-   ``length_adaptive``): ``carry.select`` [batch, n_next] lists the surviving tokens and the
-   encoder drops the others after the block.
+   always with ``force_cls``; counts from the token schedule, a budget that prunes longer inputs
+   more with ``length_adaptive``, or each example's own fraction): ``carry.select``
+   [batch, n_next] lists the surviving tokens; the block gathers them before its feed-forward.
 
 Carry state (:class:`SpAttenAttention`): ``token_scores``, ``head_scores``, ``head_keep``,
 ``valid0`` (and ``alive`` for the reference).
 
 Implementations: ``xla`` gathers (later layers run on shorter sequences, pruned heads' weight
-slices and pruned V vectors are skipped); ``reference`` is the dense-masked twin (full lengths,
-every head, pruned tokens masked through ``alive``, pruned heads and V vectors zeroed). Both give
-the same logits.
+slices are skipped, per-head value pruning gathers the kept V vectors); ``reference`` is the
+dense-masked twin (full lengths, every head, pruned tokens masked through ``alive``, pruned heads
+and values zeroed). Both give the same logits.
 
-Statistics: ``sparsity`` (valid pairs of the original full attention not used in AV),
-``tokens_kept``, ``heads_kept``, ``values_kept``, and with quantization ``average_bits`` and
-``lsb_refetch_fraction``. MACs are the cost model's (:func:`layer_macs`).
+Statistics: ``kept_fraction`` (valid pairs of the encoder input whose probability reaches AV:
+pruned tokens, heads and values count as not kept), ``tokens_kept``, ``heads_kept``,
+``values_kept``, and with quantization ``average_bits`` and ``lsb_refetch_fraction``. Costs:
+:func:`layer_cost`. Inspection: :meth:`SpAttenAttention.inspect_maps`.
 
-The token selection rules in full, the defaults and where they come from, and how the paper's
-open points are resolved: ``docs/methods/spatten.md``.
+The rules in full, the defaults and where they come from, the options that restore the former
+defaults, and the paper-to-code table: ``docs/methods/spatten.md``.
 """
 
 from __future__ import annotations
@@ -43,8 +46,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lra_sparse.attention import base, quant
+from lra_sparse.attention import base, cost, quant
 
+# The fastest setting on CPU/XLA (docs/methods/spatten.md, "Speed preset"): per-query value
+# pruning's top-k over every probability row costs more than the AV product it spares.
+SPEED_PRESET = {'value_pruning': 'per_head'}
+# The former defaults, for reproducing earlier runs (docs/methods/spatten.md).
+FORMER_DEFAULTS = {'value_pruning': 'per_head', 'quant': 'progressive', 'msb_rounding': 'floor',
+                   'quant_values': False, 'requant_reference_length': 0,
+                   'length_adaptive': False}
 QUANT_MODES = ('none', 'static', 'progressive')
 VALUE_PRUNING = ('per_query', 'per_head')
 MSB_BITS = (4, 6, 8, 10, 12)
@@ -321,33 +331,80 @@ def per_query_value_mask(probs: jax.Array, live: jax.Array, kv_keep: jax.Array,
       (not renormalised). Entries equal to that value are all kept (ties: a row may keep more
       than ``kv_keep``; equal probabilities need equal scores).
     """
+    return jnp.where(per_query_value_keep(probs, live, kv_keep, kv_cap), probs, 0.0)
+
+
+def per_query_value_keep(probs: jax.Array, live: jax.Array, kv_keep: jax.Array,
+                         kv_cap: int) -> jax.Array:
+    """The entries :func:`per_query_value_mask` keeps: bool [batch, heads, n, n] (same args)."""
     ranked = jnp.where(live[:, None, None, :], jax.lax.stop_gradient(probs), -1.0)
     top = jax.lax.top_k(ranked, kv_cap)[0]  # [B, heads, n, kv_cap] descending
     kth = jnp.take_along_axis(top, jnp.broadcast_to((kv_keep - 1)[:, None, None, None],
                                                     top.shape[:3] + (1,)), axis=-1)
-    return jnp.where(ranked >= kth, probs, 0.0)
+    return ranked >= kth
 
 
 # -- cost model -----------------------------------------------------------------------------------
-def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
-               mlp_dim: int) -> tuple[dict[str, float], int]:
-    """MACs of one SpAtten layer for one example and the number of tokens leaving it.
+QUANT_OPS = 9  # ops per element of one static fake quantization (abs, max, scale, round, clip ...)
+MSB_LSB_OPS = 18  # per element of progressive Q or K: the code, its MSB value, both passed through
 
-    Uses the static capacities: ``seq_len`` tokens enter, the layer computes its scheduled heads
-    and ``ceil(value_keep_ratio * seq_len)`` V vectors per head, and ``ceil(seq_len * r_{l+1} /
-    r_l)`` tokens leave (the last layer keeps all). Progressive quantization's recomputed rows are
-    data dependent and not counted; ``qk_bits`` reports the MSB width.
+
+def _quantization_ops(cfg, elements: int) -> float:
+    """Ops of quantizing Q, K (and V) of ``elements`` = n * h * head_dim entries each."""
+    values = int(cfg.quant_values)
+    if cfg.quant == 'static':
+        return cost.elementwise(elements, QUANT_OPS * (2 + values))
+    return cost.elementwise(elements, 2 * MSB_LSB_OPS + QUANT_OPS * values)
+
+
+def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
+    """Ops one SpAtten layer executes for one example entering with ``seq_len`` tokens.
+
+    ``impl=xla`` runs the layer's static capacity: its scheduled heads ``h`` over ``n = seq_len``
+    tokens, and the feed-forward over the ``n_next`` tokens it keeps (the block gathers them
+    first). ``impl=reference`` computes every head over the full length (masks instead of
+    gathers). Components: 'scores', 'masking', 'softmax' as dense attention over (h, n);
+    'quantization' (Q, K, V fake quantization); 'refetch' (progressive: the second score and
+    softmax pass over every row, and the per-row decision; the emulation always computes it);
+    'importance' (token scores: a sum over the probabilities; head scores: |E| summed);
+    'value_selection' (per query: a top-k over each row and the masking; per head: column mass,
+    a sort per head, the gathered slots); 'values' (AV: dense width, or the gathered per-head V
+    vectors under xla); 'selection' (the three sorts of the next layer's token choice).
     """
-    layer, n = dims.layer_index, seq_len
-    ratios = token_keep_schedule(cfg, dims.num_layers)
-    heads = head_keep_schedule(cfg, dims.num_heads, dims.num_layers)[layer]
-    kv = next_capacity(n, float(cfg.value_keep_ratio))
-    macs = base.layer_macs(dims, n, mlp_dim, qkv_width=heads * dims.head_dim, value_pairs=n * kv)
+    physical = cfg.impl == 'xla'
+    layer, n, d = dims.layer_index, seq_len, dims.head_dim
+    heads_scheduled = head_keep_schedule(cfg, dims.num_heads, dims.num_layers)[layer]
+    h = heads_scheduled if physical else dims.num_heads
+    pairs = h * n * n
+    comps = dict(cost.dense_attention(h, d, n, 'reference'))
+    if not physical and heads_scheduled < dims.num_heads:
+        comps['masking'] += cost.elementwise(pairs)  # pruned heads' probabilities zeroed
     if cfg.quant != 'none':
-        macs['qk_bits'] = float(cfg.static_bits if cfg.quant == 'static' else cfg.msb_bits)
-    last = layer + 1 >= dims.num_layers
-    leaving = n if last else next_capacity(n, ratios[layer + 1] / ratios[layer])
-    return macs, leaving
+        comps['quantization'] = _quantization_ops(cfg, n * h * d)
+    if cfg.quant == 'progressive':
+        again = cost.dense_attention(h, d, n, 'reference')
+        comps['refetch'] = (again['scores'] + again['masking'] + again['softmax']
+                            + cost.elementwise(pairs, 2))  # row max, select
+    comps['importance'] = cost.elementwise(pairs) + cost.elementwise(n * h * d, 2)
+    ratio = float(cfg.value_keep_ratio)
+    if ratio < 1.0:
+        kv = next_capacity(n if physical else capacity_chain(n, token_keep_schedule(
+            cfg, dims.num_layers), layer), ratio)
+        if cfg.value_pruning == 'per_query':
+            comps['value_selection'] = cost.top_k(h * n, n, kv) + cost.elementwise(pairs, 3)
+        else:
+            comps['value_selection'] = (cost.elementwise(pairs, 3) + cost.sort(h, n)
+                                        + cost.elementwise(h * n * kv))
+            if physical:
+                comps['values'] = cost.matmul(n, kv, d, batch=h)
+    ratios = token_keep_schedule(cfg, dims.num_layers)
+    n_next = n
+    if layer + 1 < dims.num_layers and ratios[layer + 1] < ratios[layer]:
+        comps['selection'] = 3 * cost.sort(1, n) + cost.elementwise(n, 8)
+        if physical:
+            n_next = next_capacity(n, ratios[layer + 1] / ratios[layer])
+    return cost.LayerCost(attention=comps, tokens=n, qkv_width=h * d, query_rows=n, kv_rows=n,
+                          out_rows=n, ffn_tokens=n_next, tokens_out=n_next)
 
 
 # -- the layer ----------------------------------------------------------------------------------
@@ -600,11 +657,12 @@ class SpAttenAttention(base.Attention):
         """SpAtten layer; see ``base.Attention.__call__`` and the module docstring."""
         return self.implementation.run(self, x, mask, carry, deterministic, rng)
 
-    def _attend(self, x, mask, carry, deterministic, rng, *, physical: bool):
+    def _attend(self, x, mask, carry, deterministic, rng, *, physical: bool,
+                maps: dict | None = None):
         """The steps of Algorithm 2 for x [batch, n, emb], mask bool [batch, n].
 
         ``physical``: gather (xla) rather than mask (reference); the implementations table binds
-        it.
+        it. ``maps``: when a dict, filled with the inspection maps (:meth:`inspect_maps`).
         """
         state = self._entry_state(carry, mask, physical)
         n = x.shape[1]
@@ -627,7 +685,57 @@ class SpAttenAttention(base.Attention):
         stats.update(self._stats(v_cur, kv_keep, head_keep.shape[1], state['valid0']))
         state = dict(state, token_scores=token_scores, head_scores=head_scores)
         new_carry = self._carry_to_next_layer(carry, state, live, mask, n_cur, v_cur, physical)
+        if maps is not None:
+            maps.update(self._maps(probs, live, n_cur, v_cur, head_keep, head_on, new_carry))
         return base.AttentionOutput(y, new_carry, stats, {})
+
+    def inspect_maps(self, x, mask, carry):
+        """Inspection maps of this layer (deterministic forward of the configured impl).
+
+        Returns:
+          {'kept_positions': int32 [batch, n_next] original input positions of the tokens that
+          survive this layer (-1 where padding or pruned); 'kept_heads': bool [batch, H] heads
+          computed; 'kept_values': bool [batch, H, n, n] the (query, V vector) pairs local value
+          pruning keeps on valid pairs of computed heads; 'kept': the same pairs (the pairs whose
+          exact probability reaches the output)}.
+        """
+        maps = {}
+        self._attend(x, mask, carry, True, None, physical=self.cfg.impl == 'xla', maps=maps)
+        return maps
+
+    def _maps(self, probs, live, n_cur, v_cur, head_keep, head_on, new_carry) -> dict:
+        """The arrays of :meth:`inspect_maps` from one layer's intermediate values.
+
+        Args:
+          probs: float32 [batch, H', n, n]; live: bool [batch, n] tokens processed; n_cur,
+          v_cur: static and per-example token counts; head_keep: int32 [batch, H_l];
+          head_on: bool [batch, H']; new_carry: the carry leaving the layer.
+        """
+        num_heads = self.dims.num_heads
+        heads = jnp.sum(jax.nn.one_hot(head_keep, num_heads, dtype=jnp.int32), axis=1) > 0
+        pairs = live[:, None, :, None] & live[:, None, None, :] & head_on[:, :, None, None]
+        keep = pairs
+        ratio = float(self.cfg.value_keep_ratio)
+        if ratio < 1.0:
+            kv_cap = next_capacity(n_cur, ratio)
+            kv_keep = jnp.minimum(jnp.minimum(_ceil_count(v_cur, ratio), v_cur), kv_cap)
+            if self.cfg.value_pruning == 'per_query':
+                keep = keep & per_query_value_keep(probs, live, kv_keep, kv_cap)
+            else:
+                mass = jnp.where(live[:, None, :], jnp.sum(probs, axis=2), -jnp.inf)
+                rank = jnp.argsort(jnp.argsort(-mass, axis=-1, stable=True), axis=-1,
+                                   stable=True)
+                keep = keep & (rank < kv_keep[:, None, None])[:, :, None, :]
+        if keep.shape[1] < num_heads:  # physical head pruning: computed heads -> original ids
+            keep = jnp.einsum('bkqv,bkh->bhqv', keep.astype(jnp.int32),
+                              jax.nn.one_hot(head_keep, num_heads, dtype=jnp.int32)) > 0
+        if new_carry.select is not None:  # xla: the selected frame, padding slots invalid
+            survivors = jnp.take_along_axis(live, new_carry.select, axis=1)
+        else:  # reference (the 'alive' mask), or nothing pruned after this layer
+            survivors = live & new_carry.state.get('alive', jnp.ones_like(live))
+        positions = jnp.where(survivors, new_carry.positions, -1).astype(jnp.int32)
+        return {'kept_positions': positions, 'kept_heads': heads, 'kept_values': keep,
+                'kept': keep}
 
     implementations = base.implementations(
         base.Implementation('reference', functools.partial(_attend, physical=False)),
@@ -637,8 +745,12 @@ class SpAttenAttention(base.Attention):
     def _stats(self, v_cur, kv_keep, h_cur, valid0) -> dict[str, jax.Array]:
         """Pooled-over-batch statistics (see the module docstring for the definitions).
 
+        ``kept_fraction`` counts, per valid query row of a computed head, the V vectors its
+        value pruning keeps (exact when no two kept probabilities of a row tie); 1 without valid
+        pairs. The base class adds ``sparsity = 1 - kept_fraction``.
+
         Args:
-          v_cur: int32 [batch] tokens processed; kv_keep: int32 [batch] V vectors used per head;
+          v_cur: int32 [batch] tokens processed; kv_keep: int32 [batch] V vectors used per row;
           h_cur: heads computed (static); valid0: int32 [batch] valid tokens of the input.
         """
         dims = self.dims
@@ -649,10 +761,9 @@ class SpAttenAttention(base.Attention):
             return jnp.where(den > 0, num / jnp.maximum(den, 1e-30), 0.0).astype(f32)
 
         dense_pairs = jnp.sum(dims.num_heads * v0 * v0)
-        kept = frac(jnp.sum(h_cur * v * kv), dense_pairs)
+        kept = jnp.where(dense_pairs > 0, frac(jnp.sum(h_cur * v * kv), dense_pairs), 1.0)
         return {
-            'kept_fraction': kept,
-            'sparsity': jnp.where(dense_pairs > 0, 1.0 - kept, 0.0).astype(f32),
+            'kept_fraction': kept.astype(f32),
             'tokens_kept': frac(jnp.sum(v), jnp.sum(v0)),
             'heads_kept': jnp.asarray(h_cur / dims.num_heads, f32),
             'values_kept': frac(jnp.sum(kv), jnp.sum(v)),
@@ -663,11 +774,13 @@ METHOD = base.AttentionMethod(
     module=SpAttenAttention,
     default_config=default_config,
     check=validate,
-    layer_macs=layer_macs,
+    cost=layer_cost,
     description='cascade token and head pruning, local value pruning, progressive quantization '
                 '(SpAtten)',
     dense_equivalent={'token_keep_ratios': (), 'token_keep_final': 1.0,
                       'length_adaptive': False, 'head_keep_counts': (), 'head_keep_final': 1.0,
                       'value_keep_ratio': 1.0, 'quant': 'none'},
-    sweeps={'token_keep': tuple({'token_keep_final': r} for r in (1.0, 0.5, 0.25, 0.1))},
+    sweeps={'token_keep': tuple({'token_keep_final': r} for r in (1.0, 0.5, 0.25, 0.1)),
+            'token_keep_speed': tuple({**SPEED_PRESET, 'token_keep_final': r}
+                                      for r in (1.0, 0.5, 0.25, 0.1))},
 )
