@@ -775,8 +775,8 @@ METHOD = base.AttentionMethod(
     default_config=default_config,
     check=validate,
     cost=layer_cost,
-    description='cascade token and head pruning, local value pruning, progressive quantization '
-                '(SpAtten)',
+    description='cascade token and head pruning, local value pruning, static or progressive '
+                'quantization (SpAtten)',
     dense_equivalent={'token_keep_ratios': (), 'token_keep_final': 1.0,
                       'length_adaptive': False, 'head_keep_counts': (), 'head_keep_final': 1.0,
                       'value_keep_ratio': 1.0, 'quant': 'none'},
