@@ -221,6 +221,8 @@ def test_capacity_overflow_is_counted_and_shares_cluster_rows(impl):
     out = call(layer, x, mask)
     s = stats_of(out)
     assert s['k0'] == 6 and s['k1'] == (L + 13) / 2 and s['overflow'] == ((L - 6) + (13 - 6)) / 2
+    np.testing.assert_allclose(s['overflow_fraction'], ((L - 6) + (13 - 6)) / (3 * (L + 13)),
+                               rtol=1e-6)
     ids = np.asarray(layer.inspect_maps(x, mask, None)['query_clusters'])
     y, m = np.asarray(out.y), np.asarray(mask)
     for b in range(2):
@@ -228,6 +230,27 @@ def test_capacity_overflow_is_counted_and_shares_cluster_rows(impl):
         for c in range(6):
             rows = y[b][ids[b] == c]
             np.testing.assert_allclose(rows, np.broadcast_to(rows[0], rows.shape), atol=1e-6)
+
+
+@pytest.mark.parametrize('scale', [1.0, 1e4, 1e-3])
+def test_packed_sort_key_gives_the_same_clusters(scale):
+    """One packed key when the codes fit 30 bits, the lexsort otherwise: same clusters."""
+    rng = np.random.default_rng(16)
+    codes = np.round(rng.normal(size=(3, 40, 6)) * 2 * scale).astype(np.float32)
+    valid = jnp.asarray(rng.random((3, 40)) < 0.8)
+    key, fits = cta.packed_key(jnp.asarray(codes), valid)
+    assert bool(fits) == (scale <= 1.0)
+    if fits:  # equal keys exactly for equal codes; padding after every valid key
+        k, m = np.asarray(key), np.asarray(valid)
+        for b in range(3):
+            same_code = (codes[b][:, None] == codes[b][None]).all(-1)
+            both = m[b][:, None] & m[b][None]
+            np.testing.assert_array_equal((k[b][:, None] == k[b][None])[both], same_code[both])
+            assert k[b][~m[b]].min(initial=2**31 - 1) > k[b][m[b]].max()
+    for cap in (1, 7, 40):
+        np.testing.assert_array_equal(cta.assign_clusters(jnp.asarray(codes), valid, cap),
+                                      cta.assign_clusters_reference(jnp.asarray(codes), valid,
+                                                                    cap))
 
 
 def test_centroid_aggregation_matches_numpy_loop():
@@ -325,12 +348,63 @@ def test_probability_aggregation_matches_numpy(score_scale):
     np.testing.assert_allclose(out, out_np, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize('score_scale', [1.0, 8.0])
+def test_factorized_aggregation_matches_numpy(score_scale):
+    """exp(a + b) = exp(a) exp(b): pair counts and two matmuls give Fig. 6's AP."""
+    rng = np.random.default_rng(17)
+    batch, k0, cap1, cap2, n, heads, d = 2, 3, 4, 3, 11, 2, 4
+    q_bar = rng.normal(size=(batch, k0, heads, d)) * score_scale
+    k_bar = rng.normal(size=(batch, cap1 + cap2, heads, d))
+    v_bar = rng.normal(size=(batch, cap1 + cap2, heads, d))
+    ct1 = rng.integers(0, cap1 - 1, size=(batch, n)).astype(np.int32)  # slot cap1-1 empty
+    ct2 = rng.integers(0, cap2, size=(batch, n)).astype(np.int32)
+    valid = np.arange(n)[None] < np.array([[n], [5]])
+    counts = np.asarray(cta.pair_counts(jnp.asarray(ct1), jnp.asarray(ct2), jnp.asarray(valid),
+                                        cap1, cap2))
+    for b in range(batch):
+        expect = np.zeros((cap1, cap2))
+        np.add.at(expect, (ct1[b][valid[b]], ct2[b][valid[b]]), 1)
+        np.testing.assert_array_equal(counts[b], expect)
+    ap_np, out_np = np_cta_output(q_bar, k_bar, v_bar, ct1, ct2, valid, cap1)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    s_bar = base.attention_scores(f32(q_bar), f32(k_bar)) / math.sqrt(d)
+    ap = np.asarray(cta.factorized_probabilities(s_bar, jnp.asarray(counts)))
+    np.testing.assert_allclose(ap, 2 * ap_np / ap_np.sum(-1, keepdims=True), rtol=2e-4,
+                               atol=1e-6)
+    for aggregation in ('factorized', 'auto'):
+        out = cta.compressed_attention(f32(q_bar), f32(k_bar), f32(v_bar), jnp.asarray(ct1),
+                                       jnp.asarray(ct2), jnp.asarray(valid), cap1,
+                                       aggregation=aggregation)
+        np.testing.assert_allclose(out, out_np, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize('overrides', [{}, dict(query_bucket_width=6.0, key_bucket_width=6.0,
+                                                residual_bucket_width=2.0, query_capacity=0.3,
+                                                key_capacity=0.4, residual_capacity=0.2)])
+def test_layer_aggregations_agree(overrides):
+    x, mask = random_inputs([L, 14], seed=18)
+    outs = [call(make_layer('xla', aggregation=a, **overrides), x, mask)
+            for a in cta.AGGREGATIONS]
+    for out in outs[1:]:
+        np.testing.assert_allclose(out.y, outs[0].y, rtol=1e-5, atol=1e-5)
+        assert stats_of(out) == stats_of(outs[0])
+
+
+def test_use_factorized_rule():
+    assert cta.use_factorized('auto', 50, 40, 200, 1000)  # 2 * 40 * 200 <= 16 * 1000
+    assert not cta.use_factorized('auto', 50, 400, 200, 1000)
+    assert cta.use_factorized('factorized', 50, 400, 200, 1000)
+    assert not cta.use_factorized('tokens', 50, 4, 2, 1000)
+    assert not cta.use_factorized('factorized', 50, 4, 2, 1000, dropout=True)
+
+
 def test_compressed_attention_without_valid_keys_is_zero():
     z = jnp.ones((1, 2, 1, 4))
     ids = jnp.zeros((1, 5), jnp.int32)
-    out = cta.compressed_attention(z, jnp.ones((1, 3, 1, 4)), jnp.ones((1, 3, 1, 4)), ids, ids,
-                                   jnp.zeros((1, 5), bool), 2)
-    assert np.abs(np.asarray(out)).max() == 0.0
+    for aggregation in cta.AGGREGATIONS:
+        out = cta.compressed_attention(z, jnp.ones((1, 3, 1, 4)), jnp.ones((1, 3, 1, 4)), ids,
+                                       ids, jnp.zeros((1, 5), bool), 2, aggregation=aggregation)
+        assert np.abs(np.asarray(out)).max() == 0.0
 
 
 # -- implementations, padding, gradients ----------------------------------------------------------
