@@ -494,7 +494,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       num_params, attention method, steps, wall time and throughput.
     """
     config_lib.validate(config)
-    with workdir_lib.RunDirectory(workdir, is_main=jax.process_index() == 0) as rundir:
+    with workdir_lib.RunDirectory(workdir, is_main=jax.process_index() == 0,
+                                 agree=_all_processes) as rundir:
         rundir.check_config(config, mode='train')
         finished = rundir.finished_results(config, mode='train')
         if finished is not None:
@@ -604,6 +605,14 @@ def _set_aside(mngr: ocp.CheckpointManager, failures: dict[int, str], restored: 
                          'checkpoint %d', step, directory, reason, target, restored)
     _sync('lra_sparse_set_aside')
     mngr.reload()
+
+
+def _all_processes(ok: bool) -> bool:
+    """Whether ``ok`` holds in every process of the run (a collective every process calls)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _sync(name: str) -> None:
@@ -789,7 +798,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
             'config.init_from=None is not allowed in evaluate mode: give the workdir of the run '
             'whose weights to evaluate (--config.init_from=runs/dense).')
     config_lib.validate(config)
-    with workdir_lib.RunDirectory(workdir, is_main=jax.process_index() == 0) as rundir:
+    with workdir_lib.RunDirectory(workdir, is_main=jax.process_index() == 0,
+                                 agree=_all_processes) as rundir:
         rundir.check_config(config, mode='evaluate')
         finished = rundir.finished_results(config, mode='evaluate')
         if finished is not None:
