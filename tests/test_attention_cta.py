@@ -11,7 +11,7 @@ from conftest import tiny_config
 from flax import nnx
 
 from lra_sparse import config_lib, metrics, train
-from lra_sparse.attention import base, cta, dense
+from lra_sparse.attention import base, cost, cta, dense
 
 E, H, L = 16, 2, 24
 IMPLS = ('reference', 'xla')
@@ -85,7 +85,10 @@ def test_every_token_its_own_cluster_equals_exact_attention(impl):
     np.testing.assert_allclose(out.y, call(dense_twin(layer), x, mask)[0], rtol=1e-5, atol=1e-5)
     s = stats_of(out)
     assert s['k0'] == s['k1'] == (L + 13) / 2 and s['k2'] == 1.0 and s['overflow'] == 0.0
-    assert s['rel_error'] < 1e-5 and s['sparsity'] == 0.0
+    assert s['rel_error'] < 1e-5 and s['kept_fraction'] == 0.0 and s['sparsity'] == 1.0
+    # Every slot is computed: cap0 (cap1 + cap2) = L * 2L centroid pairs per example.
+    np.testing.assert_allclose(s['effective_pairs'], 2 * (2 * L * L) / (L * L + 13 * 13),
+                               rtol=1e-6)
     assert np.abs(np.asarray(out.y)[1, 13:]).max() == 0.0
 
 
@@ -115,7 +118,10 @@ def test_repeated_distinct_tokens_are_exact(impl, distinct):
         np.testing.assert_allclose(s['ra'], len(lengths) * distinct * (k1 + k2) / n2, rtol=1e-6)
         np.testing.assert_allclose(s['rl'], len(lengths) * (distinct + 2 * (k1 + k2))
                                    / (3 * sum(lengths)), rtol=1e-6)
-        np.testing.assert_allclose(s['sparsity'], max(0.0, 1 - s['ra']), rtol=1e-6)
+        assert s['kept_fraction'] == 0.0 and s['sparsity'] == 1.0
+        caps = cta.capacities(layer.cfg, L)
+        np.testing.assert_allclose(s['effective_pairs'], 2 * caps[0] * (caps[1] + caps[2]) / n2,
+                                   rtol=1e-6)
 
 
 @pytest.mark.parametrize('impl', IMPLS)
@@ -493,20 +499,28 @@ def test_capacity_is_ceil_fraction_of_length_within_bounds():
     assert cta.capacities(make_cfg(), 201) == (101, 101, 51)
 
 
-def test_layer_macs_uses_capacities():
+def test_layer_cost_uses_capacities():
     dims = base.AttentionDims(emb_dim=64, qkv_dim=64, num_heads=4, max_len=200)
-    cfg = make_cfg(hash_length=6, query_capacity=0.5, key_capacity=0.25, residual_capacity=0.125)
-    macs, leaving = cta.layer_macs(dims, cfg, 200, 128)
+    caps = dict(hash_length=6, query_capacity=0.5, key_capacity=0.25, residual_capacity=0.125)
+    c = cta.layer_cost(dims, make_cfg(aggregation='tokens', **caps), 200)
     k0, k1, k2 = 100, 50, 25
-    assert leaving == 200
-    assert macs['qkv_proj'] == (k0 + 2 * (k1 + k2)) * 64 * 64
-    assert macs['scores'] == macs['attention_values'] == k0 * (k1 + k2) * 64
-    assert macs['out_proj'] == k0 * 64 * 64 and macs['lsh_hash'] == 3 * 6 * 200 * 64
-    assert macs['overflow_merge'] == 200 * (k0 + k1 + k2) * 6
-    dense_total = sum(base.dense_layer_macs(dims, 200, 128).values())
-    assert sum(macs.values()) < dense_total
-    full, _ = cta.layer_macs(dims, make_cfg(**FINE), 200, 128)
-    assert full['overflow_merge'] == 0 and full['scores'] == 200 * 400 * 64
+    assert (c.query_rows, c.kv_rows, c.out_rows, c.ffn_tokens, c.tokens_out) == (
+        k0, k1 + k2, k0, 200, 200)
+    assert c.attention['values'] == cost.matmul(k0, k1 + k2, 16, batch=4)
+    assert c.attention['scores'] == cost.matmul(k0, 16, k1 + k2, batch=4) + 4 * k0 * (k1 + k2)
+    assert c.attention['aggregation'] == 4 * k0 * (200 * 20 + k1 + k2)  # token path: k0 x n
+    assert c.attention['hashing'] == 3 * (cost.matmul(200, 64, 6) + 3 * 200 * 6)
+    factorized = cta.layer_cost(dims, make_cfg(aggregation='factorized', **caps), 200)
+    assert factorized.attention['aggregation'] == (cost.matmul(k0, k2, k1, batch=8)
+                                                   + 9 * 4 * k0 * (k1 + k2) + 200 + 2 * k1 * k2)
+    dense_ops = cost.dense_layer_cost(dims, 200).attention_ops
+    assert c.attention_ops < 0.5 * dense_ops
+    full = cta.layer_cost(dims, make_cfg(**FINE), 200)  # capacity n: no merge traced
+    assert 'overflow_merge' in c.attention and 'overflow_merge' not in full.attention
+    assert full.attention['values'] == cost.matmul(200, 400, 16, batch=4)
+    ref = cta.layer_cost(dims, make_cfg('reference', **FINE), 200)
+    assert ref.query_rows == ref.kv_rows == 200
+    assert ref.attention['scores'] == cost.matmul(200, 16, 200, batch=4)
 
 
 def test_registry_entry_and_sweep():
@@ -549,7 +563,8 @@ def test_tiny_listops_trains_with_cta(impl, tmp_path):
     assert len(events) == 4
     for e in events:
         assert np.isfinite(e['loss'])
-        for key in ('sparsity', 'ra', 'rl', 'k0', 'k1', 'k2', 'overflow'):
+        for key in ('sparsity', 'kept_fraction', 'effective_pairs', 'ra', 'rl', 'k0', 'k1', 'k2',
+                    'overflow', 'overflow_fraction'):
             assert np.isfinite(e[key]), key
         assert 0 < e['k0'] <= 201 and e['ra'] > 0
     assert np.isfinite(results['test']['loss'])

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lra_sparse.attention import base
+from lra_sparse.attention import base, cost
 
 NUM_FAMILIES = 3  # LSH_0 (queries), LSH_1 (keys/values), LSH_2 (residuals)
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -517,28 +517,67 @@ def compressed_attention(q_bar: jax.Array, k_bar: jax.Array, v_bar: jax.Array, c
 
 
 # -- cost model -----------------------------------------------------------------------------------
-def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
-               mlp_dim: int) -> tuple[dict[str, float], int]:
-    """MACs of one CTA layer for one example (no token leaves it).
+def _family_ops(n: int, emb: int, hash_len: int, cap: int, reference: bool) -> dict[str, float]:
+    """Ops of one LSH family (:func:`cluster_tokens`) for one example of n tokens."""
+    nl = n * hash_len
+    hashing = cost.matmul(n, emb, hash_len) + cost.elementwise(nl, 3)  # + b, / w, floor
+    if reference:  # pairwise code equality, one-hot means
+        clustering = cost.elementwise(n * n, 3 * hash_len + 14)
+        centroids = cost.matmul(cap, n, emb) + cost.elementwise(n * cap, 2)
+    else:  # packed key (or lexsort) and segment sums
+        clustering = (cost.sort(1, n) * 2 + cost.elementwise(nl, 12 + 2 * hash_len)
+                      + cost.elementwise(n, 30))
+        centroids = cost.elementwise(n * emb + cap * emb, 1) + cost.elementwise(n + cap, 2)
+    ops = {'hashing': hashing, 'clustering': clustering, 'centroids': centroids}
+    if cap < n:  # nearest kept centroid in the l-dim projection space
+        merge = cost.matmul(n, hash_len, cap) + cost.elementwise(n * cap, 16)
+        merge += (cost.matmul(cap, n, hash_len) + cost.elementwise(n * cap, 2) if reference
+                  else cost.elementwise(nl, 1))
+        ops['overflow_merge'] = merge
+    return ops
 
-    The cluster counts are data dependent; this uses the static capacities (k0, k1, k2 =
-    ceil(capacity * n)) as their upper bound, which is also what the xla path computes. Linears:
-    (k0 + 2 k1 + 2 k2) emb d (eq. 3) plus the output projection on k0 rows; scores and AV:
-    k0 (k1 + k2) d each (eqs. 5, 8). ``lsh_hash`` = 3 l n emb (eq. 1); ``overflow_merge`` = n cap l
-    per family whose capacity is below n. Probability aggregation (k0 n exps and additions per
-    head) and centroid sums are additions, not MACs.
+
+def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
+    """Ops one CTA layer executes for one example at the static capacities (``cost.py`` units).
+
+    Both implementations hash, cluster and average three families (:func:`_family_ops`: the
+    E2LSH projection, the clustering, the centroid sums, and the overflow merge when a capacity
+    is below n). ``xla`` then projects k0 query and k1 + k2 key/value centroids, forms scores
+    [heads, k0, k1 + k2], aggregates them ('tokens': the k0 x n token probabilities, gathered,
+    exponentiated, normalised and summed onto both centroids; 'factorized': the pair counts and
+    two [k0, k2] x [k2, k1] matmuls per head, :func:`use_factorized` decides) and AV among the
+    centroids; the output projection runs on the k0 query centroids. ``reference`` rebuilds the
+    n approximated tokens from one-hot matrices and runs dense masked attention over them.
     """
-    n = seq_len
-    k0, k1, k2 = capacities(cfg, n)
-    hash_len = int(cfg.hash_length)
-    overheads = {
-        'lsh_hash': 3.0 * hash_len * n * dims.emb_dim,
-        'overflow_merge': float(sum(n * k * hash_len for k in (k0, k1, k2) if k < n)),
-    }
-    pairs = k0 * (k1 + k2)
-    return {**overheads, **base.layer_macs(dims, n, mlp_dim, query_rows=k0, kv_rows=k1 + k2,
-                                           out_rows=k0, score_pairs=pairs,
-                                           value_pairs=pairs)}, n
+    n, emb = seq_len, dims.emb_dim
+    heads, head_dim = dims.num_heads, dims.head_dim
+    caps = capacities(cfg, n)
+    reference = cfg.impl == 'reference'
+    parts: dict[str, float] = {}
+    for cap in caps:
+        for name, ops in _family_ops(n, emb, int(cfg.hash_length), cap, reference).items():
+            parts[name] = parts.get(name, 0.0) + ops
+    parts['centroids'] += cost.elementwise(n * emb, 2)  # residuals X - C1[CT1], padding select
+    if reference:
+        parts['expansion'] = (sum(cost.matmul(n, cap, emb) + cost.elementwise(n * cap)
+                                  for cap in caps) + cost.elementwise(n * emb))
+        attention = cost.dense_attention(heads, head_dim, n, 'reference')
+        return cost.LayerCost(attention={**parts, **attention}, tokens=n,
+                              qkv_width=dims.qkv_dim, query_rows=n, kv_rows=n, out_rows=n,
+                              ffn_tokens=n, tokens_out=n)
+    k0, k1, k2 = caps
+    rows, cols = heads * k0, k1 + k2
+    parts['scores'] = cost.matmul(k0, head_dim, cols, batch=heads) + cost.elementwise(rows * cols)
+    if use_factorized(cfg.aggregation, k0, k1, k2, n):
+        parts['aggregation'] = (cost.matmul(k0, k2, k1, batch=2 * heads)
+                                + cost.elementwise(rows * cols, 9)
+                                + cost.elementwise(n + 2 * k1 * k2))
+    else:
+        parts['aggregation'] = cost.elementwise(rows * n, 20) + cost.elementwise(rows * cols)
+    parts['values'] = cost.matmul(k0, cols, head_dim, batch=heads)
+    parts['output'] = cost.elementwise(n * emb)  # padding select after the gather
+    return cost.LayerCost(attention=parts, tokens=n, qkv_width=dims.qkv_dim, query_rows=k0,
+                          kv_rows=k1 + k2, out_rows=k0, ffn_tokens=n, tokens_out=n)
 
 
 # -- the layer ----------------------------------------------------------------------------------
@@ -645,16 +684,18 @@ class CTAAttention(base.Attention):
         f32 = jnp.float32
         n = jnp.sum(mask, axis=1).astype(f32)  # [batch]
         k0, k1, k2 = (jnp.sum(f['counts'] > 0, axis=1).astype(f32) for f in (fam0, fam1, fam2))
+        cap0, cap1, cap2 = (f['counts'].shape[1] for f in (fam0, fam1, fam2))
         examples = jnp.maximum(jnp.sum(n > 0).astype(f32), 1.0)
 
         def frac(num, den):
             return jnp.where(den > 0, num / jnp.maximum(den, 1e-30), 0.0).astype(f32)
 
-        ra = frac(jnp.sum(k0 * (k1 + k2)), jnp.sum(n * n))
         overflow = sum(f['overflow'] for f in (fam0, fam1, fam2)).astype(f32)
+        computed_pairs = jnp.sum(jnp.where(n > 0, float(cap0 * (cap1 + cap2)), 0.0))
         stats = {
-            'sparsity': jnp.where(jnp.sum(n) > 0, jnp.clip(1.0 - ra, 0.0, 1.0), 0.0).astype(f32),
-            'ra': ra,
+            'kept_fraction': jnp.zeros((), f32),  # no exact pair: every score is approximated
+            'effective_pairs': frac(computed_pairs, jnp.sum(n * n)),
+            'ra': frac(jnp.sum(k0 * (k1 + k2)), jnp.sum(n * n)),
             'rl': frac(jnp.sum(k0 + 2.0 * (k1 + k2)), jnp.sum(3.0 * n)),
             'k0': jnp.sum(k0) / examples,
             'k1': jnp.sum(k1) / examples,
@@ -705,7 +746,7 @@ METHOD = base.AttentionMethod(
     module=CTAAttention,
     default_config=default_config,
     check=validate,
-    layer_macs=layer_macs,
+    cost=layer_cost,
     description='LSH clustering of tokens, attention among centroids, probability aggregation '
                 '(CTA)',
     # Tiny widths and full capacity: every distinct token is its own cluster (residuals are then
