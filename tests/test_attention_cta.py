@@ -10,8 +10,9 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from lra_sparse import config_lib, metrics, train
+from lra_sparse import config_lib, data, metrics, train
 from lra_sparse.attention import base, cost, cta, dense
+from lra_sparse.models import transformer
 
 E, H, L = 16, 2, 24
 IMPLS = ('reference', 'xla')
@@ -493,10 +494,42 @@ def test_bad_fields_raise_naming_the_field(field, value):
                          rngs=nnx.Rngs(params=0))
 
 
+def first_layer_input(task: str, length: int):
+    """The real model's first-layer input LN1(embed + positions) on synthetic tokens, and mask."""
+    config = config_lib.load(f'configs/{task}.py:attention=cta,impl=xla')
+    config.max_length = length
+    info = data.task_info(config)
+    model = transformer.build_model(config, info)
+    image = task == 'image'
+    tokens = data.synthetic_splits(info, 2, 0, min_token=0 if image else 1,
+                                   full_length=image)['train']['inputs']
+    encoder = model.encoder
+    x, mask = encoder.embed(jnp.asarray(tokens, jnp.int32)), jnp.asarray(tokens > 0)
+    if image:
+        mask = jnp.ones_like(mask)
+    if encoder.use_cls:
+        cls = jnp.broadcast_to(encoder.cls[...], (x.shape[0], 1, x.shape[-1]))
+        x, mask = jnp.concatenate([cls, x], axis=1), jnp.concatenate([mask[:, :1], mask], axis=1)
+    x = x + encoder.pos_emb[...][:, :x.shape[1]]
+    return encoder.blocks[0], encoder.blocks[0].ln1(x), mask
+
+
+@pytest.mark.parametrize('task,length', [('text', 1000), ('text', 2000), ('text', 4000),
+                                         ('image', 1024)])
+def test_default_capacities_rarely_overflow_on_model_inputs(task, length):
+    """Default widths and capacities: under 1% of tokens merged at the LRA lengths."""
+    block, x, mask = first_layer_input(task, length)
+    assert block.attention.cfg.query_capacity == cta.default_config().query_capacity
+    fams = jax.jit(lambda x, m: block.attention.clusters(x, m, reference=False))(x, mask)
+    merged = sum(int(jnp.sum(f['overflow'])) for f in fams)
+    assert merged < 0.01 * 3 * int(jnp.sum(mask)), [np.asarray(f['overflow']) for f in fams]
+
+
 def test_capacity_is_ceil_fraction_of_length_within_bounds():
     assert cta.capacity(0.5, 24) == 12 and cta.capacity(0.3, 24) == 8
     assert cta.capacity(1e-6, 24) == 1 and cta.capacity(1.0, 24) == 24
-    assert cta.capacities(make_cfg(), 201) == (101, 101, 51)
+    assert cta.capacities(make_cfg(), 201) == (151, 151, 151)
+    assert cta.capacities(make_cfg(**cta.PREVIOUS_DEFAULTS), 201) == (101, 101, 51)
 
 
 def test_layer_cost_uses_capacities():

@@ -51,6 +51,10 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _WIDTH_FIELDS = ('query_bucket_width', 'key_bucket_width', 'residual_bucket_width')
 _CAPACITY_FIELDS = ('query_capacity', 'key_capacity', 'residual_capacity')
 AGGREGATIONS = ('auto', 'factorized', 'tokens')
+# The defaults before the capacities were sized to the realised cluster counts: these overrides
+# reproduce earlier runs exactly (same clusters, same merges, same token-path aggregation).
+PREVIOUS_DEFAULTS = {'query_capacity': 0.5, 'key_capacity': 0.5, 'residual_capacity': 0.25,
+                     'aggregation': 'tokens'}
 # 'auto' takes the factorised aggregation when its matmul MACs 2 k0 k1 k2 are at most this many
 # times the k0 n gathered token probabilities of the token path (a matmul MAC is far cheaper on
 # CPU than a gather, exp and scatter of one token probability).
@@ -65,9 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
     # (|x| ~ sqrt(emb_dim), so a.x ~ N(0, emb_dim)); a number > 0; larger = fewer clusters
     c.key_bucket_width = 16.0  # w of LSH_1 (keys/values), a number > 0
     c.residual_bucket_width = 8.0  # w of LSH_2 (residuals X - C1[CT1]), a number > 0
-    c.query_capacity = 0.5  # static max query clusters k0 = ceil(fraction * n), in (0, 1]
-    c.key_capacity = 0.5  # static max key/value clusters k1 = ceil(fraction * n), in (0, 1]
-    c.residual_capacity = 0.25  # static max residual clusters k2 = ceil(fraction * n), in (0, 1]
+    c.query_capacity = 0.75  # static max query clusters k0 = ceil(fraction * n), in (0, 1]
+    c.key_capacity = 0.75  # static max key/value clusters k1 = ceil(fraction * n), in (0, 1]
+    c.residual_capacity = 0.75  # static max residual clusters k2 = ceil(fraction * n), in (0, 1]
     c.aggregation = 'auto'  # probability aggregation (Fig. 6): 'tokens' (k0 x n token
     # probabilities, the original path), 'factorized' (pair counts and two matmuls, k0 k1 k2 per
     # head) or 'auto' (the cheaper of the two for the static shapes); the token path runs
