@@ -180,6 +180,32 @@ def test_layer_clusters_are_equal_codes(impl):
     assert len(np.unique(ids[0][m[0]])) < m[0].sum(), 'width should give some shared clusters'
 
 
+@pytest.mark.parametrize('impl', IMPLS)
+def test_approx_probs_is_the_attention_of_the_approximated_tokens(impl):
+    """inspect_maps' 'approx_probs' = softmax of the eq. 2 tokens' scores (what the output uses)."""
+    layer = make_layer(impl, query_bucket_width=6.0, key_bucket_width=6.0,
+                       residual_bucket_width=2.0, query_capacity=0.3)
+    x, mask = random_inputs([L, 14], seed=19)
+    maps = layer.inspect_maps(x, mask, None)
+    fams = layer.clusters(x, mask, reference=True)
+
+    def expand(fam):
+        return jax.nn.one_hot(fam['ids'], fam['centroids'].shape[1]) @ fam['centroids']
+
+    q = layer.split_heads(layer.query(expand(fams[0])))
+    k = layer.split_heads(layer.key(expand(fams[1]) + expand(fams[2])))
+    probs = base.masked_softmax(base.attention_scores(q, k) / math.sqrt(layer.dims.head_dim),
+                                base.pair_mask(mask, mask))
+    expected = np.where(np.asarray(mask)[:, None, :, None], np.asarray(probs), 0.0)
+    assert maps['approx_probs'].dtype == jnp.float32
+    assert maps['approx_probs'].shape == (2, H, L, L)
+    np.testing.assert_allclose(maps['approx_probs'], expected, rtol=1e-5, atol=1e-6)
+    v = layer.split_heads(layer.value(expand(fams[1]) + expand(fams[2])))
+    y = layer.project_out(base.weighted_values(maps['approx_probs'], v))
+    np.testing.assert_allclose(valid_rows(y, mask), valid_rows(call(layer, x, mask).y, mask),
+                               rtol=1e-4, atol=1e-5)
+
+
 # -- clustering and the overflow rule -------------------------------------------------------------
 HAND_CODES = np.array([[[0, 0], [1, 0], [0, 0], [2, 2], [1, 0], [1, 0], [5, 5], [0, 0]]],
                       np.float32)

@@ -17,20 +17,27 @@ projections) and its mask [batch, n], one layer:
    (eqs. 3-8): exact softmax attention of the approximated tokens.
 
 Static shapes: each family has at most ``ceil(capacity * n)`` clusters (``query_capacity``,
-``key_capacity``, ``residual_capacity``); the tokens of clusters beyond it (smallest first) join
-the nearest kept centroid in the family's LSH projection space and are counted in ``overflow``.
+``key_capacity``, ``residual_capacity``, default 0.75: above the realised counts at the default
+widths on the text and image models); the tokens of clusters beyond it (smallest first) join the
+nearest kept centroid in the family's LSH projection space and are counted in ``overflow``.
+:data:`PREVIOUS_DEFAULTS` restores the earlier 0.5 / 0.5 / 0.25 with the token-path aggregation.
 
-Implementations: ``xla`` is the compressed computation (sort-based cluster ids, ``segment_sum``
-centroids, attention among centroids, output projection on the k0 query centroids, gather back
-to tokens); ``reference`` is the dense twin (pairwise code equality, one-hot assignment matrices,
-full softmax attention of the approximated tokens). They agree to float tolerance without
-attention dropout (which each applies at its own level of probabilities). Hashing and clustering
-see ``stop_gradient(X)``; gradients flow through the centroids.
+Implementations: ``xla`` is the compressed computation (hash codes packed into one sort key,
+``segment_sum`` centroids, attention among centroids, probability aggregation by token
+probabilities or factorised over key-cluster pair counts (``aggregation``), output projection on
+the k0 query centroids, gather back to tokens); ``reference`` is the dense twin (pairwise code
+equality, one-hot assignment matrices, full softmax attention of the approximated tokens). They
+agree to float tolerance without attention dropout (which each applies at its own level of
+probabilities). Hashing and clustering see ``stop_gradient(X)``; gradients flow through the
+centroids.
 
-Statistics (pooled over the batch, n = valid tokens, k = non-empty clusters): ``ra`` =
-k0 (k1 + k2) / n² (score and AV MACs kept), ``rl`` = (k0 + 2 k1 + 2 k2) / 3n (linear MACs kept),
-``sparsity`` = 1 - ra clipped to [0, 1], means per example of ``k0``, ``k1``, ``k2``,
-``overflow``, and with ``diagnostics`` ``rel_error`` against exact attention.
+Statistics (pooled over the batch, n = valid tokens, k = non-empty clusters, cap = capacities):
+``kept_fraction`` = 0 (CTA approximates every score; no exact pair contributes),
+``effective_pairs`` = cap0 (cap1 + cap2) / n² (centroid score pairs computed per valid token
+pair), ``ra`` = k0 (k1 + k2) / n², ``rl`` = (k0 + 2 k1 + 2 k2) / 3n, means per example of
+``k0``, ``k1``, ``k2``, ``overflow``, ``overflow_fraction`` = merged tokens / (3 n) over the three
+families, and with ``diagnostics`` ``rel_error`` against exact attention. The cost of a layer is
+:func:`layer_cost`.
 
 The overflow rule in full, the bucket widths, and how the paper's open points are resolved:
 ``docs/methods/cta.md``.
