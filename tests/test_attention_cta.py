@@ -10,8 +10,9 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from lra_sparse import config_lib, metrics, train
-from lra_sparse.attention import base, cta, dense
+from lra_sparse import config_lib, data, metrics, train
+from lra_sparse.attention import base, cost, cta, dense
+from lra_sparse.models import transformer
 
 E, H, L = 16, 2, 24
 IMPLS = ('reference', 'xla')
@@ -85,7 +86,10 @@ def test_every_token_its_own_cluster_equals_exact_attention(impl):
     np.testing.assert_allclose(out.y, call(dense_twin(layer), x, mask)[0], rtol=1e-5, atol=1e-5)
     s = stats_of(out)
     assert s['k0'] == s['k1'] == (L + 13) / 2 and s['k2'] == 1.0 and s['overflow'] == 0.0
-    assert s['rel_error'] < 1e-5 and s['sparsity'] == 0.0
+    assert s['rel_error'] < 1e-5 and s['kept_fraction'] == 0.0 and s['sparsity'] == 1.0
+    # Every slot is computed: cap0 (cap1 + cap2) = L * 2L centroid pairs per example.
+    np.testing.assert_allclose(s['effective_pairs'], 2 * (2 * L * L) / (L * L + 13 * 13),
+                               rtol=1e-6)
     assert np.abs(np.asarray(out.y)[1, 13:]).max() == 0.0
 
 
@@ -115,7 +119,10 @@ def test_repeated_distinct_tokens_are_exact(impl, distinct):
         np.testing.assert_allclose(s['ra'], len(lengths) * distinct * (k1 + k2) / n2, rtol=1e-6)
         np.testing.assert_allclose(s['rl'], len(lengths) * (distinct + 2 * (k1 + k2))
                                    / (3 * sum(lengths)), rtol=1e-6)
-        np.testing.assert_allclose(s['sparsity'], max(0.0, 1 - s['ra']), rtol=1e-6)
+        assert s['kept_fraction'] == 0.0 and s['sparsity'] == 1.0
+        caps = cta.capacities(layer.cfg, L)
+        np.testing.assert_allclose(s['effective_pairs'], 2 * caps[0] * (caps[1] + caps[2]) / n2,
+                                   rtol=1e-6)
 
 
 @pytest.mark.parametrize('impl', IMPLS)
@@ -173,6 +180,32 @@ def test_layer_clusters_are_equal_codes(impl):
     assert len(np.unique(ids[0][m[0]])) < m[0].sum(), 'width should give some shared clusters'
 
 
+@pytest.mark.parametrize('impl', IMPLS)
+def test_approx_probs_is_the_attention_of_the_approximated_tokens(impl):
+    """inspect_maps' 'approx_probs' = softmax of the eq. 2 tokens' scores (what the output uses)."""
+    layer = make_layer(impl, query_bucket_width=6.0, key_bucket_width=6.0,
+                       residual_bucket_width=2.0, query_capacity=0.3)
+    x, mask = random_inputs([L, 14], seed=19)
+    maps = layer.inspect_maps(x, mask, None)
+    fams = layer.clusters(x, mask, reference=True)
+
+    def expand(fam):
+        return jax.nn.one_hot(fam['ids'], fam['centroids'].shape[1]) @ fam['centroids']
+
+    q = layer.split_heads(layer.query(expand(fams[0])))
+    k = layer.split_heads(layer.key(expand(fams[1]) + expand(fams[2])))
+    probs = base.masked_softmax(base.attention_scores(q, k) / math.sqrt(layer.dims.head_dim),
+                                base.pair_mask(mask, mask))
+    expected = np.where(np.asarray(mask)[:, None, :, None], np.asarray(probs), 0.0)
+    assert maps['approx_probs'].dtype == jnp.float32
+    assert maps['approx_probs'].shape == (2, H, L, L)
+    np.testing.assert_allclose(maps['approx_probs'], expected, rtol=1e-5, atol=1e-6)
+    v = layer.split_heads(layer.value(expand(fams[1]) + expand(fams[2])))
+    y = layer.project_out(base.weighted_values(maps['approx_probs'], v))
+    np.testing.assert_allclose(valid_rows(y, mask), valid_rows(call(layer, x, mask).y, mask),
+                               rtol=1e-4, atol=1e-5)
+
+
 # -- clustering and the overflow rule -------------------------------------------------------------
 HAND_CODES = np.array([[[0, 0], [1, 0], [0, 0], [2, 2], [1, 0], [1, 0], [5, 5], [0, 0]]],
                       np.float32)
@@ -221,6 +254,8 @@ def test_capacity_overflow_is_counted_and_shares_cluster_rows(impl):
     out = call(layer, x, mask)
     s = stats_of(out)
     assert s['k0'] == 6 and s['k1'] == (L + 13) / 2 and s['overflow'] == ((L - 6) + (13 - 6)) / 2
+    np.testing.assert_allclose(s['overflow_fraction'], ((L - 6) + (13 - 6)) / (3 * (L + 13)),
+                               rtol=1e-6)
     ids = np.asarray(layer.inspect_maps(x, mask, None)['query_clusters'])
     y, m = np.asarray(out.y), np.asarray(mask)
     for b in range(2):
@@ -228,6 +263,27 @@ def test_capacity_overflow_is_counted_and_shares_cluster_rows(impl):
         for c in range(6):
             rows = y[b][ids[b] == c]
             np.testing.assert_allclose(rows, np.broadcast_to(rows[0], rows.shape), atol=1e-6)
+
+
+@pytest.mark.parametrize('scale', [1.0, 1e4, 1e-3])
+def test_packed_sort_key_gives_the_same_clusters(scale):
+    """One packed key when the codes fit 30 bits, the lexsort otherwise: same clusters."""
+    rng = np.random.default_rng(16)
+    codes = np.round(rng.normal(size=(3, 40, 6)) * 2 * scale).astype(np.float32)
+    valid = jnp.asarray(rng.random((3, 40)) < 0.8)
+    key, fits = cta.packed_key(jnp.asarray(codes), valid)
+    assert bool(fits) == (scale <= 1.0)
+    if fits:  # equal keys exactly for equal codes; padding after every valid key
+        k, m = np.asarray(key), np.asarray(valid)
+        for b in range(3):
+            same_code = (codes[b][:, None] == codes[b][None]).all(-1)
+            both = m[b][:, None] & m[b][None]
+            np.testing.assert_array_equal((k[b][:, None] == k[b][None])[both], same_code[both])
+            assert k[b][~m[b]].min(initial=2**31 - 1) > k[b][m[b]].max()
+    for cap in (1, 7, 40):
+        np.testing.assert_array_equal(cta.assign_clusters(jnp.asarray(codes), valid, cap),
+                                      cta.assign_clusters_reference(jnp.asarray(codes), valid,
+                                                                    cap))
 
 
 def test_centroid_aggregation_matches_numpy_loop():
@@ -325,12 +381,63 @@ def test_probability_aggregation_matches_numpy(score_scale):
     np.testing.assert_allclose(out, out_np, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize('score_scale', [1.0, 8.0])
+def test_factorized_aggregation_matches_numpy(score_scale):
+    """exp(a + b) = exp(a) exp(b): pair counts and two matmuls give Fig. 6's AP."""
+    rng = np.random.default_rng(17)
+    batch, k0, cap1, cap2, n, heads, d = 2, 3, 4, 3, 11, 2, 4
+    q_bar = rng.normal(size=(batch, k0, heads, d)) * score_scale
+    k_bar = rng.normal(size=(batch, cap1 + cap2, heads, d))
+    v_bar = rng.normal(size=(batch, cap1 + cap2, heads, d))
+    ct1 = rng.integers(0, cap1 - 1, size=(batch, n)).astype(np.int32)  # slot cap1-1 empty
+    ct2 = rng.integers(0, cap2, size=(batch, n)).astype(np.int32)
+    valid = np.arange(n)[None] < np.array([[n], [5]])
+    counts = np.asarray(cta.pair_counts(jnp.asarray(ct1), jnp.asarray(ct2), jnp.asarray(valid),
+                                        cap1, cap2))
+    for b in range(batch):
+        expect = np.zeros((cap1, cap2))
+        np.add.at(expect, (ct1[b][valid[b]], ct2[b][valid[b]]), 1)
+        np.testing.assert_array_equal(counts[b], expect)
+    ap_np, out_np = np_cta_output(q_bar, k_bar, v_bar, ct1, ct2, valid, cap1)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    s_bar = base.attention_scores(f32(q_bar), f32(k_bar)) / math.sqrt(d)
+    ap = np.asarray(cta.factorized_probabilities(s_bar, jnp.asarray(counts)))
+    np.testing.assert_allclose(ap, 2 * ap_np / ap_np.sum(-1, keepdims=True), rtol=2e-4,
+                               atol=1e-6)
+    for aggregation in ('factorized', 'auto'):
+        out = cta.compressed_attention(f32(q_bar), f32(k_bar), f32(v_bar), jnp.asarray(ct1),
+                                       jnp.asarray(ct2), jnp.asarray(valid), cap1,
+                                       aggregation=aggregation)
+        np.testing.assert_allclose(out, out_np, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize('overrides', [{}, dict(query_bucket_width=6.0, key_bucket_width=6.0,
+                                                residual_bucket_width=2.0, query_capacity=0.3,
+                                                key_capacity=0.4, residual_capacity=0.2)])
+def test_layer_aggregations_agree(overrides):
+    x, mask = random_inputs([L, 14], seed=18)
+    outs = [call(make_layer('xla', aggregation=a, **overrides), x, mask)
+            for a in cta.AGGREGATIONS]
+    for out in outs[1:]:
+        np.testing.assert_allclose(out.y, outs[0].y, rtol=1e-5, atol=1e-5)
+        assert stats_of(out) == stats_of(outs[0])
+
+
+def test_use_factorized_rule():
+    assert cta.use_factorized('auto', 50, 40, 200, 1000)  # 2 * 40 * 200 <= 16 * 1000
+    assert not cta.use_factorized('auto', 50, 400, 200, 1000)
+    assert cta.use_factorized('factorized', 50, 400, 200, 1000)
+    assert not cta.use_factorized('tokens', 50, 4, 2, 1000)
+    assert not cta.use_factorized('factorized', 50, 4, 2, 1000, dropout=True)
+
+
 def test_compressed_attention_without_valid_keys_is_zero():
     z = jnp.ones((1, 2, 1, 4))
     ids = jnp.zeros((1, 5), jnp.int32)
-    out = cta.compressed_attention(z, jnp.ones((1, 3, 1, 4)), jnp.ones((1, 3, 1, 4)), ids, ids,
-                                   jnp.zeros((1, 5), bool), 2)
-    assert np.abs(np.asarray(out)).max() == 0.0
+    for aggregation in cta.AGGREGATIONS:
+        out = cta.compressed_attention(z, jnp.ones((1, 3, 1, 4)), jnp.ones((1, 3, 1, 4)), ids,
+                                       ids, jnp.zeros((1, 5), bool), 2, aggregation=aggregation)
+        assert np.abs(np.asarray(out)).max() == 0.0
 
 
 # -- implementations, padding, gradients ----------------------------------------------------------
@@ -413,26 +520,66 @@ def test_bad_fields_raise_naming_the_field(field, value):
                          rngs=nnx.Rngs(params=0))
 
 
+def first_layer_input(task: str, length: int):
+    """The real model's first-layer input LN1(embed + positions) on synthetic tokens, and mask."""
+    config = config_lib.load(f'configs/{task}.py:attention=cta,impl=xla')
+    config.max_length = length
+    info = data.task_info(config)
+    model = transformer.build_model(config, info)
+    image = task == 'image'
+    tokens = data.synthetic_splits(info, 2, 0, min_token=0 if image else 1,
+                                   full_length=image)['train']['inputs']
+    encoder = model.encoder
+    x, mask = encoder.embed(jnp.asarray(tokens, jnp.int32)), jnp.asarray(tokens > 0)
+    if image:
+        mask = jnp.ones_like(mask)
+    if encoder.use_cls:
+        cls = jnp.broadcast_to(encoder.cls[...], (x.shape[0], 1, x.shape[-1]))
+        x, mask = jnp.concatenate([cls, x], axis=1), jnp.concatenate([mask[:, :1], mask], axis=1)
+    x = x + encoder.pos_emb[...][:, :x.shape[1]]
+    return encoder.blocks[0], encoder.blocks[0].ln1(x), mask
+
+
+@pytest.mark.parametrize('task,length', [('text', 1000), ('text', 2000), ('text', 4000),
+                                         ('image', 1024)])
+def test_default_capacities_rarely_overflow_on_model_inputs(task, length):
+    """Default widths and capacities: under 1% of tokens merged at the LRA lengths."""
+    block, x, mask = first_layer_input(task, length)
+    assert block.attention.cfg.query_capacity == cta.default_config().query_capacity
+    fams = jax.jit(lambda x, m: block.attention.clusters(x, m, reference=False))(x, mask)
+    merged = sum(int(jnp.sum(f['overflow'])) for f in fams)
+    assert merged < 0.01 * 3 * int(jnp.sum(mask)), [np.asarray(f['overflow']) for f in fams]
+
+
 def test_capacity_is_ceil_fraction_of_length_within_bounds():
     assert cta.capacity(0.5, 24) == 12 and cta.capacity(0.3, 24) == 8
     assert cta.capacity(1e-6, 24) == 1 and cta.capacity(1.0, 24) == 24
-    assert cta.capacities(make_cfg(), 201) == (101, 101, 51)
+    assert cta.capacities(make_cfg(), 201) == (151, 151, 151)
+    assert cta.capacities(make_cfg(**cta.PREVIOUS_DEFAULTS), 201) == (101, 101, 51)
 
 
-def test_layer_macs_uses_capacities():
+def test_layer_cost_uses_capacities():
     dims = base.AttentionDims(emb_dim=64, qkv_dim=64, num_heads=4, max_len=200)
-    cfg = make_cfg(hash_length=6, query_capacity=0.5, key_capacity=0.25, residual_capacity=0.125)
-    macs, leaving = cta.layer_macs(dims, cfg, 200, 128)
+    caps = dict(hash_length=6, query_capacity=0.5, key_capacity=0.25, residual_capacity=0.125)
+    c = cta.layer_cost(dims, make_cfg(aggregation='tokens', **caps), 200)
     k0, k1, k2 = 100, 50, 25
-    assert leaving == 200
-    assert macs['qkv_proj'] == (k0 + 2 * (k1 + k2)) * 64 * 64
-    assert macs['scores'] == macs['attention_values'] == k0 * (k1 + k2) * 64
-    assert macs['out_proj'] == k0 * 64 * 64 and macs['lsh_hash'] == 3 * 6 * 200 * 64
-    assert macs['overflow_merge'] == 200 * (k0 + k1 + k2) * 6
-    dense_total = sum(base.dense_layer_macs(dims, 200, 128).values())
-    assert sum(macs.values()) < dense_total
-    full, _ = cta.layer_macs(dims, make_cfg(**FINE), 200, 128)
-    assert full['overflow_merge'] == 0 and full['scores'] == 200 * 400 * 64
+    assert (c.query_rows, c.kv_rows, c.out_rows, c.ffn_tokens, c.tokens_out) == (
+        k0, k1 + k2, k0, 200, 200)
+    assert c.attention['values'] == cost.matmul(k0, k1 + k2, 16, batch=4)
+    assert c.attention['scores'] == cost.matmul(k0, 16, k1 + k2, batch=4) + 4 * k0 * (k1 + k2)
+    assert c.attention['aggregation'] == 4 * k0 * (200 * 20 + k1 + k2)  # token path: k0 x n
+    assert c.attention['hashing'] == 3 * (cost.matmul(200, 64, 6) + 3 * 200 * 6)
+    factorized = cta.layer_cost(dims, make_cfg(aggregation='factorized', **caps), 200)
+    assert factorized.attention['aggregation'] == (cost.matmul(k0, k2, k1, batch=8)
+                                                   + 9 * 4 * k0 * (k1 + k2) + 200 + 2 * k1 * k2)
+    dense_ops = cost.dense_layer_cost(dims, 200).attention_ops
+    assert c.attention_ops < 0.5 * dense_ops
+    full = cta.layer_cost(dims, make_cfg(**FINE), 200)  # capacity n: no merge traced
+    assert 'overflow_merge' in c.attention and 'overflow_merge' not in full.attention
+    assert full.attention['values'] == cost.matmul(200, 400, 16, batch=4)
+    ref = cta.layer_cost(dims, make_cfg('reference', **FINE), 200)
+    assert ref.query_rows == ref.kv_rows == 200
+    assert ref.attention['scores'] == cost.matmul(200, 16, 200, batch=4)
 
 
 def test_registry_entry_and_sweep():
@@ -475,7 +622,8 @@ def test_tiny_listops_trains_with_cta(impl, tmp_path):
     assert len(events) == 4
     for e in events:
         assert np.isfinite(e['loss'])
-        for key in ('sparsity', 'ra', 'rl', 'k0', 'k1', 'k2', 'overflow'):
+        for key in ('sparsity', 'kept_fraction', 'effective_pairs', 'ra', 'rl', 'k0', 'k1', 'k2',
+                    'overflow', 'overflow_fraction'):
             assert np.isfinite(e[key]), key
         assert 0 < e['k0'] <= 201 and e['ra'] > 0
     assert np.isfinite(results['test']['loss'])

@@ -17,20 +17,27 @@ projections) and its mask [batch, n], one layer:
    (eqs. 3-8): exact softmax attention of the approximated tokens.
 
 Static shapes: each family has at most ``ceil(capacity * n)`` clusters (``query_capacity``,
-``key_capacity``, ``residual_capacity``); the tokens of clusters beyond it (smallest first) join
-the nearest kept centroid in the family's LSH projection space and are counted in ``overflow``.
+``key_capacity``, ``residual_capacity``, default 0.75: above the realised counts at the default
+widths on the text and image models); the tokens of clusters beyond it (smallest first) join the
+nearest kept centroid in the family's LSH projection space and are counted in ``overflow``.
+:data:`PREVIOUS_DEFAULTS` restores the earlier 0.5 / 0.5 / 0.25 with the token-path aggregation.
 
-Implementations: ``xla`` is the compressed computation (sort-based cluster ids, ``segment_sum``
-centroids, attention among centroids, output projection on the k0 query centroids, gather back
-to tokens); ``reference`` is the dense twin (pairwise code equality, one-hot assignment matrices,
-full softmax attention of the approximated tokens). They agree to float tolerance without
-attention dropout (which each applies at its own level of probabilities). Hashing and clustering
-see ``stop_gradient(X)``; gradients flow through the centroids.
+Implementations: ``xla`` is the compressed computation (hash codes packed into one sort key,
+``segment_sum`` centroids, attention among centroids, probability aggregation by token
+probabilities or factorised over key-cluster pair counts (``aggregation``), output projection on
+the k0 query centroids, gather back to tokens); ``reference`` is the dense twin (pairwise code
+equality, one-hot assignment matrices, full softmax attention of the approximated tokens). They
+agree to float tolerance without attention dropout (which each applies at its own level of
+probabilities). Hashing and clustering see ``stop_gradient(X)``; gradients flow through the
+centroids.
 
-Statistics (pooled over the batch, n = valid tokens, k = non-empty clusters): ``ra`` =
-k0 (k1 + k2) / n² (score and AV MACs kept), ``rl`` = (k0 + 2 k1 + 2 k2) / 3n (linear MACs kept),
-``sparsity`` = 1 - ra clipped to [0, 1], means per example of ``k0``, ``k1``, ``k2``,
-``overflow``, and with ``diagnostics`` ``rel_error`` against exact attention.
+Statistics (pooled over the batch, n = valid tokens, k = non-empty clusters, cap = capacities):
+``kept_fraction`` = 0 (CTA approximates every score; no exact pair contributes),
+``effective_pairs`` = cap0 (cap1 + cap2) / n² (centroid score pairs computed per valid token
+pair), ``ra`` = k0 (k1 + k2) / n², ``rl`` = (k0 + 2 k1 + 2 k2) / 3n, means per example of
+``k0``, ``k1``, ``k2``, ``overflow``, ``overflow_fraction`` = merged tokens / (3 n) over the three
+families, and with ``diagnostics`` ``rel_error`` against exact attention. The cost of a layer is
+:func:`layer_cost`.
 
 The overflow rule in full, the bucket widths, and how the paper's open points are resolved:
 ``docs/methods/cta.md``.
@@ -44,12 +51,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lra_sparse.attention import base
+from lra_sparse.attention import base, cost
 
 NUM_FAMILIES = 3  # LSH_0 (queries), LSH_1 (keys/values), LSH_2 (residuals)
 _HIGHEST = jax.lax.Precision.HIGHEST
 _WIDTH_FIELDS = ('query_bucket_width', 'key_bucket_width', 'residual_bucket_width')
 _CAPACITY_FIELDS = ('query_capacity', 'key_capacity', 'residual_capacity')
+AGGREGATIONS = ('auto', 'factorized', 'tokens')
+# The defaults before the capacities were sized to the realised cluster counts: these overrides
+# reproduce earlier runs exactly (same clusters, same merges, same token-path aggregation).
+PREVIOUS_DEFAULTS = {'query_capacity': 0.5, 'key_capacity': 0.5, 'residual_capacity': 0.25,
+                     'aggregation': 'tokens'}
+# 'auto' takes the factorised aggregation when its matmul MACs 2 k0 k1 k2 are at most this many
+# times the k0 n gathered token probabilities of the token path (a matmul MAC is far cheaper on
+# CPU than a gather, exp and scatter of one token probability).
+FACTORIZED_MAC_RATIO = 16.0
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -60,9 +76,13 @@ def default_config() -> ml_collections.ConfigDict:
     # (|x| ~ sqrt(emb_dim), so a.x ~ N(0, emb_dim)); a number > 0; larger = fewer clusters
     c.key_bucket_width = 16.0  # w of LSH_1 (keys/values), a number > 0
     c.residual_bucket_width = 8.0  # w of LSH_2 (residuals X - C1[CT1]), a number > 0
-    c.query_capacity = 0.5  # static max query clusters k0 = ceil(fraction * n), in (0, 1]
-    c.key_capacity = 0.5  # static max key/value clusters k1 = ceil(fraction * n), in (0, 1]
-    c.residual_capacity = 0.25  # static max residual clusters k2 = ceil(fraction * n), in (0, 1]
+    c.query_capacity = 0.75  # static max query clusters k0 = ceil(fraction * n), in (0, 1]
+    c.key_capacity = 0.75  # static max key/value clusters k1 = ceil(fraction * n), in (0, 1]
+    c.residual_capacity = 0.75  # static max residual clusters k2 = ceil(fraction * n), in (0, 1]
+    c.aggregation = 'auto'  # probability aggregation (Fig. 6): 'tokens' (k0 x n token
+    # probabilities, the original path), 'factorized' (pair counts and two matmuls, k0 k1 k2 per
+    # head) or 'auto' (the cheaper of the two for the static shapes); the token path runs
+    # whenever attention dropout acts (it drops token probabilities)
     c.diagnostics = False  # True: also run exact attention with the same weights and report
     # 'rel_error' = |y_cta - y_dense| / |y_dense| over valid tokens (costs a dense pass)
     return c
@@ -91,6 +111,8 @@ def check_fields(cfg) -> None:
         _check(_is_number(f) and 0.0 < f <= 1.0, field, f,
                'a fraction of the sequence length in (0, 1] (clusters = ceil(fraction * n), '
                'always between 1 and n)')
+    _check(cfg.aggregation in AGGREGATIONS, 'aggregation', cfg.aggregation,
+           f'one of {", ".join(AGGREGATIONS)}')
     _check(isinstance(cfg.diagnostics, bool), 'diagnostics', cfg.diagnostics, 'True or False')
 
 
@@ -137,6 +159,61 @@ def hash_codes(x: jax.Array, a: jax.Array, b: jax.Array, width: float) -> jax.Ar
     return jnp.floor(lsh_project(x, a, b, width))
 
 
+PACKED_KEY_BITS = 30  # codes whose ranges multiply to less than 2**30 share one int32 key
+
+
+def packed_key(codes: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The l hash codes of each token as one int32 mixed-radix key (padding sorts last).
+
+    Args:
+      codes: [batch, n, l] integer-valued hash codes.
+      valid: bool [batch, n].
+
+    Returns:
+      (key int32 [batch, n], fits bool scalar). Per example and hash function the codes are
+      offset by their minimum over valid tokens; digit i has radix r_i = its range + 1. The key
+      is exact (equal keys <=> equal codes) when prod r_i < 2**30 in every example (``fits``);
+      otherwise it may wrap and must not be used.
+    """
+    big = jnp.float32(2.0 ** PACKED_KEY_BITS)
+    lo = jnp.min(jnp.where(valid[..., None], codes, big), axis=1)  # [batch, l]
+    hi = jnp.max(jnp.where(valid[..., None], codes, -big), axis=1)
+    radix = jnp.clip(hi - lo + 1.0, 1.0, big)  # [batch, l]; 1 for a sequence without tokens
+    fits = jnp.all(jnp.sum(jnp.log2(radix), axis=-1) < PACKED_KEY_BITS - 0.01)
+    digits = jnp.clip(codes - lo[:, None], 0.0, big).astype(jnp.int32)
+    radix_i = radix.astype(jnp.int32)
+    key = digits[..., 0]
+    for i in range(1, codes.shape[-1]):
+        key = key * radix_i[:, i:i + 1] + digits[..., i]
+    end = jnp.prod(radix_i, axis=-1, keepdims=True)  # one past every valid key
+    return jnp.where(valid, key, end), fits
+
+
+def sort_order(codes: jax.Array, valid: jax.Array) -> jax.Array:
+    """Token order that makes equal codes adjacent and puts padding last.
+
+    One single-key sort of :func:`packed_key` when the codes fit 30 bits (the common case: an
+    LSH family has a few buckets per hash function), else a lexicographic sort of the l codes.
+
+    Args:
+      codes: [batch, n, l] integer-valued float codes (no -0.0); valid: bool [batch, n].
+
+    Returns:
+      int32 [batch, n] permutation of each row.
+    """
+    hash_len = codes.shape[-1]
+    key, fits = packed_key(codes, valid)
+
+    def by_key():
+        return jnp.argsort(key, axis=-1).astype(jnp.int32)
+
+    def by_codes():  # lexsort: the last key is primary
+        keys = [codes[..., i] for i in reversed(range(hash_len))] + [(~valid).astype(jnp.int32)]
+        return jnp.lexsort(keys, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(fits, by_key, by_codes)
+
+
 def assign_clusters(codes: jax.Array, valid: jax.Array, cap: int) -> jax.Array:
     """Cluster slots from hash codes, sort based (the xla path).
 
@@ -150,12 +227,10 @@ def assign_clusters(codes: jax.Array, valid: jax.Array, cap: int) -> jax.Array:
       token whose cluster overflowed the capacity, ``cap`` for padding. Clusters are ranked by
       size (descending), ties by first occurrence; the first ``cap`` are kept.
     """
-    batch, n, hash_len = codes.shape
+    batch, n, _ = codes.shape
     idx = jnp.arange(n, dtype=jnp.int32)
     codes = jnp.where(codes == 0, jnp.zeros_like(codes), codes)  # -0.0 sorts apart from 0.0
-    # lexsort: the last key is primary; padding goes last, equal codes end up adjacent.
-    keys = [codes[..., i] for i in reversed(range(hash_len))] + [(~valid).astype(jnp.int32)]
-    order = jnp.lexsort(keys, axis=-1)
+    order = sort_order(codes, valid)
     s_codes = jnp.take_along_axis(codes, order[..., None], axis=1)
     s_valid = jnp.take_along_axis(valid, order, axis=1)
     change = jnp.any(s_codes[:, 1:] != s_codes[:, :-1], axis=-1) | (s_valid[:, 1:]
@@ -348,9 +423,77 @@ def aggregate_probabilities(p: jax.Array, ct1: jax.Array, ct2: jax.Array, cap1: 
                            axis=-1)
 
 
+def pair_counts(ct1: jax.Array, ct2: jax.Array, kv_valid: jax.Array, cap1: int,
+                cap2: int) -> jax.Array:
+    """Key tokens per (LSH_1 cluster, LSH_2 cluster) pair: the deduplicated key table.
+
+    Args:
+      ct1, ct2: int32 [batch, n] key clusters; kv_valid: bool [batch, n].
+      cap1, cap2: slots of LSH_1 and LSH_2.
+
+    Returns:
+      float32 [batch, cap1, cap2]; N[c1, c2] = #valid j with CT1[j] = c1 and CT2[j] = c2.
+    """
+    ok = kv_valid & (ct1 >= 0) & (ct1 < cap1) & (ct2 >= 0) & (ct2 < cap2)
+    pair = jnp.where(ok, ct1 * cap2 + ct2, cap1 * cap2)  # out of range: dropped
+    counts = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, cap1 * cap2))(
+        ok.astype(jnp.float32), pair)
+    return counts.reshape(ct1.shape[0], cap1, cap2)
+
+
+def factorized_probabilities(s_bar: jax.Array, counts: jax.Array) -> jax.Array:
+    """Normalised AP (Fig. 6) without token probabilities: exp(a + b) = exp(a) exp(b).
+
+    Every key token j of the pair (c1, c2) has p_ij = E1[i, c1] E2[i, c2] with E = exp of the
+    centroid scores, so AP[i, c1] = E1[i, c1] (E2 Nᵀ)[i, c1] and AP[i, k1 + c2] =
+    E2[i, c2] (E1 N)[i, c2], for the pair counts N: two [k0, k2] x [k2, k1] matmuls per head
+    instead of k0 x n gathers, exps and scatters. Rows are shifted by the maxima m1, m2 of the
+    two score blocks over clusters with members, so no factor exceeds 1; the largest pair term is
+    at least exp(-min(range1, range2)) of the row's score ranges, which underflows float32 only
+    beyond a range of ~80 in both blocks.
+
+    Args:
+      s_bar: float [batch, heads, k0, cap1 + cap2] scaled compressed scores (eq. 5).
+      counts: float32 [batch, cap1, cap2] from :func:`pair_counts`.
+
+    Returns:
+      float32 [batch, heads, k0, cap1 + cap2] with AP / (sum AP / 2): each row sums to 2 (0 for
+      a sequence without valid keys).
+    """
+    cap1 = counts.shape[1]
+    s_bar = s_bar.astype(jnp.float32)
+    s1, s2 = s_bar[..., :cap1], s_bar[..., cap1:]
+    used1 = (jnp.sum(counts, axis=2) > 0)[:, None, None, :]  # [batch, 1, 1, cap1]
+    used2 = (jnp.sum(counts, axis=1) > 0)[:, None, None, :]
+
+    def shifted_exp(s, used):
+        m = jnp.max(jnp.where(used, s, base.MASK_VALUE), axis=-1, keepdims=True)
+        return jnp.where(used, jnp.exp(s - jax.lax.stop_gradient(m)), 0.0)
+
+    e1, e2 = shifted_exp(s1, used1), shifted_exp(s2, used2)
+    ap1 = e1 * jnp.einsum('bhqk,bck->bhqc', e2, counts, precision=_HIGHEST)
+    ap2 = e2 * jnp.einsum('bhqc,bck->bhqk', e1, counts, precision=_HIGHEST)
+    denom = jnp.sum(ap1, axis=-1, keepdims=True)  # = sum(AP) / 2 = sum_j p_ij
+    inv = jnp.where(denom > 0, 1.0 / jnp.maximum(denom, 1e-30), 0.0)
+    return jnp.concatenate([ap1, ap2], axis=-1) * inv
+
+
+def use_factorized(aggregation: str, k0: int, cap1: int, cap2: int, n: int,
+                   dropout: bool = False) -> bool:
+    """Whether the layer aggregates by :func:`factorized_probabilities` (static decision).
+
+    Never while attention dropout acts (it drops token probabilities, which only the token path
+    forms); otherwise 'factorized' always, and 'auto' when 2 k0 k1 k2 <= FACTORIZED_MAC_RATIO k0 n.
+    """
+    del k0  # both paths scale with k0
+    if dropout or aggregation == 'tokens':
+        return False
+    return aggregation == 'factorized' or 2.0 * cap1 * cap2 <= FACTORIZED_MAC_RATIO * n
+
+
 def compressed_attention(q_bar: jax.Array, k_bar: jax.Array, v_bar: jax.Array, ct1: jax.Array,
                          ct2: jax.Array, kv_valid: jax.Array, cap1: int,
-                         drop=None) -> jax.Array:
+                         drop=None, aggregation: str = 'tokens') -> jax.Array:
     """Eqs. 5-8 per head: scores among centroids, AP aggregation, Ob = AP Vb / (sum AP / 2).
 
     Everything before it (hashing, clustering) is selection work; this is the compute a kernel
@@ -362,44 +505,90 @@ def compressed_attention(q_bar: jax.Array, k_bar: jax.Array, v_bar: jax.Array, c
       ct1, ct2: int32 [batch, n] key clusters; kv_valid: bool [batch, n].
       cap1: LSH_1 slots.
       drop: optional function applied to the normalised token probabilities (dropout).
+      aggregation: 'tokens' (token probabilities [batch, heads, k0, n], gathered and summed onto
+        the centroids), 'factorized' (:func:`factorized_probabilities`) or 'auto'
+        (:func:`use_factorized`). Equal up to float rounding.
 
     Returns:
       [batch, k0, heads, head_dim] in v_bar's dtype; rows of a sequence without valid keys are 0.
     """
     scale = 1.0 / math.sqrt(q_bar.shape[-1])
     s_bar = base.attention_scores(q_bar, k_bar) * scale  # [batch, heads, k0, cap1 + cap2]
+    cap2, n = k_bar.shape[1] - cap1, ct1.shape[1]
+    if use_factorized(aggregation, q_bar.shape[1], cap1, cap2, n, drop is not None):
+        ap = factorized_probabilities(s_bar, pair_counts(ct1, ct2, kv_valid, cap1, cap2))
+        return base.weighted_values(ap, v_bar)
     p = token_probabilities(s_bar, ct1, ct2, kv_valid, cap1)
     denom = jnp.sum(p, axis=-1, keepdims=True)  # = sum(AP) / 2
     p = p * jnp.where(denom > 0, 1.0 / jnp.maximum(denom, 1e-30), 0.0)
     if drop is not None:
         p = drop(p)
-    ap = aggregate_probabilities(p, ct1, ct2, cap1, k_bar.shape[1] - cap1)
+    ap = aggregate_probabilities(p, ct1, ct2, cap1, cap2)
     return base.weighted_values(ap, v_bar)
 
 
 # -- cost model -----------------------------------------------------------------------------------
-def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
-               mlp_dim: int) -> tuple[dict[str, float], int]:
-    """MACs of one CTA layer for one example (no token leaves it).
+def _family_ops(n: int, emb: int, hash_len: int, cap: int, reference: bool) -> dict[str, float]:
+    """Ops of one LSH family (:func:`cluster_tokens`) for one example of n tokens."""
+    nl = n * hash_len
+    hashing = cost.matmul(n, emb, hash_len) + cost.elementwise(nl, 3)  # + b, / w, floor
+    if reference:  # pairwise code equality, one-hot means
+        clustering = cost.elementwise(n * n, 3 * hash_len + 14)
+        centroids = cost.matmul(cap, n, emb) + cost.elementwise(n * cap, 2)
+    else:  # packed key (or lexsort) and segment sums
+        clustering = (cost.sort(1, n) * 2 + cost.elementwise(nl, 12 + 2 * hash_len)
+                      + cost.elementwise(n, 30))
+        centroids = cost.elementwise(n * emb + cap * emb, 1) + cost.elementwise(n + cap, 2)
+    ops = {'hashing': hashing, 'clustering': clustering, 'centroids': centroids}
+    if cap < n:  # nearest kept centroid in the l-dim projection space
+        merge = cost.matmul(n, hash_len, cap) + cost.elementwise(n * cap, 16)
+        merge += (cost.matmul(cap, n, hash_len) + cost.elementwise(n * cap, 2) if reference
+                  else cost.elementwise(nl, 1))
+        ops['overflow_merge'] = merge
+    return ops
 
-    The cluster counts are data dependent; this uses the static capacities (k0, k1, k2 =
-    ceil(capacity * n)) as their upper bound, which is also what the xla path computes. Linears:
-    (k0 + 2 k1 + 2 k2) emb d (eq. 3) plus the output projection on k0 rows; scores and AV:
-    k0 (k1 + k2) d each (eqs. 5, 8). ``lsh_hash`` = 3 l n emb (eq. 1); ``overflow_merge`` = n cap l
-    per family whose capacity is below n. Probability aggregation (k0 n exps and additions per
-    head) and centroid sums are additions, not MACs.
+
+def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
+    """Ops one CTA layer executes for one example at the static capacities (``cost.py`` units).
+
+    Both implementations hash, cluster and average three families (:func:`_family_ops`: the
+    E2LSH projection, the clustering, the centroid sums, and the overflow merge when a capacity
+    is below n). ``xla`` then projects k0 query and k1 + k2 key/value centroids, forms scores
+    [heads, k0, k1 + k2], aggregates them ('tokens': the k0 x n token probabilities, gathered,
+    exponentiated, normalised and summed onto both centroids; 'factorized': the pair counts and
+    two [k0, k2] x [k2, k1] matmuls per head, :func:`use_factorized` decides) and AV among the
+    centroids; the output projection runs on the k0 query centroids. ``reference`` rebuilds the
+    n approximated tokens from one-hot matrices and runs dense masked attention over them.
     """
-    n = seq_len
-    k0, k1, k2 = capacities(cfg, n)
-    hash_len = int(cfg.hash_length)
-    overheads = {
-        'lsh_hash': 3.0 * hash_len * n * dims.emb_dim,
-        'overflow_merge': float(sum(n * k * hash_len for k in (k0, k1, k2) if k < n)),
-    }
-    pairs = k0 * (k1 + k2)
-    return {**overheads, **base.layer_macs(dims, n, mlp_dim, query_rows=k0, kv_rows=k1 + k2,
-                                           out_rows=k0, score_pairs=pairs,
-                                           value_pairs=pairs)}, n
+    n, emb = seq_len, dims.emb_dim
+    heads, head_dim = dims.num_heads, dims.head_dim
+    caps = capacities(cfg, n)
+    reference = cfg.impl == 'reference'
+    parts: dict[str, float] = {}
+    for cap in caps:
+        for name, ops in _family_ops(n, emb, int(cfg.hash_length), cap, reference).items():
+            parts[name] = parts.get(name, 0.0) + ops
+    parts['centroids'] += cost.elementwise(n * emb, 2)  # residuals X - C1[CT1], padding select
+    if reference:
+        parts['expansion'] = (sum(cost.matmul(n, cap, emb) + cost.elementwise(n * cap)
+                                  for cap in caps) + cost.elementwise(n * emb))
+        attention = cost.dense_attention(heads, head_dim, n, 'reference')
+        return cost.LayerCost(attention={**parts, **attention}, tokens=n,
+                              qkv_width=dims.qkv_dim, query_rows=n, kv_rows=n, out_rows=n,
+                              ffn_tokens=n, tokens_out=n)
+    k0, k1, k2 = caps
+    rows, cols = heads * k0, k1 + k2
+    parts['scores'] = cost.matmul(k0, head_dim, cols, batch=heads) + cost.elementwise(rows * cols)
+    if use_factorized(cfg.aggregation, k0, k1, k2, n):
+        parts['aggregation'] = (cost.matmul(k0, k2, k1, batch=2 * heads)
+                                + cost.elementwise(rows * cols, 9)
+                                + cost.elementwise(n + 2 * k1 * k2))
+    else:
+        parts['aggregation'] = cost.elementwise(rows * n, 20) + cost.elementwise(rows * cols)
+    parts['values'] = cost.matmul(k0, cols, head_dim, batch=heads)
+    parts['output'] = cost.elementwise(n * emb)  # padding select after the gather
+    return cost.LayerCost(attention=parts, tokens=n, qkv_width=dims.qkv_dim, query_rows=k0,
+                          kv_rows=k1 + k2, out_rows=k0, ffn_tokens=n, tokens_out=n)
 
 
 # -- the layer ----------------------------------------------------------------------------------
@@ -468,7 +657,7 @@ class CTAAttention(base.Attention):
         cat = self._cast(jnp.concatenate([fam1['centroids'], fam2['centroids']], axis=1))
         k_bar, v_bar = self.split_heads(self.key(cat)), self.split_heads(self.value(cat))
         o_bar = compressed_attention(q_bar, k_bar, v_bar, fam1['ids'], fam2['ids'], mask, cap1,
-                                     drop)
+                                     drop, self.cfg.aggregation)
         y_bar = self.project_out(o_bar)  # [batch, k0, emb]: output projection on centroids
         y = jnp.take_along_axis(y_bar, jnp.clip(fam0['ids'], 0, cap0 - 1)[..., None], axis=1)
         return jnp.where(mask[..., None], y, 0).astype(y_bar.dtype), fams
@@ -506,30 +695,57 @@ class CTAAttention(base.Attention):
         f32 = jnp.float32
         n = jnp.sum(mask, axis=1).astype(f32)  # [batch]
         k0, k1, k2 = (jnp.sum(f['counts'] > 0, axis=1).astype(f32) for f in (fam0, fam1, fam2))
+        cap0, cap1, cap2 = (f['counts'].shape[1] for f in (fam0, fam1, fam2))
         examples = jnp.maximum(jnp.sum(n > 0).astype(f32), 1.0)
 
         def frac(num, den):
             return jnp.where(den > 0, num / jnp.maximum(den, 1e-30), 0.0).astype(f32)
 
-        ra = frac(jnp.sum(k0 * (k1 + k2)), jnp.sum(n * n))
         overflow = sum(f['overflow'] for f in (fam0, fam1, fam2)).astype(f32)
+        computed_pairs = jnp.sum(jnp.where(n > 0, float(cap0 * (cap1 + cap2)), 0.0))
         stats = {
-            'sparsity': jnp.where(jnp.sum(n) > 0, jnp.clip(1.0 - ra, 0.0, 1.0), 0.0).astype(f32),
-            'ra': ra,
+            'kept_fraction': jnp.zeros((), f32),  # no exact pair: every score is approximated
+            'effective_pairs': frac(computed_pairs, jnp.sum(n * n)),
+            'ra': frac(jnp.sum(k0 * (k1 + k2)), jnp.sum(n * n)),
             'rl': frac(jnp.sum(k0 + 2.0 * (k1 + k2)), jnp.sum(3.0 * n)),
             'k0': jnp.sum(k0) / examples,
             'k1': jnp.sum(k1) / examples,
             'k2': jnp.sum(k2) / examples,
             'overflow': jnp.sum(overflow) / examples,
+            'overflow_fraction': frac(jnp.sum(overflow), 3.0 * jnp.sum(n)),
         }
         return {k: jax.lax.stop_gradient(v).astype(f32) for k, v in stats.items()}
 
     def inspect_maps(self, x, mask, carry):
-        """Cluster ids per token: int32 [batch, n] each, -1 on padding."""
+        """Cluster ids per token and the attention map CTA's output corresponds to.
+
+        Returns:
+          {'query_clusters', 'key_clusters', 'residual_clusters': int32 [batch, n] (-1 on
+           padding), 'approx_probs': float32 [batch, heads, n, n]: row i is the softmax over
+           valid keys j of S[CT0[i], CT1[j]] + S[CT0[i], k1 + CT2[j]] (eq. 6), i.e. exact
+           attention of the approximated tokens (eq. 2); 0 on padded rows and columns}.
+        """
         del carry
         _, fams = self.implementation.run(self, x, mask, None)
         names = ('query_clusters', 'key_clusters', 'residual_clusters')
-        return {name: jnp.where(mask, f['ids'], -1) for name, f in zip(names, fams)}
+        maps = {name: jnp.where(mask, f['ids'], -1) for name, f in zip(names, fams)}
+        maps['approx_probs'] = self.approx_probs(fams, mask)
+        return maps
+
+    def approx_probs(self, fams: tuple[dict, dict, dict], mask: jax.Array) -> jax.Array:
+        """Token-level probabilities float32 [batch, heads, n, n] rebuilt from the clusters."""
+        fam0, fam1, fam2 = fams
+        cap0, cap1 = fam0['centroids'].shape[1], fam1['centroids'].shape[1]
+        q_bar = self.split_heads(self.query(self._cast(fam0['centroids'])))
+        cat = self._cast(jnp.concatenate([fam1['centroids'], fam2['centroids']], axis=1))
+        s_bar = base.attention_scores(q_bar, self.split_heads(self.key(cat)))
+        p = token_probabilities(s_bar / math.sqrt(self.dims.head_dim), fam1['ids'], fam2['ids'],
+                                mask, cap1)  # [batch, heads, k0, n]
+        p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+        rows = jnp.clip(fam0['ids'], 0, cap0 - 1)[:, None, :, None]  # [batch, 1, n, 1]
+        n = mask.shape[1]
+        probs = jnp.take_along_axis(p, jnp.broadcast_to(rows, p.shape[:2] + (n, n)), axis=2)
+        return jnp.where(mask[:, None, :, None], probs, 0.0).astype(jnp.float32)
 
 
 def _widths(w: float) -> dict[str, float]:
@@ -541,7 +757,7 @@ METHOD = base.AttentionMethod(
     module=CTAAttention,
     default_config=default_config,
     check=validate,
-    layer_macs=layer_macs,
+    cost=layer_cost,
     description='LSH clustering of tokens, attention among centroids, probability aggregation '
                 '(CTA)',
     # Tiny widths and full capacity: every distinct token is its own cluster (residuals are then
