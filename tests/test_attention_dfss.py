@@ -326,7 +326,7 @@ def test_registered_with_default_pattern_for_every_task_and_sweeps():
     assert method.dense_equivalent is None
     for task in config_lib.TASKS:
         config = tiny_config(task, 'attention=dfss')
-        assert config.attention.pattern == '2:4'
+        assert config.attention.pattern == 'auto'
         config_lib.validate(config)
     assert [p['pattern'] for p in method.sweeps['pattern']] == ['1:2', '2:4']
     points = sweep.sweep_points('configs/listops.py:attention=dfss,tiny', 'pattern',
@@ -334,6 +334,45 @@ def test_registered_with_default_pattern_for_every_task_and_sweeps():
     configs = [sweep.point_config('configs/listops.py:attention=dfss,tiny', p) for p in points]
     assert [(c.attention.pattern, c.model.dtype) for c in configs] == [
         ('1:2', 'bfloat16'), ('2:4', 'bfloat16')]
+
+
+@pytest.mark.parametrize('dtype,pattern', [('float32', '1:2'), ('bfloat16', '2:4')])
+def test_default_pattern_follows_the_compute_dtype_as_the_paper_pairs_them(dtype, pattern):
+    assert dfss.default_config().pattern == 'auto'
+    assert dfss.resolve_pattern('auto', dtype) == pattern
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(size=(B, L, E)), jnp.float32)
+    mask = random_mask(rng, B, L)
+    auto = call(make_layer('auto', dtype=dtype), x, mask)
+    explicit = call(make_layer(pattern, dtype=dtype), x, mask)  # same seed: same weights
+    np.testing.assert_array_equal(np.asarray(auto.y), np.asarray(explicit.y))
+    assert float(auto.stats['group_size']) == dfss.PATTERNS[pattern][1]
+    config = tiny_config('listops', 'attention=dfss', **{'model.dtype': dtype})
+    config_lib.validate(config)
+    from lra_sparse import data
+    from lra_sparse.models import transformer
+    model = transformer.build_model(config, data.task_info(config))
+    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, dfss.DFSSAttention)]
+    assert layers and all((m.n, m.m) == dfss.PATTERNS[pattern] for m in layers)
+
+
+@pytest.mark.parametrize('impl', ['reference', 'xla'])
+def test_old_default_2_4_with_float32_is_reachable_and_unchanged(impl):
+    """pattern='2:4' with float32 (the earlier default) equals the earlier compressed pipeline."""
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.normal(size=(B, L, E)), jnp.float32)
+    mask = random_mask(rng, B, L, fully_padded=True)
+    layer = make_layer('2:4', impl)
+    assert (layer.n, layer.m) == (2, 4)
+    out = call(layer, x, mask)
+    q, k, v = layer.project_qkv(x)
+    valid = base.pair_mask(jnp.asarray(mask), jnp.asarray(mask))
+    earlier = layer.project_out(_xla_attention(q, k, v, valid, 2, 4))
+    np.testing.assert_allclose(np.asarray(out.y), np.asarray(earlier), rtol=1e-5, atol=1e-6)
+    keep = dfss.nm_keep(base.attention_scores(q, k), valid, 2, 4)
+    np.testing.assert_allclose(float(out.stats['sparsity']),
+                               float(base.pair_sparsity(keep, valid)), rtol=1e-6)
+    assert float(out.stats['group_size']) == 4.0
 
 
 # -- models and training ------------------------------------------------------------------------

@@ -63,27 +63,44 @@ import ml_collections
 from lra_sparse.attention import base
 
 PATTERNS = {'1:2': (1, 2), '2:4': (2, 4)}
+# pattern='auto': the pattern the paper pairs with each compute dtype (its sparse tensor cores
+# take 1:2 for float32 and 2:4 for 16-bit types, section 2.3).
+AUTO_PATTERNS = {'float32': '1:2', 'bfloat16': '2:4'}
+AUTO = 'auto'
 
 
 def default_config() -> ml_collections.ConfigDict:
     """DFSS's one field (the computation dtype is ``config.model.dtype``)."""
     c = ml_collections.ConfigDict()
-    c.pattern = '2:4'  # N:M pruning of every score row: '1:2' (the larger of each pair) | '2:4'
-    # (the 2 largest of each group of 4 consecutive keys); both 50% sparsity
+    c.pattern = AUTO  # N:M pruning of every score row: 'auto' (the paper's pairing: 1:2 with
+    # float32, 2:4 with bfloat16) | '1:2' (the larger of each pair) | '2:4' (the 2 largest of
+    # each group of 4 consecutive keys); all 50% sparsity
     return c
 
 
-def parse_pattern(pattern) -> tuple[int, int]:
-    """'2:4' -> (2, 4); raises ConfigError naming ``attention.pattern`` for anything else."""
+def resolve_pattern(pattern, dtype: str = 'float32') -> str:
+    """The N:M pattern that runs: ``pattern`` itself, or for 'auto' the one of ``dtype``.
+
+    Raises:
+      ConfigError: naming ``attention.pattern`` for anything but 'auto', '1:2', '2:4'.
+    """
+    if pattern == AUTO and isinstance(pattern, str):
+        return AUTO_PATTERNS.get(dtype, '2:4')
     if not isinstance(pattern, str) or pattern not in PATTERNS:
         raise base.config_error('attention.pattern', pattern,
-                                f'one of {", ".join(repr(p) for p in PATTERNS)} (N:M, a string)')
-    return PATTERNS[pattern]
+                                f'one of {", ".join(repr(p) for p in (AUTO, *PATTERNS))} (N:M, '
+                                'a string)')
+    return pattern
+
+
+def parse_pattern(pattern, dtype: str = 'float32') -> tuple[int, int]:
+    """'2:4' -> (2, 4); 'auto' -> the pattern of ``dtype`` (:func:`resolve_pattern`)."""
+    return PATTERNS[resolve_pattern(pattern, dtype)]
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for a bad DFSS field (before any compute)."""
-    parse_pattern(config.attention.pattern)
+    resolve_pattern(config.attention.pattern)
 
 
 def padded_length(length: int, m: int) -> int:
@@ -280,12 +297,34 @@ def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
     Scores are dense (the SDDMM computes them all before pruning); AV runs over the kept
     ``ceil(seq_len / M) · N`` entries per row; every token leaves the layer.
     """
-    n, m = parse_pattern(cfg.pattern)
+    n, m = parse_pattern(cfg.pattern, dims.dtype)
     kept = padded_length(seq_len, m) * n // m  # per row
     return base.layer_macs(dims, seq_len, mlp_dim, value_pairs=seq_len * kept), seq_len
 
 
 # -- the layer ----------------------------------------------------------------------------------
+def kept_fraction(mask: jax.Array, n: int, m: int) -> jax.Array:
+    """Fraction of valid query-key pairs N:M selection keeps, from the token mask alone.
+
+    Every valid query row keeps ``min(N, valid keys)`` keys of each group of M consecutive keys;
+    the fraction is the same for every head.
+
+    Args:
+      mask: bool [batch, length], True for real tokens.
+      n, m: the pattern.
+
+    Returns:
+      float32 scalar in [0, 1]; 1 when there is no valid pair (nothing was dropped).
+    """
+    padded = base.pad_sequence(mask, padded_length(mask.shape[1], m))
+    groups = jnp.sum(padded.reshape(mask.shape[0], -1, m), axis=-1)
+    kept = jnp.sum(jnp.minimum(groups, n), axis=-1)  # per valid query row
+    n_valid = jnp.sum(mask, axis=-1)  # valid rows = valid keys per example
+    total = jnp.sum(n_valid * n_valid)
+    return jnp.where(total > 0, jnp.sum(n_valid * kept) / jnp.maximum(total, 1),
+                     1.0).astype(jnp.float32)
+
+
 def _mean_over_rows(per_row: jax.Array, rows: jax.Array) -> jax.Array:
     total = jnp.sum(rows)
     return jnp.where(total > 0, jnp.sum(jnp.where(rows, per_row, 0.0)) / jnp.maximum(total, 1),
@@ -306,17 +345,22 @@ class DFSSAttention(base.Attention):
 
     def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
         super().__init__(dims, cfg, rngs=rngs)
-        self.n, self.m = parse_pattern(cfg.pattern)
+        self.n, self.m = parse_pattern(cfg.pattern, dims.dtype)
 
     def check_config(self, cfg, dims):
         """Raises ConfigError for a bad ``pattern``."""
-        parse_pattern(cfg.pattern)
+        parse_pattern(cfg.pattern, dims.dtype)
+
+    def _pattern_stats(self) -> dict[str, jax.Array]:
+        """{'group_size': M} of the pattern that ran (2 for 1:2, 4 for 2:4), float32."""
+        return {'group_size': jnp.asarray(self.m, jnp.float32)}
 
     def attend(self, x, mask, carry, *, deterministic, rng):
         """DFSS layer; see ``base.Attention.__call__``."""
         q, k, v = self.project_qkv(x)
         o, stats = self.implementation.run(self, q, k, v, mask, deterministic, rng)
-        return base.AttentionOutput(self.project_out(o), carry, stats, {})
+        return base.AttentionOutput(self.project_out(o), carry,
+                                    {**stats, **self._pattern_stats()}, {})
 
     def _reference(self, q, k, v, mask, deterministic, rng):
         """Dense scores, the N:M keep mask, masked softmax attention."""
@@ -346,40 +390,46 @@ class DFSSAttention(base.Attention):
         o, st = nm_sparse.nm_sparse_attention(
             q_p, k_p, v_p, mask_p, mask_p, n=n, m=m,
             block_sizes=nm_sparse.BlockSizes(bq, bk), return_stats=True)
-        # Kept pairs per valid query row: min(N, valid keys) in every group of M keys.
-        groups = jnp.sum(mask_p.reshape(mask.shape[0], -1, m), axis=-1)
-        kept = jnp.sum(jnp.minimum(groups, n), axis=-1)
-        n_valid = jnp.sum(mask, axis=-1)  # valid rows = valid keys per example
-        total = jnp.sum(n_valid * n_valid)
-        sparsity = jnp.where(total > 0, 1.0 - jnp.sum(n_valid * kept) / jnp.maximum(total, 1), 0.0)
         rows = jnp.broadcast_to(mask_p[:, None, :], st.lse_all.shape)
         kept_mass = _mean_over_rows(jnp.exp(st.lse_kept - st.lse_all), rows)
-        return o[:, :length], {'sparsity': sparsity.astype(jnp.float32), 'kept_mass': kept_mass}
+        return o[:, :length], {'sparsity': 1.0 - kept_fraction(mask, n, m),
+                               'kept_mass': kept_mass}
 
-    def _compressed_attention(self, q, k, v, mask, deterministic, rng):
-        """SDDMM with the N:M epilogue, softmax on the compressed values, SpMM."""
-        valid = base.pair_mask(mask, mask)  # [B, 1, L, L]
-        n, m = self.n, self.m
+    def _fused_attention(self, q, k, v, mask, deterministic, rng):
+        """One pass: scores, N:M selection, softmax over the kept entries, AV (dense form).
+
+        The key axis is padded to a multiple of M (masked keys) before ``q·kᵀ``, so the groups
+        are a reshape of the score rows. The row maximum of the valid scores is the maximum of
+        the kept ones (a row's largest score is the largest of its group), so the softmax needs
+        no second selection pass; the probabilities stay unnormalised through AV and the output
+        rows are divided by their sums (attention dropout on the unnormalised weights is the same
+        as on the probabilities). XLA fuses the selection, the exponentials and the sums into the
+        score matrix's consumers; ``kept_mass`` reuses the same exponentials.
+        """
+        n, m, length = self.n, self.m, q.shape[1]
+        lp = padded_length(length, m)
+        k_p, v_p, kv_mask = (base.pad_sequence(t, lp) for t in (k, v, mask))
+        valid = base.pair_mask(mask, kv_mask)  # [B, 1, L, Lp]
         scale = 1.0 / math.sqrt(self.dims.head_dim)
-        values, indices, scores = _sddmm(q, k, valid, n, m)
-        probs = softmax_nm(values, scale)
-        o = spmm_nm(self.drop_probs(probs, deterministic, rng), indices, v, n, m)
-        # Statistics from the compressed values and the dense scores (no gradient).
-        values, scores = jax.lax.stop_gradient(values), jax.lax.stop_gradient(scores)
-        kept = values > base.MASK_VALUE
-        full_valid = jnp.broadcast_to(valid, scores.shape)
-        n_valid = jnp.sum(full_valid)
-        sparsity = jnp.where(n_valid > 0, 1.0 - jnp.sum(kept) / jnp.maximum(n_valid, 1), 0.0)
-        lse_kept = jax.nn.logsumexp(jnp.where(kept, values * scale, base.MASK_VALUE), axis=-1)
-        lse_all = jax.nn.logsumexp(jnp.where(full_valid, scores * scale, base.MASK_VALUE), -1)
-        rows = jnp.any(full_valid, axis=-1)
-        stats = {'sparsity': sparsity.astype(jnp.float32),
-                 'kept_mass': _mean_over_rows(jnp.exp(lse_kept - lse_all), rows)}
-        return o, stats
+        scores = base.attention_scores(q, k_p)  # [B, H, L, Lp] float32
+        key = jnp.where(valid, jax.lax.stop_gradient(scores), -jnp.inf)
+        keep = _group_keep(key.reshape(*key.shape[:-1], lp // m, m), n)
+        keep = keep.reshape(key.shape) & valid
+        row_max = jax.lax.stop_gradient(jnp.max(jnp.where(valid, scores, base.MASK_VALUE), -1))
+        weights = jnp.exp(jnp.where(valid, (scores - row_max[..., None]) * scale, -jnp.inf))
+        kept = jnp.where(keep, weights, 0.0)  # [B, H, L, Lp] in [0, 1]
+        total = jnp.sum(kept, axis=-1)  # [B, H, L], 0 on padded queries only
+        unnormalised = base.weighted_values(self.drop_probs(kept, deterministic, rng), v_p)
+        norm = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+        o = (unnormalised * jnp.swapaxes(norm, 1, 2)[..., None]).astype(v.dtype)
+        full = jax.lax.stop_gradient(jnp.sum(weights, axis=-1))
+        rows = jnp.broadcast_to(mask[:, None, :], total.shape)
+        kept_mass = _mean_over_rows(jax.lax.stop_gradient(total) / jnp.maximum(full, 1e-30), rows)
+        return o, {'sparsity': 1.0 - kept_fraction(mask, n, m), 'kept_mass': kept_mass}
 
     implementations = base.implementations(
         base.Implementation('reference', _reference),
-        base.Implementation('xla', _compressed_attention),
+        base.Implementation('xla', _fused_attention),
         base.Implementation('pallas', _pallas_attention, attention_dropout=False, kernel=True),
     )
 
