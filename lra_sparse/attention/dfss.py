@@ -54,7 +54,9 @@ probability mass of the full softmax (same scores, padding masked) that the kept
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -118,15 +120,20 @@ def _group_keep(key: jax.Array, n: int) -> jax.Array:
 
     Returns:
       bool [..., groups, M] with exactly N True per group: entry i is kept iff fewer than N
-      entries j beat it (``key_j > key_i``, or ``key_j == key_i`` and ``j < i``).
+      other entries j beat it (``key_j >= key_i`` for ``j < i``, ``key_j > key_i`` for
+      ``j > i``). One compare per ordered pair of a group: M - 1 per entry, plus the count.
     """
     m = key.shape[-1]
-    pos = jnp.arange(m)
-    rank = jnp.zeros(key.shape, jnp.int32)
-    for j in range(m):  # M <= 4 compares, fused by XLA; no [.., M, M] intermediate
-        other = key[..., j:j + 1]
-        rank = rank + ((other > key) | ((other == key) & (j < pos))).astype(jnp.int32)
-    return rank < n
+    cols = [key[..., i] for i in range(m)]
+    keep = []
+    for i in range(m):
+        beaten = [(cols[j] >= cols[i]) if j < i else (cols[j] > cols[i])
+                  for j in range(m) if j != i]
+        if n == 1:  # kept iff nothing beats it
+            keep.append(~functools.reduce(operator.or_, beaten))
+        else:
+            keep.append(sum(b.astype(jnp.int32) for b in beaten) < n)
+    return jnp.stack(keep, axis=-1)
 
 
 def _kept_positions(keep: jax.Array, n: int) -> jax.Array:
