@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lra_sparse.attention import base
+from lra_sparse.attention import base, cost
 
 PATTERNS = {'1:2': (1, 2), '2:4': (2, 4)}
 # pattern='auto': the pattern the paper pairs with each compute dtype (its sparse tensor cores
@@ -297,16 +297,106 @@ def compressed_footprint(q_len: int, kv_len: int, n: int, m: int,
 
 
 # -- cost model ---------------------------------------------------------------------------------
-def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
-               mlp_dim: int) -> tuple[dict[str, float], int]:
-    """MACs of one DFSS layer for one example and the number of tokens leaving it.
+def selection_ops(n: int, m: int) -> int:
+    """Ops per score entry of :func:`_group_keep` (1:2: 2, 2:4: 9).
 
-    Scores are dense (the SDDMM computes them all before pruning); AV runs over the kept
-    ``ceil(seq_len / M) · N`` entries per row; every token leaves the layer.
+    M - 1 compares, then for N = 1 the M - 2 ors and a not, otherwise M - 1 converts, M - 2 adds
+    and the compare with N.
+    """
+    if n == 1:
+        return (m - 1) + (m - 2) + 1
+    return 2 * (m - 1) + (m - 2) + 1
+
+
+def kernel_selection_ops(n: int, m: int) -> int:
+    """Ops per score entry of the kernel's ranks, ``nm_sparse.group_keep`` (1:2: 3, 2:4: 7).
+
+    M - 1 compares, converts and adds, and the compare with N.
+    """
+    del n
+    return 3 * (m - 1) + 1
+
+
+def pallas_tiles(length: int, m: int) -> tuple[int, int, int]:
+    """(block_q, block_k, padded length) of the kernel path for ``length`` tokens."""
+    bq = min(128, max(16, 1 << (length - 1).bit_length()))
+    bk = max(bq, 16 * m)
+    return bq, bk, -(-length // bk) * bk  # both tiles are powers of two: bk is a multiple of bq
+
+
+def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
+    """Ops of one DFSS layer for one example (``cfg.impl`` chooses the formula).
+
+    Every implementation computes every score of ``q·kᵀ`` before it prunes (no hardware here
+    skips the pruned products), and its AV multiplies the dense-form weights (zeros where pruned),
+    so ``attention_cost`` is at least 1 on every path: the selection is extra work. Components:
+    'scores' and 'values' (the two matmuls), 'masking' (the pair mask and the selects around the
+    softmax), 'selection' (the N:M ranks), 'softmax', 'statistics' (``kept_mass`` and
+    ``kept_fraction``).
+
+    * ``reference``: dense scores; the keep mask over keys padded to a multiple of M; the masked
+      softmax of ``base.masked_attention``; the full softmax again for ``kept_mass``.
+    * ``xla``: keys padded to a multiple of M before ``q·kᵀ``; selects, ranks, one exponential per
+      entry, sums of the kept and of all weights; output rows divided after AV.
+    * ``pallas``: the forward kernel over its padded tiles (:func:`pallas_tiles`): per score entry
+      the tile mask, ranks, online softmax in base 2 and the two row sums; per row and key block
+      the rescaling of the running max, sums and accumulator.
     """
     n, m = parse_pattern(cfg.pattern, dims.dtype)
-    kept = padded_length(seq_len, m) * n // m  # per row
-    return base.layer_macs(dims, seq_len, mlp_dim, value_pairs=seq_len * kept), seq_len
+    h, d, length = dims.num_heads, dims.head_dim, seq_len
+    if cfg.impl == 'pallas':
+        return _pallas_cost(dims, n, m, seq_len)
+    keys = padded_length(length, m) if cfg.impl == 'xla' else length
+    pairs, grouped, rows = h * length * keys, h * length * padded_length(length, m), h * length
+    attention = {'scores': cost.matmul(length, d, keys, batch=h),
+                 'values': cost.matmul(length, keys, d, batch=h)}
+    if cfg.impl == 'xla':
+        attention.update({
+            'masking': cost.elementwise(length * keys),
+            'selection': cost.elementwise(pairs, selection_ops(n, m) + 2),
+            # select, max, subtract, scale, select, exp, select kept, sum; row normalisation
+            'softmax': cost.elementwise(pairs, 8) + cost.elementwise(rows, 4),
+            'statistics': cost.elementwise(pairs) + cost.elementwise(rows, 4),
+        })
+        attention['values'] += cost.elementwise(rows * d)
+    else:
+        attention.update({
+            'masking': cost.elementwise(length * length) + cost.elementwise(pairs, 3),
+            'selection': cost.elementwise(pairs) + cost.elementwise(grouped,
+                                                                    selection_ops(n, m) + 1),
+            'softmax': cost.softmax(rows, length),
+            # kept_mass: the full masked softmax, the kept select and sum; kept_fraction: and, sums
+            'statistics': (cost.softmax(rows, length) + cost.elementwise(pairs, 4 + 3)
+                           + cost.elementwise(length * length)),
+        })
+    return _layer(dims, attention, seq_len)
+
+
+def _pallas_cost(dims: base.AttentionDims, n: int, m: int, seq_len: int) -> cost.LayerCost:
+    """:func:`layer_cost` of the kernel path (see there)."""
+    from pallas_kernels import _common  # jax-only, imported when used
+
+    h, d = dims.num_heads, _common.padded_head_dim(dims.head_dim)
+    _, bk, lp = pallas_tiles(seq_len, m)
+    pairs, steps = h * lp * lp, h * lp * (lp // bk)  # row × key-block steps
+    attention = {
+        'scores': cost.matmul(lp, d, lp, batch=h),
+        # tile pair mask, candidate select, ranks, kept & valid
+        'selection': cost.elementwise(pairs, kernel_selection_ops(n, m) + 3),
+        # scale, select kept, max, subtract, exp2, select kept, sum; per step the running max,
+        # its correction exp2 and the rescaled sums
+        'softmax': cost.elementwise(pairs, 7) + cost.elementwise(steps, 6),
+        'values': cost.matmul(lp, lp, d, batch=h) + cost.elementwise(steps * d, 2),
+        'statistics': cost.elementwise(pairs, 2) + cost.elementwise(steps, 2),
+    }
+    return _layer(dims, attention, seq_len)
+
+
+def _layer(dims: base.AttentionDims, attention: dict[str, float], seq_len: int) -> cost.LayerCost:
+    """A LayerCost with dense projections and feed-forward (DFSS prunes no token or head)."""
+    return cost.LayerCost(attention=attention, tokens=seq_len, qkv_width=dims.qkv_dim,
+                          query_rows=seq_len, kv_rows=seq_len, out_rows=seq_len,
+                          ffn_tokens=seq_len, tokens_out=seq_len)
 
 
 # -- the layer ----------------------------------------------------------------------------------
@@ -343,10 +433,10 @@ class DFSSAttention(base.Attention):
 
     Every implementation is called as ``run(layer, q, k, v, mask, deterministic, rng)`` with q, k,
     v [batch, L, heads, head_dim] and mask bool [batch, L], and returns (o [batch, L, heads,
-    head_dim], stats {'sparsity', 'kept_mass'}):
+    head_dim], stats {'kept_fraction', 'kept_mass'}); :meth:`attend` adds 'group_size':
     ``reference``: dense scores + :func:`nm_keep` + :func:`base.masked_attention`;
-    ``xla``: :func:`sddmm_nm` -> :func:`softmax_nm` -> :func:`spmm_nm` (attention dropout acts on
-    the compressed probabilities, as in the released code);
+    ``xla``: one fused pass in dense form (:meth:`_fused_attention`; attention dropout on the
+    kept weights);
     ``pallas``: the fused N:M kernel of ``pallas_kernels.nm_sparse`` (no attention dropout).
     """
 
@@ -380,7 +470,7 @@ class DFSSAttention(base.Attention):
             o = base.weighted_values(self.drop_probs(probs, deterministic, rng), v)
         full = jax.lax.stop_gradient(base.masked_softmax(scores * scale, valid))
         rows = jnp.broadcast_to(jnp.any(valid, axis=-1), full.shape[:-1])
-        stats = {'sparsity': base.pair_sparsity(keep, valid),
+        stats = {'kept_fraction': base.kept_fraction(keep, valid),
                  'kept_mass': _mean_over_rows(jnp.sum(jnp.where(keep, full, 0.0), -1), rows)}
         return o, stats
 
@@ -390,16 +480,14 @@ class DFSSAttention(base.Attention):
         from pallas_kernels import nm_sparse  # jax-only, imported when used
 
         n, m, length = self.n, self.m, q.shape[1]
-        bq = min(128, max(16, 1 << (length - 1).bit_length()))
-        bk = max(bq, 16 * m)
-        lp = -(-length // bk) * bk  # both tiles are powers of two: bk is a multiple of bq
+        bq, bk, lp = pallas_tiles(length, m)
         q_p, k_p, v_p, mask_p = (base.pad_sequence(t, lp) for t in (q, k, v, mask))  # invalid
         o, st = nm_sparse.nm_sparse_attention(
             q_p, k_p, v_p, mask_p, mask_p, n=n, m=m,
             block_sizes=nm_sparse.BlockSizes(bq, bk), return_stats=True)
         rows = jnp.broadcast_to(mask_p[:, None, :], st.lse_all.shape)
         kept_mass = _mean_over_rows(jnp.exp(st.lse_kept - st.lse_all), rows)
-        return o[:, :length], {'sparsity': 1.0 - kept_fraction(mask, n, m),
+        return o[:, :length], {'kept_fraction': kept_fraction(mask, n, m),
                                'kept_mass': kept_mass}
 
     def _fused_attention(self, q, k, v, mask, deterministic, rng):
@@ -432,7 +520,7 @@ class DFSSAttention(base.Attention):
         full = jax.lax.stop_gradient(jnp.sum(weights, axis=-1))
         rows = jnp.broadcast_to(mask[:, None, :], total.shape)
         kept_mass = _mean_over_rows(jax.lax.stop_gradient(total) / jnp.maximum(full, 1e-30), rows)
-        return o, {'sparsity': 1.0 - kept_fraction(mask, n, m), 'kept_mass': kept_mass}
+        return o, {'kept_fraction': kept_fraction(mask, n, m), 'kept_mass': kept_mass}
 
     implementations = base.implementations(
         base.Implementation('reference', _reference),
@@ -453,7 +541,7 @@ METHOD = base.AttentionMethod(
     module=DFSSAttention,
     default_config=default_config,
     check=validate,
-    layer_macs=layer_macs,
+    cost=layer_cost,
     description='on-the-fly N:M (1:2, 2:4) structured pruning of every score row (DFSS)',
     dense_equivalent=None,
     sweeps={'pattern': tuple({'pattern': p} for p in PATTERNS)},
