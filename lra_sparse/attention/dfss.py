@@ -336,8 +336,8 @@ def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
 
     * ``reference``: dense scores; the keep mask over keys padded to a multiple of M; the masked
       softmax of ``base.masked_attention``; the full softmax again for ``kept_mass``.
-    * ``xla``: keys padded to a multiple of M before ``q·kᵀ``; selects, ranks, one exponential per
-      entry, sums of the kept and of all weights; output rows divided after AV.
+    * ``xla``: keys padded to a multiple of M before ``q·kᵀ``; one mask select, the ranks, one
+      exponential per entry, sums of the kept and of all weights; output rows divided after AV.
     * ``pallas``: the forward kernel over its padded tiles (:func:`pallas_tiles`): per score entry
       the tile mask, ranks, online softmax in base 2 and the two row sums; per row and key block
       the rescaling of the running max, sums and accumulator.
@@ -352,11 +352,13 @@ def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
                  'values': cost.matmul(length, keys, d, batch=h)}
     if cfg.impl == 'xla':
         attention.update({
-            'masking': cost.elementwise(length * keys),
-            'selection': cost.elementwise(pairs, selection_ops(n, m) + 2),
-            # select, max, subtract, scale, select, exp, select kept, sum; row normalisation
-            'softmax': cost.elementwise(pairs, 8) + cost.elementwise(rows, 4),
-            'statistics': cost.elementwise(pairs) + cost.elementwise(rows, 4),
+            'masking': cost.elementwise(length * keys) + cost.elementwise(pairs),
+            'selection': cost.elementwise(pairs, selection_ops(n, m)),
+            # max, subtract, scale, exp, select kept, sum; per row the max guard, normalisation
+            'softmax': cost.elementwise(pairs, 6) + cost.elementwise(rows, 6),
+            # kept_mass: XLA fuses the exponentials into each consumer, so the sum of all
+            # weights recomputes them (subtract, scale, exp) before it adds
+            'statistics': cost.elementwise(pairs, 4) + cost.elementwise(rows, 4),
         })
         attention['values'] += cost.elementwise(rows * d)
     else:
@@ -494,25 +496,26 @@ class DFSSAttention(base.Attention):
         """One pass: scores, N:M selection, softmax over the kept entries, AV (dense form).
 
         The key axis is padded to a multiple of M (masked keys) before ``q·kᵀ``, so the groups
-        are a reshape of the score rows. The row maximum of the valid scores is the maximum of
-        the kept ones (a row's largest score is the largest of its group), so the softmax needs
-        no second selection pass; the probabilities stay unnormalised through AV and the output
-        rows are divided by their sums (attention dropout on the unnormalised weights is the same
-        as on the probabilities). XLA fuses the selection, the exponentials and the sums into the
-        score matrix's consumers; ``kept_mass`` reuses the same exponentials.
+        are a reshape of the score rows. Invalid pairs score -inf once; their weights are
+        ``exp(-inf) = 0`` whether or not a short group "keeps" them, so no second mask is
+        needed. The row maximum of the valid scores is the maximum of the kept ones (a row's
+        largest score is the largest of its group), so the softmax needs no second selection
+        pass; the weights stay unnormalised through AV and the output rows are divided by their
+        sums (attention dropout on the unnormalised weights is the same as on the
+        probabilities). ``kept_mass`` sums the same exponentials.
         """
         n, m, length = self.n, self.m, q.shape[1]
         lp = padded_length(length, m)
         k_p, v_p, kv_mask = (base.pad_sequence(t, lp) for t in (k, v, mask))
-        valid = base.pair_mask(mask, kv_mask)  # [B, 1, L, Lp]
         scale = 1.0 / math.sqrt(self.dims.head_dim)
-        scores = base.attention_scores(q, k_p)  # [B, H, L, Lp] float32
-        key = jnp.where(valid, jax.lax.stop_gradient(scores), -jnp.inf)
-        keep = _group_keep(key.reshape(*key.shape[:-1], lp // m, m), n)
-        keep = keep.reshape(key.shape) & valid
-        row_max = jax.lax.stop_gradient(jnp.max(jnp.where(valid, scores, base.MASK_VALUE), -1))
-        weights = jnp.exp(jnp.where(valid, (scores - row_max[..., None]) * scale, -jnp.inf))
-        kept = jnp.where(keep, weights, 0.0)  # [B, H, L, Lp] in [0, 1]
+        scores = jnp.where(base.pair_mask(mask, kv_mask), base.attention_scores(q, k_p),
+                           -jnp.inf)  # [B, H, L, Lp] float32
+        grouped = jax.lax.stop_gradient(scores).reshape(*scores.shape[:-1], lp // m, m)
+        keep = _group_keep(grouped, n).reshape(scores.shape)
+        row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # padded queries
+        weights = jnp.exp((scores - row_max) * scale)  # [B, H, L, Lp] in [0, 1]
+        kept = jnp.where(keep, weights, 0.0)
         total = jnp.sum(kept, axis=-1)  # [B, H, L], 0 on padded queries only
         unnormalised = base.weighted_values(self.drop_probs(kept, deterministic, rng), v_p)
         norm = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
