@@ -6,7 +6,8 @@ tensor cores accept: in every row of ``QKᵀ``, in each group of M consecutive k
 largest scores are kept (``1:2`` or ``2:4``, both 50% sparsity). There is no predictor and no
 hyperparameter besides the pattern, so it is a drop-in replacement of full attention and can also
 be applied to a dense-trained model at evaluation (``apply='eval_only'``, the paper's "w/o
-finetune" columns).
+finetune" columns). The default ``pattern='auto'`` is the paper's pairing with the compute dtype
+(``config.model.dtype``): 1:2 with float32, 2:4 with bfloat16; both are selectable.
 
 What one layer does (the order of operations of the released code, ``apuaaChen/DFSS``
 ``BertSelfAttentionDFSS``):
@@ -28,28 +29,28 @@ keys, so any length works (tiny ListOps has 201 tokens with CLS). ``values`` are
 additive mask leaves it. ``indices`` are the in-group positions (uint8 in ``[0, M)``, the
 metadata). :func:`softmax_nm` is the softmax over the compressed values; :func:`spmm_nm` is AV.
 :func:`compressed_footprint` gives the memory the paper states (half the values plus 4 bits of
-metadata per group).
+metadata per group). These functions document the paper's dataflow; no implementation runs them.
 
 Implementations:
 
 * ``reference``: dense scores, the N:M keep mask of :func:`nm_keep` and
   :func:`base.masked_attention` (the oracle of the tests).
-* ``xla``: :func:`sddmm_nm` -> :func:`softmax_nm` (on the compressed ``[.., L, L·N/M]`` values)
-  -> :func:`spmm_nm`. JAX has no sparse-tensor-core path on current GPUs, so the SDDMM computes
-  the dense scores and compresses them, and the SpMM decompresses the probabilities through the
-  metadata (a select over the M in-group positions, no scatter) and runs one dense matmul; a
-  literal per-entry gather of V would materialise ``[.., L, L·N/M, head_dim]``. This is an
-  emulation of the dataflow, exact to the reference, not a speed-up.
+* ``xla``: one fused pass in dense form (``DFSSAttention._fused_attention``): keys padded to a
+  multiple of M, scores, the N:M ranks on the score rows, softmax over the kept entries and AV,
+  with no L × L array beyond the scores and the weights that AV reads. Every score is computed
+  and AV multiplies zeros where pruned: without N:M hardware it cannot beat dense attention.
 * ``pallas``: the fused kernel (``pallas_kernels.nm_sparse``) selects N:M inside every score
   tile and never writes the dense score matrix; the statistics come from its per-row log-sum-exps
   and the padding mask (``DFSSAttention._pallas_attention``). The sequence is padded to the
   kernel tiles. Interpret mode on CPU. No attention dropout (refused by validation unless
   ``apply='eval_only'``).
 
-Statistics: ``sparsity`` = fraction of valid query-key pairs not attended (exactly ``1 - N/M``
-when every valid length is a multiple of M; a group with fewer than N valid keys keeps all of
-them, so it is lower otherwise); ``kept_mass`` = mean over valid query rows (and heads) of the
-probability mass of the full softmax (same scores, padding masked) that the kept entries carry.
+Statistics: ``kept_fraction`` = fraction of valid query-key pairs attended (exactly ``N/M`` when
+every valid length is a multiple of M; a group with fewer than N valid keys keeps all of them, so
+it is higher otherwise); ``kept_mass`` = mean over valid query rows (and heads) of the
+probability mass of the full softmax (same scores, padding masked) that the kept entries carry;
+``group_size`` = M of the pattern that ran. Cost: :func:`layer_cost` (every score is computed, so
+``attention_cost`` is at least 1).
 """
 
 from __future__ import annotations
