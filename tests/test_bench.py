@@ -72,7 +72,7 @@ def test_json_and_markdown_from_interleaved_rounds():
     reference = rows[0]
     for row in rows:
         assert row['impl'] == 'xla' and row['batch_size'] == 2
-        assert 0.0 <= row['stats']['sparsity'] <= 1.0
+        assert set(row['stats']) >= {'kept_fraction', 'attention_cost', 'model_cost'}
         for mode in bench.MODES:
             times = row[f'{mode}_seconds_rounds']
             assert len(times) == 2 and all(t > 0 for t in times)
@@ -83,10 +83,13 @@ def test_json_and_markdown_from_interleaved_rounds():
             assert row['compile_seconds'][mode] > 0
             assert row['memory'][mode]['temp_bytes'] > 0
     assert reference['eval_ratio'] == reference['train_ratio'] == 1.0
+    assert reference['stats']['kept_fraction'] == 1.0
+    assert rows[1]['stats']['kept_fraction'] == pytest.approx(0.5, abs=0.02)  # DFSS
     assert any(line.startswith('  round 2/2') for line in lines)
     table = bench.markdown(result).splitlines()
     assert 'jax ' in table[0] and 'batch 2' in table[0]
     assert table[2].startswith('| L | variant | impl | infer ms | infer × ref | train ms |')
+    assert table[2].endswith('| attention_cost | model_cost |')
     assert [line.split(' | ')[1] for line in table[4:]] == ['dense', 'dfss', 'dsa:sparsity=0.5']
     assert table[5].split(' | ')[4] == f'{rows[1]["eval_ratio"]:.2f}'
 
