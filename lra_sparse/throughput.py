@@ -14,7 +14,6 @@ examples/s, with the device, jax version and date.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import time
@@ -70,14 +69,6 @@ def time_config(config, steps: int, warmup: int) -> dict:
             'examples_per_second': config.batch_size / median, 'timed_steps': steps}
 
 
-def environment() -> dict:
-    """Device, jax version and date of a measurement."""
-    dev = jax.devices()[0]
-    return {'device': getattr(dev, 'device_kind', dev.platform), 'platform': dev.platform,
-            'num_devices': jax.device_count(), 'jax_version': jax.__version__,
-            'date': datetime.date.today().isoformat()}
-
-
 @cli.command
 def run(argv) -> int:
     """CLI body; returns the exit status."""
@@ -95,7 +86,7 @@ def run(argv) -> int:
             raise cli.UsageError(f'--out={_OUT.value!r} is a directory: give a file name, e.g. '
                                  'throughput.json')
         cli.check_output_dir(os.path.dirname(_OUT.value) or '.', '--out')
-    env = environment()
+    env = train.environment()
     rows = []
     for config in _CONFIGS.configs:
         row = {**env, **time_config(config, _STEPS.value, _WARMUP.value)}

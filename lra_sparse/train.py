@@ -13,6 +13,7 @@ benchmark share: the mesh, the shardings, the model, the optimizer and the jitte
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import logging
 import math
@@ -231,6 +232,14 @@ def summarize(step_metrics: list[dict]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 # Set-up shared by training, evaluation and throughput
 # ---------------------------------------------------------------------------------------------
+
+
+def environment() -> dict:
+    """Device, jax version and date of a measurement (throughput, bench)."""
+    dev = jax.devices()[0]
+    return {'device': getattr(dev, 'device_kind', dev.platform), 'platform': dev.platform,
+            'num_devices': jax.device_count(), 'jax_version': jax.__version__,
+            'date': datetime.date.today().isoformat()}
 
 
 def create_mesh() -> jax.sharding.Mesh:

@@ -11,7 +11,7 @@ from conftest import tiny_config
 from flax import nnx
 
 from lra_sparse import config_lib
-from lra_sparse.attention import base, dfss
+from lra_sparse.attention import base, cost, dfss
 
 PATTERNS = [('1:2', 1, 2), ('2:4', 2, 4)]
 B, L, E, H = 3, 30, 32, 2  # L=30 is not a multiple of 4: the internal key padding is exercised
@@ -308,16 +308,44 @@ def test_bad_pattern_is_one_clear_error(bad):
             config_lib.validate(config)
 
 
-def test_cost_model_halves_attention_values_only():
+def test_cost_counts_every_score_so_attention_cost_is_at_least_one():
     dims = base.AttentionDims(emb_dim=64, qkv_dim=64, num_heads=4, max_len=201)
-    dense = base.dense_layer_macs(dims, 201, 128)
-    for pattern, n, m in PATTERNS:
-        macs, leaving = dfss.layer_macs(dims, ml_collections.ConfigDict({'pattern': pattern}),
-                                        201, 128)
-        assert leaving == 201 and macs['scores'] == dense['scores']
-        assert macs['attention_values'] == 201 * (dfss.padded_length(201, m) * n // m) * 64
-        assert {k: v for k, v in macs.items() if k != 'attention_values'} == {
-            k: v for k, v in dense.items() if k != 'attention_values'}
+    dense = cost.dense_layer_cost(dims, 201, 'xla')
+    for impl in ('reference', 'xla', 'pallas'):
+        for pattern, _, m in PATTERNS:
+            cfg = ml_collections.ConfigDict({'pattern': pattern, 'impl': impl})
+            layer = dfss.layer_cost(dims, cfg, 201)
+            keys = {'xla': dfss.padded_length(201, m), 'reference': 201,
+                    'pallas': dfss.pallas_tiles(201, m)[2]}[impl]
+            rows = dfss.pallas_tiles(201, m)[2] if impl == 'pallas' else 201
+            d = 16
+            assert layer.attention['scores'] == cost.matmul(rows, d, keys, batch=4)
+            assert layer.attention_ops > dense.attention_ops  # selection is extra work
+            assert (layer.tokens_out, layer.ffn_tokens, layer.qkv_width) == (201, 201, 64)
+    auto = ml_collections.ConfigDict({'pattern': 'auto', 'impl': 'xla'})
+    assert dfss.layer_cost(dims, auto, 201) == dfss.layer_cost(
+        dims, ml_collections.ConfigDict({'pattern': '1:2', 'impl': 'xla'}), 201)
+
+
+@pytest.mark.parametrize('pattern,n,m', PATTERNS)
+def test_pallas_cost_is_one_kernel_step_times_the_steps(pattern, n, m):
+    """The Pallas interpreter is a loop XLA counts once: at one head and L <= 128 the grid is one
+    step, so XLA's count is the whole layer; at L = 256 it counts one of the four steps."""
+    from test_cost import ATTENTION_TOLERANCE, layer_forward_ops, projection_ops
+
+    from lra_sparse import attention
+    method = attention.get_method('dfss')
+    for length, steps in ((64, 1), (128, 1), (256, 4)):
+        cfg = ml_collections.FrozenConfigDict({**dfss.default_config().to_dict(), 'name': 'dfss',
+                                               'impl': 'pallas', 'apply': 'train_and_eval',
+                                               'pattern': pattern})
+        dims = base.AttentionDims(emb_dim=64, qkv_dim=64, num_heads=1, max_len=length)
+        _, bk, lp = dfss.pallas_tiles(length, m)
+        assert steps == (lp // min(128, lp)) * (lp // bk)
+        layer = dfss.DFSSAttention(dims, cfg, rngs=nnx.Rngs(params=0))
+        formula = method.layer_cost(dims, cfg, length)
+        counted = layer_forward_ops(layer, length) - projection_ops(formula)
+        assert formula.attention_ops / steps == pytest.approx(counted, rel=ATTENTION_TOLERANCE)
 
 
 def test_registered_with_default_pattern_for_every_task_and_sweeps():
@@ -326,7 +354,7 @@ def test_registered_with_default_pattern_for_every_task_and_sweeps():
     assert method.dense_equivalent is None
     for task in config_lib.TASKS:
         config = tiny_config(task, 'attention=dfss')
-        assert config.attention.pattern == '2:4'
+        assert config.attention.pattern == 'auto'
         config_lib.validate(config)
     assert [p['pattern'] for p in method.sweeps['pattern']] == ['1:2', '2:4']
     points = sweep.sweep_points('configs/listops.py:attention=dfss,tiny', 'pattern',
@@ -334,6 +362,45 @@ def test_registered_with_default_pattern_for_every_task_and_sweeps():
     configs = [sweep.point_config('configs/listops.py:attention=dfss,tiny', p) for p in points]
     assert [(c.attention.pattern, c.model.dtype) for c in configs] == [
         ('1:2', 'bfloat16'), ('2:4', 'bfloat16')]
+
+
+@pytest.mark.parametrize('dtype,pattern', [('float32', '1:2'), ('bfloat16', '2:4')])
+def test_default_pattern_follows_the_compute_dtype_as_the_paper_pairs_them(dtype, pattern):
+    assert dfss.default_config().pattern == 'auto'
+    assert dfss.resolve_pattern('auto', dtype) == pattern
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(size=(B, L, E)), jnp.float32)
+    mask = random_mask(rng, B, L)
+    auto = call(make_layer('auto', dtype=dtype), x, mask)
+    explicit = call(make_layer(pattern, dtype=dtype), x, mask)  # same seed: same weights
+    np.testing.assert_array_equal(np.asarray(auto.y), np.asarray(explicit.y))
+    assert float(auto.stats['group_size']) == dfss.PATTERNS[pattern][1]
+    config = tiny_config('listops', 'attention=dfss', **{'model.dtype': dtype})
+    config_lib.validate(config)
+    from lra_sparse import data
+    from lra_sparse.models import transformer
+    model = transformer.build_model(config, data.task_info(config))
+    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, dfss.DFSSAttention)]
+    assert layers and all((m.n, m.m) == dfss.PATTERNS[pattern] for m in layers)
+
+
+@pytest.mark.parametrize('impl', ['reference', 'xla'])
+def test_old_default_2_4_with_float32_is_reachable_and_unchanged(impl):
+    """pattern='2:4' with float32 (the earlier default) equals the earlier compressed pipeline."""
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.normal(size=(B, L, E)), jnp.float32)
+    mask = random_mask(rng, B, L, fully_padded=True)
+    layer = make_layer('2:4', impl)
+    assert (layer.n, layer.m) == (2, 4)
+    out = call(layer, x, mask)
+    q, k, v = layer.project_qkv(x)
+    valid = base.pair_mask(jnp.asarray(mask), jnp.asarray(mask))
+    earlier = layer.project_out(_xla_attention(q, k, v, valid, 2, 4))
+    np.testing.assert_allclose(np.asarray(out.y), np.asarray(earlier), rtol=1e-5, atol=1e-6)
+    keep = dfss.nm_keep(base.attention_scores(q, k), valid, 2, 4)
+    np.testing.assert_allclose(float(out.stats['sparsity']),
+                               float(base.pair_sparsity(keep, valid)), rtol=1e-6)
+    assert float(out.stats['group_size']) == 4.0
 
 
 # -- models and training ------------------------------------------------------------------------

@@ -6,7 +6,8 @@ tensor cores accept: in every row of ``QKᵀ``, in each group of M consecutive k
 largest scores are kept (``1:2`` or ``2:4``, both 50% sparsity). There is no predictor and no
 hyperparameter besides the pattern, so it is a drop-in replacement of full attention and can also
 be applied to a dense-trained model at evaluation (``apply='eval_only'``, the paper's "w/o
-finetune" columns).
+finetune" columns). The default ``pattern='auto'`` is the paper's pairing with the compute dtype
+(``config.model.dtype``): 1:2 with float32, 2:4 with bfloat16; both are selectable.
 
 What one layer does (the order of operations of the released code, ``apuaaChen/DFSS``
 ``BertSelfAttentionDFSS``):
@@ -28,62 +29,81 @@ keys, so any length works (tiny ListOps has 201 tokens with CLS). ``values`` are
 additive mask leaves it. ``indices`` are the in-group positions (uint8 in ``[0, M)``, the
 metadata). :func:`softmax_nm` is the softmax over the compressed values; :func:`spmm_nm` is AV.
 :func:`compressed_footprint` gives the memory the paper states (half the values plus 4 bits of
-metadata per group).
+metadata per group). These functions document the paper's dataflow; no implementation runs them.
 
 Implementations:
 
 * ``reference``: dense scores, the N:M keep mask of :func:`nm_keep` and
   :func:`base.masked_attention` (the oracle of the tests).
-* ``xla``: :func:`sddmm_nm` -> :func:`softmax_nm` (on the compressed ``[.., L, L·N/M]`` values)
-  -> :func:`spmm_nm`. JAX has no sparse-tensor-core path on current GPUs, so the SDDMM computes
-  the dense scores and compresses them, and the SpMM decompresses the probabilities through the
-  metadata (a select over the M in-group positions, no scatter) and runs one dense matmul; a
-  literal per-entry gather of V would materialise ``[.., L, L·N/M, head_dim]``. This is an
-  emulation of the dataflow, exact to the reference, not a speed-up.
+* ``xla``: one fused pass in dense form (``DFSSAttention._fused_attention``): keys padded to a
+  multiple of M, scores, the N:M ranks on the score rows, softmax over the kept entries and AV,
+  with no L × L array beyond the scores and the weights that AV reads. Every score is computed
+  and AV multiplies zeros where pruned: without N:M hardware it cannot beat dense attention.
 * ``pallas``: the fused kernel (``pallas_kernels.nm_sparse``) selects N:M inside every score
   tile and never writes the dense score matrix; the statistics come from its per-row log-sum-exps
   and the padding mask (``DFSSAttention._pallas_attention``). The sequence is padded to the
   kernel tiles. Interpret mode on CPU. No attention dropout (refused by validation unless
   ``apply='eval_only'``).
 
-Statistics: ``sparsity`` = fraction of valid query-key pairs not attended (exactly ``1 - N/M``
-when every valid length is a multiple of M; a group with fewer than N valid keys keeps all of
-them, so it is lower otherwise); ``kept_mass`` = mean over valid query rows (and heads) of the
-probability mass of the full softmax (same scores, padding masked) that the kept entries carry.
+Statistics: ``kept_fraction`` = fraction of valid query-key pairs attended (exactly ``N/M`` when
+every valid length is a multiple of M; a group with fewer than N valid keys keeps all of them, so
+it is higher otherwise); ``kept_mass`` = mean over valid query rows (and heads) of the
+probability mass of the full softmax (same scores, padding masked) that the kept entries carry;
+``group_size`` = M of the pattern that ran. Cost: :func:`layer_cost` (every score is computed, so
+``attention_cost`` is at least 1).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lra_sparse.attention import base
+from lra_sparse.attention import base, cost
 
 PATTERNS = {'1:2': (1, 2), '2:4': (2, 4)}
+# pattern='auto': the pattern the paper pairs with each compute dtype (its sparse tensor cores
+# take 1:2 for float32 and 2:4 for 16-bit types, section 2.3).
+AUTO_PATTERNS = {'float32': '1:2', 'bfloat16': '2:4'}
+AUTO = 'auto'
 
 
 def default_config() -> ml_collections.ConfigDict:
     """DFSS's one field (the computation dtype is ``config.model.dtype``)."""
     c = ml_collections.ConfigDict()
-    c.pattern = '2:4'  # N:M pruning of every score row: '1:2' (the larger of each pair) | '2:4'
-    # (the 2 largest of each group of 4 consecutive keys); both 50% sparsity
+    c.pattern = AUTO  # N:M pruning of every score row: 'auto' (the paper's pairing: 1:2 with
+    # float32, 2:4 with bfloat16) | '1:2' (the larger of each pair) | '2:4' (the 2 largest of
+    # each group of 4 consecutive keys); all 50% sparsity
     return c
 
 
-def parse_pattern(pattern) -> tuple[int, int]:
-    """'2:4' -> (2, 4); raises ConfigError naming ``attention.pattern`` for anything else."""
+def resolve_pattern(pattern, dtype: str = 'float32') -> str:
+    """The N:M pattern that runs: ``pattern`` itself, or for 'auto' the one of ``dtype``.
+
+    Raises:
+      ConfigError: naming ``attention.pattern`` for anything but 'auto', '1:2', '2:4'.
+    """
+    if pattern == AUTO and isinstance(pattern, str):
+        return AUTO_PATTERNS.get(dtype, '2:4')
     if not isinstance(pattern, str) or pattern not in PATTERNS:
         raise base.config_error('attention.pattern', pattern,
-                                f'one of {", ".join(repr(p) for p in PATTERNS)} (N:M, a string)')
-    return PATTERNS[pattern]
+                                f'one of {", ".join(repr(p) for p in (AUTO, *PATTERNS))} (N:M, '
+                                'a string)')
+    return pattern
+
+
+def parse_pattern(pattern, dtype: str = 'float32') -> tuple[int, int]:
+    """'2:4' -> (2, 4); 'auto' -> the pattern of ``dtype`` (:func:`resolve_pattern`)."""
+    return PATTERNS[resolve_pattern(pattern, dtype)]
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for a bad DFSS field (before any compute)."""
-    parse_pattern(config.attention.pattern)
+    resolve_pattern(config.attention.pattern)
 
 
 def padded_length(length: int, m: int) -> int:
@@ -101,15 +121,20 @@ def _group_keep(key: jax.Array, n: int) -> jax.Array:
 
     Returns:
       bool [..., groups, M] with exactly N True per group: entry i is kept iff fewer than N
-      entries j beat it (``key_j > key_i``, or ``key_j == key_i`` and ``j < i``).
+      other entries j beat it (``key_j >= key_i`` for ``j < i``, ``key_j > key_i`` for
+      ``j > i``). One compare per ordered pair of a group: M - 1 per entry, plus the count.
     """
     m = key.shape[-1]
-    pos = jnp.arange(m)
-    rank = jnp.zeros(key.shape, jnp.int32)
-    for j in range(m):  # M <= 4 compares, fused by XLA; no [.., M, M] intermediate
-        other = key[..., j:j + 1]
-        rank = rank + ((other > key) | ((other == key) & (j < pos))).astype(jnp.int32)
-    return rank < n
+    cols = [key[..., i] for i in range(m)]
+    keep = []
+    for i in range(m):
+        beaten = [(cols[j] >= cols[i]) if j < i else (cols[j] > cols[i])
+                  for j in range(m) if j != i]
+        if n == 1:  # kept iff nothing beats it
+            keep.append(~functools.reduce(operator.or_, beaten))
+        else:
+            keep.append(sum(b.astype(jnp.int32) for b in beaten) < n)
+    return jnp.stack(keep, axis=-1)
 
 
 def _kept_positions(keep: jax.Array, n: int) -> jax.Array:
@@ -273,19 +298,133 @@ def compressed_footprint(q_len: int, kv_len: int, n: int, m: int,
 
 
 # -- cost model ---------------------------------------------------------------------------------
-def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
-               mlp_dim: int) -> tuple[dict[str, float], int]:
-    """MACs of one DFSS layer for one example and the number of tokens leaving it.
+def selection_ops(n: int, m: int) -> int:
+    """Ops per score entry of :func:`_group_keep` (1:2: 2, 2:4: 9).
 
-    Scores are dense (the SDDMM computes them all before pruning); AV runs over the kept
-    ``ceil(seq_len / M) · N`` entries per row; every token leaves the layer.
+    M - 1 compares, then for N = 1 the M - 2 ors and a not, otherwise M - 1 converts, M - 2 adds
+    and the compare with N.
     """
-    n, m = parse_pattern(cfg.pattern)
-    kept = padded_length(seq_len, m) * n // m  # per row
-    return base.layer_macs(dims, seq_len, mlp_dim, value_pairs=seq_len * kept), seq_len
+    if n == 1:
+        return (m - 1) + (m - 2) + 1
+    return 2 * (m - 1) + (m - 2) + 1
+
+
+def kernel_selection_ops(n: int, m: int) -> int:
+    """Ops per score entry of the kernel's ranks, ``nm_sparse.group_keep`` (1:2: 3, 2:4: 7).
+
+    M - 1 compares, converts and adds, and the compare with N.
+    """
+    del n
+    return 3 * (m - 1) + 1
+
+
+def pallas_tiles(length: int, m: int) -> tuple[int, int, int]:
+    """(block_q, block_k, padded length) of the kernel path for ``length`` tokens."""
+    bq = min(128, max(16, 1 << (length - 1).bit_length()))
+    bk = max(bq, 16 * m)
+    return bq, bk, -(-length // bk) * bk  # both tiles are powers of two: bk is a multiple of bq
+
+
+def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
+    """Ops of one DFSS layer for one example (``cfg.impl`` chooses the formula).
+
+    Every implementation computes every score of ``q·kᵀ`` before it prunes (no hardware here
+    skips the pruned products), and its AV multiplies the dense-form weights (zeros where pruned),
+    so ``attention_cost`` is at least 1 on every path: the selection is extra work. Components:
+    'scores' and 'values' (the two matmuls), 'masking' (the pair mask and the selects around the
+    softmax), 'selection' (the N:M ranks), 'softmax', 'statistics' (``kept_mass`` and
+    ``kept_fraction``).
+
+    * ``reference``: dense scores; the keep mask over keys padded to a multiple of M; the masked
+      softmax of ``base.masked_attention``; the full softmax again for ``kept_mass``.
+    * ``xla``: keys padded to a multiple of M before ``q·kᵀ``; one mask select, the ranks, one
+      exponential per entry, sums of the kept and of all weights; output rows divided after AV.
+    * ``pallas``: the forward kernel over its padded tiles (:func:`pallas_tiles`): per score entry
+      the tile mask, ranks, online softmax in base 2 and the two row sums; per row and key block
+      the rescaling of the running max, sums and accumulator.
+    """
+    n, m = parse_pattern(cfg.pattern, dims.dtype)
+    h, d, length = dims.num_heads, dims.head_dim, seq_len
+    if cfg.impl == 'pallas':
+        return _pallas_cost(dims, n, m, seq_len)
+    keys = padded_length(length, m) if cfg.impl == 'xla' else length
+    pairs, grouped, rows = h * length * keys, h * length * padded_length(length, m), h * length
+    attention = {'scores': cost.matmul(length, d, keys, batch=h),
+                 'values': cost.matmul(length, keys, d, batch=h)}
+    if cfg.impl == 'xla':
+        attention.update({
+            'masking': cost.elementwise(length * keys) + cost.elementwise(pairs),
+            'selection': cost.elementwise(pairs, selection_ops(n, m)),
+            # max, subtract, scale, exp, select kept, sum; per row the max guard, normalisation
+            'softmax': cost.elementwise(pairs, 6) + cost.elementwise(rows, 6),
+            # kept_mass: XLA fuses the exponentials into each consumer, so the sum of all
+            # weights recomputes them (subtract, scale, exp) before it adds
+            'statistics': cost.elementwise(pairs, 4) + cost.elementwise(rows, 4),
+        })
+        attention['values'] += cost.elementwise(rows * d)
+    else:
+        attention.update({
+            'masking': cost.elementwise(length * length) + cost.elementwise(pairs, 3),
+            'selection': cost.elementwise(pairs) + cost.elementwise(grouped,
+                                                                    selection_ops(n, m) + 1),
+            'softmax': cost.softmax(rows, length),
+            # kept_mass: the full masked softmax, the kept select and sum; kept_fraction: and, sums
+            'statistics': (cost.softmax(rows, length) + cost.elementwise(pairs, 4 + 3)
+                           + cost.elementwise(length * length)),
+        })
+    return _layer(dims, attention, seq_len)
+
+
+def _pallas_cost(dims: base.AttentionDims, n: int, m: int, seq_len: int) -> cost.LayerCost:
+    """:func:`layer_cost` of the kernel path (see there)."""
+    from pallas_kernels import _common  # jax-only, imported when used
+
+    h, d = dims.num_heads, _common.padded_head_dim(dims.head_dim)
+    _, bk, lp = pallas_tiles(seq_len, m)
+    pairs, steps = h * lp * lp, h * lp * (lp // bk)  # row × key-block steps
+    attention = {
+        'scores': cost.matmul(lp, d, lp, batch=h),
+        # tile pair mask, candidate select, ranks, kept & valid
+        'selection': cost.elementwise(pairs, kernel_selection_ops(n, m) + 3),
+        # scale, select kept, max, subtract, exp2, select kept, sum; per step the running max,
+        # its correction exp2 and the rescaled sums
+        'softmax': cost.elementwise(pairs, 7) + cost.elementwise(steps, 6),
+        'values': cost.matmul(lp, lp, d, batch=h) + cost.elementwise(steps * d, 2),
+        'statistics': cost.elementwise(pairs, 2) + cost.elementwise(steps, 2),
+    }
+    return _layer(dims, attention, seq_len)
+
+
+def _layer(dims: base.AttentionDims, attention: dict[str, float], seq_len: int) -> cost.LayerCost:
+    """A LayerCost with dense projections and feed-forward (DFSS prunes no token or head)."""
+    return cost.LayerCost(attention=attention, tokens=seq_len, qkv_width=dims.qkv_dim,
+                          query_rows=seq_len, kv_rows=seq_len, out_rows=seq_len,
+                          ffn_tokens=seq_len, tokens_out=seq_len)
 
 
 # -- the layer ----------------------------------------------------------------------------------
+def kept_fraction(mask: jax.Array, n: int, m: int) -> jax.Array:
+    """Fraction of valid query-key pairs N:M selection keeps, from the token mask alone.
+
+    Every valid query row keeps ``min(N, valid keys)`` keys of each group of M consecutive keys;
+    the fraction is the same for every head.
+
+    Args:
+      mask: bool [batch, length], True for real tokens.
+      n, m: the pattern.
+
+    Returns:
+      float32 scalar in [0, 1]; 1 when there is no valid pair (nothing was dropped).
+    """
+    padded = base.pad_sequence(mask, padded_length(mask.shape[1], m))
+    groups = jnp.sum(padded.reshape(mask.shape[0], -1, m), axis=-1)
+    kept = jnp.sum(jnp.minimum(groups, n), axis=-1)  # per valid query row
+    n_valid = jnp.sum(mask, axis=-1)  # valid rows = valid keys per example
+    total = jnp.sum(n_valid * n_valid)
+    return jnp.where(total > 0, jnp.sum(n_valid * kept) / jnp.maximum(total, 1),
+                     1.0).astype(jnp.float32)
+
+
 def _mean_over_rows(per_row: jax.Array, rows: jax.Array) -> jax.Array:
     total = jnp.sum(rows)
     return jnp.where(total > 0, jnp.sum(jnp.where(rows, per_row, 0.0)) / jnp.maximum(total, 1),
@@ -297,26 +436,31 @@ class DFSSAttention(base.Attention):
 
     Every implementation is called as ``run(layer, q, k, v, mask, deterministic, rng)`` with q, k,
     v [batch, L, heads, head_dim] and mask bool [batch, L], and returns (o [batch, L, heads,
-    head_dim], stats {'sparsity', 'kept_mass'}):
+    head_dim], stats {'kept_fraction', 'kept_mass'}); :meth:`attend` adds 'group_size':
     ``reference``: dense scores + :func:`nm_keep` + :func:`base.masked_attention`;
-    ``xla``: :func:`sddmm_nm` -> :func:`softmax_nm` -> :func:`spmm_nm` (attention dropout acts on
-    the compressed probabilities, as in the released code);
+    ``xla``: one fused pass in dense form (:meth:`_fused_attention`; attention dropout on the
+    kept weights);
     ``pallas``: the fused N:M kernel of ``pallas_kernels.nm_sparse`` (no attention dropout).
     """
 
     def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
         super().__init__(dims, cfg, rngs=rngs)
-        self.n, self.m = parse_pattern(cfg.pattern)
+        self.n, self.m = parse_pattern(cfg.pattern, dims.dtype)
 
     def check_config(self, cfg, dims):
         """Raises ConfigError for a bad ``pattern``."""
-        parse_pattern(cfg.pattern)
+        parse_pattern(cfg.pattern, dims.dtype)
+
+    def _pattern_stats(self) -> dict[str, jax.Array]:
+        """{'group_size': M} of the pattern that ran (2 for 1:2, 4 for 2:4), float32."""
+        return {'group_size': jnp.asarray(self.m, jnp.float32)}
 
     def attend(self, x, mask, carry, *, deterministic, rng):
         """DFSS layer; see ``base.Attention.__call__``."""
         q, k, v = self.project_qkv(x)
         o, stats = self.implementation.run(self, q, k, v, mask, deterministic, rng)
-        return base.AttentionOutput(self.project_out(o), carry, stats, {})
+        return base.AttentionOutput(self.project_out(o), carry,
+                                    {**stats, **self._pattern_stats()}, {})
 
     def _reference(self, q, k, v, mask, deterministic, rng):
         """Dense scores, the N:M keep mask, masked softmax attention."""
@@ -329,7 +473,7 @@ class DFSSAttention(base.Attention):
             o = base.weighted_values(self.drop_probs(probs, deterministic, rng), v)
         full = jax.lax.stop_gradient(base.masked_softmax(scores * scale, valid))
         rows = jnp.broadcast_to(jnp.any(valid, axis=-1), full.shape[:-1])
-        stats = {'sparsity': base.pair_sparsity(keep, valid),
+        stats = {'kept_fraction': base.kept_fraction(keep, valid),
                  'kept_mass': _mean_over_rows(jnp.sum(jnp.where(keep, full, 0.0), -1), rows)}
         return o, stats
 
@@ -339,47 +483,52 @@ class DFSSAttention(base.Attention):
         from pallas_kernels import nm_sparse  # jax-only, imported when used
 
         n, m, length = self.n, self.m, q.shape[1]
-        bq = min(128, max(16, 1 << (length - 1).bit_length()))
-        bk = max(bq, 16 * m)
-        lp = -(-length // bk) * bk  # both tiles are powers of two: bk is a multiple of bq
+        bq, bk, lp = pallas_tiles(length, m)
         q_p, k_p, v_p, mask_p = (base.pad_sequence(t, lp) for t in (q, k, v, mask))  # invalid
         o, st = nm_sparse.nm_sparse_attention(
             q_p, k_p, v_p, mask_p, mask_p, n=n, m=m,
             block_sizes=nm_sparse.BlockSizes(bq, bk), return_stats=True)
-        # Kept pairs per valid query row: min(N, valid keys) in every group of M keys.
-        groups = jnp.sum(mask_p.reshape(mask.shape[0], -1, m), axis=-1)
-        kept = jnp.sum(jnp.minimum(groups, n), axis=-1)
-        n_valid = jnp.sum(mask, axis=-1)  # valid rows = valid keys per example
-        total = jnp.sum(n_valid * n_valid)
-        sparsity = jnp.where(total > 0, 1.0 - jnp.sum(n_valid * kept) / jnp.maximum(total, 1), 0.0)
         rows = jnp.broadcast_to(mask_p[:, None, :], st.lse_all.shape)
         kept_mass = _mean_over_rows(jnp.exp(st.lse_kept - st.lse_all), rows)
-        return o[:, :length], {'sparsity': sparsity.astype(jnp.float32), 'kept_mass': kept_mass}
+        return o[:, :length], {'kept_fraction': kept_fraction(mask, n, m),
+                               'kept_mass': kept_mass}
 
-    def _compressed_attention(self, q, k, v, mask, deterministic, rng):
-        """SDDMM with the N:M epilogue, softmax on the compressed values, SpMM."""
-        valid = base.pair_mask(mask, mask)  # [B, 1, L, L]
-        n, m = self.n, self.m
+    def _fused_attention(self, q, k, v, mask, deterministic, rng):
+        """One pass: scores, N:M selection, softmax over the kept entries, AV (dense form).
+
+        The key axis is padded to a multiple of M (masked keys) before ``q·kᵀ``, so the groups
+        are a reshape of the score rows. Invalid pairs score -inf once; their weights are
+        ``exp(-inf) = 0`` whether or not a short group "keeps" them, so no second mask is
+        needed. The row maximum of the valid scores is the maximum of the kept ones (a row's
+        largest score is the largest of its group), so the softmax needs no second selection
+        pass; the weights stay unnormalised through AV and the output rows are divided by their
+        sums (attention dropout on the unnormalised weights is the same as on the
+        probabilities). ``kept_mass`` sums the same exponentials.
+        """
+        n, m, length = self.n, self.m, q.shape[1]
+        lp = padded_length(length, m)
+        k_p, v_p, kv_mask = (base.pad_sequence(t, lp) for t in (k, v, mask))
         scale = 1.0 / math.sqrt(self.dims.head_dim)
-        values, indices, scores = _sddmm(q, k, valid, n, m)
-        probs = softmax_nm(values, scale)
-        o = spmm_nm(self.drop_probs(probs, deterministic, rng), indices, v, n, m)
-        # Statistics from the compressed values and the dense scores (no gradient).
-        values, scores = jax.lax.stop_gradient(values), jax.lax.stop_gradient(scores)
-        kept = values > base.MASK_VALUE
-        full_valid = jnp.broadcast_to(valid, scores.shape)
-        n_valid = jnp.sum(full_valid)
-        sparsity = jnp.where(n_valid > 0, 1.0 - jnp.sum(kept) / jnp.maximum(n_valid, 1), 0.0)
-        lse_kept = jax.nn.logsumexp(jnp.where(kept, values * scale, base.MASK_VALUE), axis=-1)
-        lse_all = jax.nn.logsumexp(jnp.where(full_valid, scores * scale, base.MASK_VALUE), -1)
-        rows = jnp.any(full_valid, axis=-1)
-        stats = {'sparsity': sparsity.astype(jnp.float32),
-                 'kept_mass': _mean_over_rows(jnp.exp(lse_kept - lse_all), rows)}
-        return o, stats
+        scores = jnp.where(base.pair_mask(mask, kv_mask), base.attention_scores(q, k_p),
+                           -jnp.inf)  # [B, H, L, Lp] float32
+        grouped = jax.lax.stop_gradient(scores).reshape(*scores.shape[:-1], lp // m, m)
+        keep = _group_keep(grouped, n).reshape(scores.shape)
+        row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # padded queries
+        weights = jnp.exp((scores - row_max) * scale)  # [B, H, L, Lp] in [0, 1]
+        kept = jnp.where(keep, weights, 0.0)
+        total = jnp.sum(kept, axis=-1)  # [B, H, L], 0 on padded queries only
+        unnormalised = base.weighted_values(self.drop_probs(kept, deterministic, rng), v_p)
+        norm = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+        o = (unnormalised * jnp.swapaxes(norm, 1, 2)[..., None]).astype(v.dtype)
+        full = jax.lax.stop_gradient(jnp.sum(weights, axis=-1))
+        rows = jnp.broadcast_to(mask[:, None, :], total.shape)
+        kept_mass = _mean_over_rows(jax.lax.stop_gradient(total) / jnp.maximum(full, 1e-30), rows)
+        return o, {'kept_fraction': kept_fraction(mask, n, m), 'kept_mass': kept_mass}
 
     implementations = base.implementations(
         base.Implementation('reference', _reference),
-        base.Implementation('xla', _compressed_attention),
+        base.Implementation('xla', _fused_attention),
         base.Implementation('pallas', _pallas_attention, attention_dropout=False, kernel=True),
     )
 
@@ -396,7 +545,7 @@ METHOD = base.AttentionMethod(
     module=DFSSAttention,
     default_config=default_config,
     check=validate,
-    layer_macs=layer_macs,
+    cost=layer_cost,
     description='on-the-fly N:M (1:2, 2:4) structured pruning of every score row (DFSS)',
     dense_equivalent=None,
     sweeps={'pattern': tuple({'pattern': p} for p in PATTERNS)},

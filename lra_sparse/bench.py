@@ -1,0 +1,423 @@
+"""Model-level benchmark: attention methods against dense in interleaved rounds (no data needed).
+
+  python -m lra_sparse.bench --config=configs/text.py:impl=xla \
+      --config.model.attention_dropout_rate=0 --variants='dsa:sparsity=0.9;dfss;cta' \
+      --lengths=1000,2000 [--batch_size=4] [--rounds=5] [--modes=eval,train] [--out=bench_text]
+
+``--config=path:options`` and ``--config.<field>=value`` are those of ``lra_sparse.main``; the
+config's ``impl`` option and overrides apply to every variant. ``--variants`` is a
+``;``-separated list; each item is a preset name (``--variants=methods`` or one of
+:data:`PRESETS`) or ``method[:field=value,...]``: a field without a dot is a field of
+``config.attention`` (``dsa:sparsity=0.9,granularity=block``), a dotted one is any config field
+(``dfss:pattern=1:2,model.dtype=bfloat16``). The reference ``--reference`` (default ``dense``) is
+always measured first and is the denominator of every ratio.
+
+For every length (``config.max_length``; the CLS token is added by the model as in training) the
+variants' models are built through the training path (``train.setup_run``: the real jitted
+train and evaluation steps, every method and implementation as in training), on one batch of
+random tokens that fill the whole length (every token valid). Each step is compiled ahead of time
+(the compile time is reported apart, with XLA's memory analysis of the compiled step), run
+``--warmup`` times, then timed in ``--rounds`` interleaved rounds: in each round every variant
+(reference first) runs ``--calls`` calls of the evaluation forward and of the train step, each
+call waited for (``block_until_ready``), so CPU and GPU are timed alike. Reported per variant:
+the median seconds per call over the rounds and the ratio to the reference, the median of the
+per-round ratios (each round's variant time over the same round's reference time), so a machine
+that is slower in one round slows both sides of that round's ratio. Only ratios are meaningful on
+a shared machine. The statistics of the evaluation step (``sparsity``, and ``kept_fraction``,
+``attention_cost``, ``model_cost`` where the methods report them) are recorded beside.
+
+Outputs: progress lines on stderr, the markdown table on stdout, and with ``--out=PREFIX``
+``PREFIX.json`` (every round's times) and ``PREFIX.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+
+from lra_sparse import attention as attention_lib
+from lra_sparse import cli, config_lib, data, train
+
+# Named variants (``--variants=<name>``); ``methods`` is all of them.
+PRESETS = {
+    'dsa-block90': 'dsa:sparsity=0.9,granularity=block,block_q=64,block_k=64',
+    'dsa-element90': 'dsa:sparsity=0.9,granularity=element',
+    'dsa-vector90': 'dsa:sparsity=0.9,granularity=vector',
+    'spatten-keep25': 'spatten:token_keep_final=0.25',
+    'dfss': 'dfss',
+    'cta': 'cta',
+}
+GROUPS = {'methods': tuple(PRESETS)}
+MODES = ('eval', 'train')
+# Evaluation statistics recorded beside the times (aggregate over layers, when reported).
+STAT_KEYS = ('kept_fraction', 'sparsity', 'attention_cost', 'model_cost')
+
+_CONFIG = cli.define_config(help_text='Task config of every variant')
+_VARIANTS = flags.DEFINE_string(
+    'variants', 'methods', "';'-separated variants: a preset (" + ', '.join([*GROUPS, *PRESETS])
+    + ') or method[:field=value,...] (undotted fields are attention fields)')
+_REFERENCE = flags.DEFINE_string('reference', 'dense', 'The variant every ratio divides by.')
+_LENGTHS = flags.DEFINE_list('lengths', [], 'Sequence lengths (config.max_length); default: '
+                             "the config's.")
+_BATCH = flags.DEFINE_integer('batch_size', 4, 'Examples per call (sets config.batch_size).')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timed rounds.')
+_CALLS = flags.DEFINE_integer('calls', 1, 'Timed calls per variant, mode and round.')
+_WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed calls of each compiled step.')
+_MODES = flags.DEFINE_list('modes', list(MODES), 'What to time: eval (the jitted evaluation '
+                           'forward) and/or train (the jitted train step).')
+_OUT = flags.DEFINE_string('out', None, 'Write PREFIX.json and PREFIX.md.')
+
+_FIELD_START = re.compile(r',(?=\s*[A-Za-z_][\w.]*\s*=)')
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One configuration to time.
+
+    Attributes:
+      label: how tables name it (the preset name or the text given).
+      method: the attention method (registry name).
+      overrides: dotted ``(field, text)`` pairs applied after the config's own overrides.
+    """
+
+    label: str
+    method: str
+    overrides: tuple[tuple[str, str], ...] = ()
+
+
+class BenchError(cli.UsageError):
+    """A benchmark flag that cannot be used (unknown variant syntax, bad lengths)."""
+
+
+def parse_variant(text: str, label: str | None = None) -> Variant:
+    """``'dsa:sparsity=0.9,granularity=block'`` -> Variant (fields are not yet checked).
+
+    A value may hold commas or colons (``pattern=1:2``, ``token_keep_ratios=1,0.5``): a comma
+    starts a new field only when ``name=`` follows it.
+    """
+    text = text.strip()
+    method, _, fields = text.partition(':')
+    method = method.strip()
+    if method not in attention_lib.REGISTRY:
+        raise BenchError(f'variant {text!r}: {method!r} is not an attention method or preset: '
+                         f'give one of {", ".join(attention_lib.REGISTRY)} or a preset '
+                         f'({", ".join([*GROUPS, *PRESETS])})')
+    overrides = []
+    for item in filter(None, (part.strip() for part in _FIELD_START.split(fields))):
+        dotted, sep, value = item.partition('=')
+        if not sep or not dotted.strip():
+            raise BenchError(f'variant {text!r}: {item!r} is not field=value, e.g. '
+                             'dsa:sparsity=0.9,granularity=block')
+        dotted = dotted.strip()
+        overrides.append((dotted if '.' in dotted else f'attention.{dotted}', value.strip()))
+    return Variant(label or text, method, tuple(overrides))
+
+
+def parse_variants(text: str) -> list[Variant]:
+    """The ``;``-separated ``--variants`` text (presets expanded) as Variants, in order."""
+    variants = []
+    for item in filter(None, (part.strip() for part in text.split(';'))):
+        for name in GROUPS.get(item, (item,)):
+            variants.append(parse_variant(PRESETS[name], name) if name in PRESETS
+                            else parse_variant(name))
+    labels = [v.label for v in variants]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise BenchError(f'--variants names {twice[0]!r} twice: give each variant once')
+    return variants
+
+
+def variant_config(spec: str, common: Sequence[tuple[str, str]], variant: Variant,
+                   length: int | None, batch_size: int) -> ml_collections.ConfigDict:
+    """The validated config of ``variant`` at ``length`` (None: the config's own).
+
+    Args:
+      spec: ``path[:options]`` of ``--config``; its ``attention`` option is replaced.
+      common: the ``--config.<field>`` overrides, applied first.
+      variant: the method and its overrides.
+      length: ``config.max_length``.
+      batch_size: ``config.batch_size``.
+    """
+    path, _, arg = spec.partition(':')
+    options = config_lib.parse_arg(arg)
+    options['attention'] = variant.method
+    overrides = []
+    for dotted, value in variant.overrides:  # impl and apply pick the implementation's defaults
+        if dotted in ('attention.impl', 'attention.apply'):
+            options[dotted.removeprefix('attention.')] = value
+        else:
+            overrides.append((dotted, value))
+    arg = ','.join(k if v is True else f'{k}={v}' for k, v in options.items())
+    config = config_lib.load(f'{path}:{arg}')
+    config_lib.apply_overrides(config, [*common, *overrides])
+    if length is not None:
+        config_lib.set_field(config, 'max_length', length)
+    config_lib.set_field(config, 'batch_size', batch_size)
+    config_lib.validate(config)
+    return config
+
+
+def random_batch(info, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random tokens filling the whole length (every token valid) and random targets.
+
+    Returns:
+      {input key: int32 [batch_size, seq_len] in [1, vocab), 'targets': int32 [batch_size],
+      'weights': float32 [batch_size] ones}.
+    """
+    rng = np.random.default_rng(seed)
+    batch = {key: rng.integers(1, info.vocab_size, (batch_size, info.seq_len), dtype=np.int32)
+             for key in info.input_keys}
+    batch['targets'] = rng.integers(0, info.num_classes, batch_size).astype(np.int32)
+    batch['weights'] = np.ones(batch_size, np.float32)
+    return batch
+
+
+@dataclasses.dataclass
+class Prepared:
+    """One variant at one length, compiled and ready to time.
+
+    Attributes:
+      calls: mode -> a function running one call and returning what to wait for.
+      row: the JSON row being filled (description, compile times, memory, statistics).
+      times: mode -> seconds per call, one per round.
+    """
+
+    calls: dict[str, Callable[[], object]]
+    row: dict
+    times: dict[str, list[float]]
+
+
+def memory(compiled) -> dict[str, int] | None:
+    """XLA's memory analysis of a compiled step in bytes (None where the backend has none)."""
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if analysis is None:
+        return None
+    parts = {'argument_bytes': int(analysis.argument_size_in_bytes),
+             'output_bytes': int(analysis.output_size_in_bytes),
+             'temp_bytes': int(analysis.temp_size_in_bytes)}
+    return {**parts, 'total_bytes': sum(parts.values())}
+
+
+def prepare(config: ml_collections.ConfigDict, variant: Variant, modes: Sequence[str],
+            warmup: int) -> Prepared:
+    """Builds the run of ``config``, compiles its steps ahead of time and warms them up."""
+    info = data.task_info(config)
+    run, state = train.setup_run(config, info)
+    holder = {'state': run.place(state)}
+    batch = run.shard(random_batch(info, config.batch_size, config.seed))
+    row = {'variant': variant.label, 'method': config.attention.name,
+           'impl': attention_lib.implementation_used(config.attention),
+           'overrides': dict(variant.overrides), 'dtype': config.model.dtype,
+           'length': info.seq_len, 'batch_size': config.batch_size, 'num_params': run.num_params,
+           'compile_seconds': {}, 'memory': {}}
+    calls = {}
+    if 'eval' in modes:
+        t0 = time.perf_counter()
+        compiled_eval = run.eval_step.lower(holder['state'].params, holder['state'].rest,
+                                            batch).compile()
+        row['compile_seconds']['eval'] = time.perf_counter() - t0
+        row['memory']['eval'] = memory(compiled_eval)
+        calls['eval'] = lambda: compiled_eval(holder['state'].params, holder['state'].rest, batch)
+        metrics = jax.device_get(calls['eval']())
+        row['stats'] = {k: float(metrics[k]) for k in STAT_KEYS if k in metrics}
+    if 'train' in modes:
+        t0 = time.perf_counter()
+        compiled_train = run.train_step.lower(holder['state'], batch).compile()
+        row['compile_seconds']['train'] = time.perf_counter() - t0
+        row['memory']['train'] = memory(compiled_train)
+
+        def train_call():
+            holder['state'], metrics = compiled_train(holder['state'], batch)  # donates state
+            return metrics
+        calls['train'] = train_call
+    for call in calls.values():
+        for _ in range(warmup):
+            jax.block_until_ready(call())
+    return Prepared(calls, row, {mode: [] for mode in calls})
+
+
+def time_call(call: Callable[[], object], count: int) -> float:
+    """Seconds per call of ``count`` calls, each waited for."""
+    total = 0.0
+    for _ in range(count):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        total += time.perf_counter() - t0
+    return total / count
+
+
+def run_rounds(prepared: Sequence[Prepared], rounds: int, calls: int,
+               progress: Callable[[str], None]) -> None:
+    """Interleaved rounds: each round times every variant in order, every mode."""
+    for r in range(rounds):
+        for item in prepared:
+            for mode, call in item.calls.items():
+                item.times[mode].append(time_call(call, calls))
+        line = ', '.join(f'{p.row["variant"]} '
+                         + '/'.join(f'{m} {1e3 * t[-1]:.1f}' for m, t in p.times.items())
+                         for p in prepared)
+        progress(f'  round {r + 1}/{rounds} (ms per call): {line}')
+
+
+def summarize(prepared: Sequence[Prepared]) -> list[dict]:
+    """Rows with per-round times, medians and ratios to the first (the reference)."""
+    reference = prepared[0]
+    rows = []
+    for item in prepared:
+        row = dict(item.row)
+        for mode, times in item.times.items():
+            ratios = [t / ref for t, ref in zip(times, reference.times[mode])]
+            row[f'{mode}_seconds_rounds'] = times
+            row[f'{mode}_median_seconds'] = statistics.median(times)
+            row[f'{mode}_ratio_rounds'] = ratios
+            row[f'{mode}_ratio'] = statistics.median(ratios)
+        rows.append(row)
+    return rows
+
+
+def benchmark(spec: str, common: Sequence[tuple[str, str]], variants: Sequence[Variant],
+              lengths: Sequence[int | None], *, batch_size: int = 4, rounds: int = 5,
+              calls: int = 1, warmup: int = 1, modes: Sequence[str] = MODES,
+              progress: Callable[[str], None] = lambda line: None) -> dict:
+    """Measures every variant at every length against the first one (the reference).
+
+    Every config is built and validated before any compute.
+
+    Args:
+      spec: ``path[:options]`` of the task config.
+      common: ``(field, text)`` overrides of every variant.
+      variants: the reference first, then the methods.
+      lengths: values of ``config.max_length`` (None: the config's own).
+      batch_size, rounds, calls, warmup, modes: see the flags.
+      progress: called with one line per step of the work.
+
+    Returns:
+      {'environment', 'settings', 'rows'}: a row per (length, variant) in that order, see
+      :func:`prepare` and :func:`summarize`.
+    """
+    configs = {(length, v.label): variant_config(spec, common, v, length, batch_size)
+               for length in lengths for v in variants}
+    rows = []
+    for length in lengths:
+        prepared = []
+        for v in variants:
+            config = configs[(length, v.label)]
+            progress(f'L={config.max_length} {v.label}: compiling')
+            prepared.append(prepare(config, v, modes, warmup))
+            compile_s = prepared[-1].row['compile_seconds']
+            progress(f'L={config.max_length} {v.label}: compiled in '
+                     + ', '.join(f'{m} {s:.1f} s' for m, s in compile_s.items()))
+        run_rounds(prepared, rounds, calls, progress)
+        rows.extend(summarize(prepared))
+        del prepared
+    settings = {'config': spec, 'overrides': [list(o) for o in common],
+                'variants': [dataclasses.asdict(v) for v in variants], 'batch_size': batch_size,
+                'rounds': rounds, 'calls_per_round': calls, 'warmup': warmup,
+                'modes': list(modes)}
+    return {'environment': train.environment(), 'settings': settings, 'rows': rows}
+
+
+def markdown(result: dict) -> str:
+    """The result as a markdown table with its hardware, versions, date and settings."""
+    env, settings = result['environment'], result['settings']
+    modes = settings['modes']
+    stats = [k for k in STAT_KEYS if any(k in row.get('stats', {}) for row in result['rows'])]
+    head = ['L', 'variant', 'impl']
+    for mode in modes:
+        name = 'infer' if mode == 'eval' else 'train'
+        head += [f'{name} ms', f'{name} × ref']
+    head += ['compile s', *(f'{m} MiB' for m in modes), *stats]
+    lines = [f'{env["device"]} ×{env["num_devices"]}, jax {env["jax_version"]}, {env["date"]}; '
+             f'config {settings["config"]}'
+             + ''.join(f' --config.{k}={v}' for k, v in settings['overrides'])
+             + f'; batch {settings["batch_size"]}; median of {settings["rounds"]} interleaved '
+             f'rounds × {settings["calls_per_round"]} call(s); "× ref" = median of the per-round '
+             f'ratios to {result["rows"][0]["variant"]}.', '',
+             '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for row in result['rows']:
+        cells = [str(row['length']), row['variant'], row['impl']]
+        for mode in modes:
+            cells += [f'{1e3 * row[f"{mode}_median_seconds"]:.1f}', f'{row[f"{mode}_ratio"]:.2f}']
+        cells.append(' / '.join(f'{row["compile_seconds"][m]:.1f}' for m in modes))
+        for mode in modes:
+            mem = row['memory'].get(mode)
+            cells.append(f'{mem["total_bytes"] / 2**20:.0f}' if mem else '—')
+        cells += [f'{row["stats"][k]:.3f}' if k in row.get('stats', {}) else '—' for k in stats]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def _lengths(values: Sequence[str]) -> list[int | None]:
+    """``--lengths`` as positive integers ([None]: the config's own)."""
+    try:
+        lengths = [int(v) for v in values]
+    except ValueError:
+        lengths = [0]
+    if any(n < 1 for n in lengths):
+        raise BenchError(f'--lengths={",".join(values)!r} is not allowed: comma-separated '
+                         'positive integers, e.g. --lengths=1000,2000')
+    return lengths or [None]
+
+
+def _check_counts() -> None:
+    for name, value, least in (('batch_size', _BATCH.value, 1), ('rounds', _ROUNDS.value, 1),
+                               ('calls', _CALLS.value, 1), ('warmup', _WARMUP.value, 0)):
+        if value < least:
+            raise BenchError(f'--{name}={value} is not allowed: an integer >= {least}')
+    bad = [m for m in _MODES.value if m not in MODES]
+    if bad or not _MODES.value:
+        raise BenchError(f'--modes={",".join(_MODES.value)!r} is not allowed: eval, train or '
+                         'eval,train')
+
+
+@cli.command
+def run(argv) -> int:
+    """CLI body; returns the exit status."""
+    cli.no_arguments(argv)
+    if not _CONFIG.spec:
+        raise BenchError('--config is required, e.g. --config=configs/text.py:impl=xla')
+    _check_counts()
+    lengths = _lengths(_LENGTHS.value)
+    variants = [parse_variant(_REFERENCE.value), *parse_variants(_VARIANTS.value)]
+    if _OUT.value:
+        cli.check_output_dir(os.path.dirname(_OUT.value) or '.', '--out')
+    result = benchmark(_CONFIG.spec, _CONFIG.overrides, variants, lengths,
+                       batch_size=_BATCH.value, rounds=_ROUNDS.value, calls=_CALLS.value,
+                       warmup=_WARMUP.value, modes=tuple(_MODES.value),
+                       progress=lambda line: print(line, file=sys.stderr, flush=True))
+    result['settings']['command'] = ' '.join(sys.argv)
+    table = markdown(result)
+    if _OUT.value:
+        with open(_OUT.value + '.json', 'w') as f:
+            json.dump(result, f, indent=2)
+        with open(_OUT.value + '.md', 'w') as f:
+            f.write(table)
+    print(table, end='')
+    return 0
+
+
+def main() -> None:
+    """Console entry point."""
+    cli.main(run)
+
+
+if __name__ == '__main__':
+    main()
+
+
+__all__ = ['PRESETS', 'Variant', 'benchmark', 'markdown', 'parse_variant', 'parse_variants',
+           'random_batch', 'variant_config']
