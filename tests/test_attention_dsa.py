@@ -187,9 +187,17 @@ def test_prediction_accuracy_hand_made():
     valid = jnp.ones((1, 1, 2, 4), bool)
     # Row 0 predicts {0, 2}, oracle top-2 = {0, 1}: 1 hit. Row 1 predicts {2, 3} = oracle: 2.
     assert float(dsa.prediction_accuracy(s, keep, valid)) == pytest.approx(0.75)
-    idx = jnp.asarray([[[[0, 2], [3, 2]]]])
-    live = jnp.ones((1, 1, 2, 1, 2), bool)
-    assert float(dsa.gathered_accuracy(s, idx, live, valid)) == pytest.approx(0.75)
+    # The same rows as index lists on sampled rows (lax.top_k, no sort): q_r·k_j gives s above.
+    q = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])[None, :, None]
+    k = jnp.asarray([[4.0, 1.0], [3.0, 2.0], [2.0, 3.0], [1.0, 4.0]])[None, :, None]
+    keys = jnp.asarray([[[[0, 2], [3, 2]]]])
+    live = jnp.ones((1, 1, 2, 2), bool)
+    rows, row_ok = jnp.asarray([[0, 1]]), jnp.ones((1, 2), bool)
+    mask = jnp.ones((1, 4), bool)
+    assert float(dsa.row_accuracy(q, k, mask, rows, row_ok, keys, live, 2)) == pytest.approx(0.75)
+    # A row left out of the sample does not count: row 0 alone has 1 hit of 2.
+    assert float(dsa.row_accuracy(q, k, mask, rows, jnp.asarray([[True, False]]), keys, live,
+                                  2)) == pytest.approx(0.5)
 
 
 # -- granularities ------------------------------------------------------------------------------
@@ -260,8 +268,7 @@ def test_block_layer_equals_masked_attention_on_its_mask():
         np.testing.assert_allclose(call(lay, x, mask).y, want, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize('overrides,field', [
-    ({'granularity': 'block'}, 'granularity'), ({'selection': 'threshold'}, 'selection')])
+@pytest.mark.parametrize('overrides,field', [({'selection': 'threshold'}, 'selection')])
 def test_xla_refuses_settings_it_does_not_run(overrides, field):
     config = tiny_config('listops', 'attention=dsa,impl=xla',
                          **{f'attention.{k}': v for k, v in overrides.items()})
@@ -280,6 +287,11 @@ VARIANTS = [
     {}, {'granularity': 'vector', 'vector_size': 4}, {'granularity': 'vector', 'vector_size': 8},
     {'precision': 'oracle', 'sparsity': 0.8}, {'precision': 'random'},
     {'precision': 'bf16', 'sparsity': 0.5}, {'precision': 'int2', 'sparsity': 0.95},
+    {'granularity': 'block', 'block_q': 8, 'block_k': 4, 'sparsity': 0.7, 'precision': 'fp32'},
+    {'granularity': 'block', 'block_q': 16, 'block_k': 8, 'sparsity': 0.5},
+    {'granularity': 'block', 'block_q': 4, 'block_k': 4, 'precision': 'oracle', 'sparsity': 0.6},
+    {'granularity': 'block', 'precision': 'random', 'sparsity': 0.6},
+    {'granularity': 'vector', 'vector_size': 4, 'precision': 'random'},
 ]
 
 
@@ -333,7 +345,13 @@ def test_mse_value_matches_numpy(impl):
     want = np.mean((s - st)[valid] ** 2)
     out = call(layer, x, mask)
     np.testing.assert_allclose(float(out.stats['mse']), want, rtol=2e-4)
-    np.testing.assert_allclose(float(out.aux_losses['dsa_mse']), 0.3 * want, rtol=2e-4)
+    # Eq. 6: the squared error summed over heads and valid pairs of each example, / B examples.
+    per_example = [np.sum((s - st)[b][valid[b]] ** 2) for b in range(B)]
+    np.testing.assert_allclose(float(out.aux_losses['dsa_mse']), 0.3 * np.mean(per_example),
+                               rtol=2e-4)
+    old = call(build(impl, precision='int8', mse_weight=0.3, mse_normalization='pair_mean'),
+               x, mask)  # the earlier normalisation: the mean over heads and valid pairs
+    np.testing.assert_allclose(float(old.aux_losses['dsa_mse']), 0.3 * want, rtol=2e-4)
     # The selection scores are the same S~ (product of the quantized Q~, K~, 1/sqrt(k) scale).
     np.testing.assert_allclose(s_pred, st, rtol=1e-5, atol=1e-6)
 
@@ -552,7 +570,10 @@ def test_tiny_listops_trains_with_dsa(tmp_path):
     for e in events:
         assert np.isfinite(e['loss']) and e['aux_loss'] > 0
         assert e['sparsity'] == pytest.approx(0.9, abs=0.05)
-        assert np.isfinite(e['mse']) and 0.0 <= e['prediction_accuracy'] <= 1.0
+        assert np.isfinite(e['mse'])
+        assert 'prediction_accuracy' not in e  # accuracy_stat='eval': off the training step
+    evals = [e for e in metrics.read_metrics(str(tmp_path)) if e['split'] != 'train']
+    assert evals and all(0.0 <= e['prediction_accuracy'] <= 1.0 for e in evals)
 
 
 def test_init_from_dense_loads_dense_weights_and_fresh_predictor(tmp_path):
