@@ -602,3 +602,105 @@ def _flat(tree, prefix=''):
         else:
             out[f'{prefix}{k}'] = v
     return out
+
+
+# -- pooled selection, the xla block path, the accuracy sample -------------------------------------
+@pytest.mark.parametrize('seed', [0, 1])
+def test_pooled_selection_equals_dense_selection_on_untied_inputs(seed):
+    rng = np.random.default_rng(seed)
+    fq = rng.normal(size=(B, L, H, 3)).astype(np.float32)
+    fk = rng.normal(size=(B, L, H, 3)).astype(np.float32)
+    _, mask = inputs()
+    m = np.asarray(mask)
+    fq, fk = (np.where(m[:, :, None, None], f, 0.0) for f in (fq, fk))
+    dense = jnp.asarray(np.einsum('bqhf,bkhf->bhqk', fq, fk))
+    fq, fk = jnp.asarray(fq), jnp.asarray(fk)
+    for size in (2, 4, 8):
+        pooled = dsa.pooled_group_scores(fq, fk, mask, size)
+        np.testing.assert_allclose(pooled, dsa.group_scores(dense, mask, size), rtol=1e-5,
+                                   atol=1e-6)
+        count = dsa.keep_count(jnp.sum(mask, axis=1), 0.7)
+        np.testing.assert_array_equal(dsa.topk_keep(pooled, mask, count),
+                                      dsa.topk_keep(dsa.group_scores(dense, mask, size), mask,
+                                                    count))
+    for bq, bk in ((8, 4), (4, 8), (16, 16)):
+        pooled = dsa.pooled_tile_means(fq, fk, mask, mask, bq, bk)
+        want = dsa.tile_means(dense, mask, mask, bq, bk)
+        np.testing.assert_array_equal(np.isinf(pooled), np.isinf(want))
+        finite = np.isfinite(np.asarray(want))
+        np.testing.assert_allclose(np.asarray(pooled)[finite], np.asarray(want)[finite],
+                                   rtol=1e-5, atol=1e-6)
+        for args in ((0.6, 'topk', 0.0), (0.0, 'threshold', 0.2)):
+            got = dsa.select_tiles(pooled, mask, bk, *args)
+            ref = dsa.select_tiles(want, mask, bk, *args)
+            np.testing.assert_array_equal(dsa.tiles_keep(*got, mask, mask, bq, bk),
+                                          dsa.tiles_keep(*ref, mask, mask, bq, bk))
+
+
+def _shapes(jaxpr):
+    """Every intermediate's shape in a jaxpr, sub-jaxprs included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        out += [v.aval.shape for v in eqn.outvars if hasattr(v.aval, 'shape')]
+        for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, 'subjaxprs') else ():
+            out += _shapes(sub)
+        for param in eqn.params.values():
+            inner = getattr(param, 'jaxpr', None)
+            if inner is not None and hasattr(inner, 'eqns'):
+                out += _shapes(inner)
+            elif hasattr(param, 'eqns'):
+                out += _shapes(param)
+    return out
+
+
+def test_xla_block_path_forms_no_length_by_length_array():
+    length = 96
+    settings = dict(granularity='block', block_q=16, block_k=16, sparsity=0.75)
+    layer = build('xla', dims=base.AttentionDims(emb_dim=E, qkv_dim=E, num_heads=H,
+                                                 max_len=length), **settings)
+    x, mask = inputs(18, lengths=(length - 9, 50), length=length)
+    graphdef, state = nnx.split(layer)
+
+    def loss(state, deterministic):
+        out = call(nnx.merge(graphdef, state), x, mask, deterministic=deterministic)
+        return jnp.sum(out.y ** 2) + sum(out.aux_losses.values()) + sum(out.stats.values())
+    for fn in (lambda s: loss(s, True), jax.grad(lambda s: loss(s, False))):
+        shapes = _shapes(jax.make_jaxpr(fn)(state).jaxpr)
+        assert shapes and not [s for s in shapes if list(s).count(length) >= 2]
+    ref = build('reference', dims=layer.dims, **settings)
+    nnx.update(ref, nnx.state(layer))
+    np.testing.assert_allclose(call(layer, x, mask).y, call(ref, x, mask).y, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_prediction_accuracy_sample_and_every_row():
+    length = 40
+    dims = base.AttentionDims(emb_dim=E, qkv_dim=E, num_heads=H, max_len=length)
+    x, mask = inputs(19, lengths=(length, 29), length=length)
+    full = build(dims=dims, accuracy_rows=0, sparsity=0.8)
+    q, k, _ = full.project_qkv(x)
+    maps = full.inspect_maps(x, mask, None)
+    valid = base.pair_mask(mask, mask)
+    s = base.attention_scores(q, k) / math.sqrt(D)
+    want = float(dsa.prediction_accuracy(s, maps['kept'], valid))  # the full-row statistic
+    assert float(call(full, x, mask).stats['prediction_accuracy']) == pytest.approx(want)
+    # A sample of 8 rows: the statistic over exactly those rows.
+    sampled = build(dims=dims, accuracy_rows=8, sparsity=0.8)
+    nnx.update(sampled, nnx.state(full))
+    rows, row_ok = (np.asarray(t) for t in dsa.sample_rows(mask, 8))
+    m = np.asarray(mask)
+    for b in range(2):
+        picked = rows[b][row_ok[b]]
+        assert len(set(picked)) == len(picked) == 8 and m[b, picked].all()
+    keep_rows = np.zeros(np.asarray(maps['kept']).shape, bool)
+    for b in range(2):
+        keep_rows[b, :, rows[b][row_ok[b]]] = True
+    kept = np.asarray(maps['kept']) & keep_rows
+    want = float(dsa.prediction_accuracy(s, jnp.asarray(kept), valid))
+    assert float(call(sampled, x, mask).stats['prediction_accuracy']) == pytest.approx(want)
+    # Off the training step by default; 'always' logs it there too; 'off' never.
+    train_kw = dict(deterministic=False, rng=jax.random.key(0))
+    assert 'prediction_accuracy' not in call(full, x, mask, **train_kw).stats
+    assert 'prediction_accuracy' in call(build(dims=dims, accuracy_stat='always'), x, mask,
+                                         **train_kw).stats
+    assert 'prediction_accuracy' not in call(build(dims=dims, accuracy_stat='off'), x, mask).stats

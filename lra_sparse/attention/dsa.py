@@ -1100,9 +1100,11 @@ class DSAAttention(base.Attention):
         cfg = self.cfg
         if cfg.granularity == 'block':
             return self._attend_blocks(q, k, v, scores, mask, deterministic, rng)
+        if cfg.granularity == 'element':
+            return self._attend_elements(q, k, v, scores, mask, deterministic, rng)
         b, length, h, d = q.shape
-        size = cfg.vector_size if cfg.granularity == 'vector' else 1
-        sel = scores.groups(mask, size) if size > 1 else scores.dense()
+        size = cfg.vector_size
+        sel = scores.groups(mask, size)
         k_sel, v_sel, idx, ok = gather_kept_keys(k, v, sel, mask, cfg.sparsity)
         q_g = jnp.moveaxis(row_groups(q, size), 3, 1)  # [B, H, G, size, D]
         live = ok[:, :, :, None, :] & row_groups(mask, size)[:, None, :, :, None]  # [B,H,G,s,K]
@@ -1118,6 +1120,34 @@ class DSAAttention(base.Attention):
             return at(idx, rows // size), at(live.reshape(b, h, -1, live.shape[-1]), rows)
         return _Attended(o, jnp.sum(live).astype(jnp.float32), rows_kept, idx.shape[-1],
                          gram_mse=True)
+
+    def _attend_elements(self, q, k, v, scores, mask, deterministic, rng) -> _Attended:
+        """The xla path for element granularity: per-row ``lax.top_k`` index lists.
+
+        Every row needs its own L predicted scores and a top-k over them, so the dense S̃ and its
+        ``lax.top_k`` set the cost floor. The kept scores are read from ``QKᵀ`` (one matmul) at
+        the index lists, the softmax runs on the kept [batch, heads, L, k_max] entries only and
+        the probabilities are scattered into a zero matrix for one AV matmul: faster on CPU than
+        gathering K and V per row ([batch, heads, L, k_max, head_dim]).
+        """
+        cfg = self.cfg
+        b, length, h, d = q.shape
+        k_max = static_keep_count(length, cfg.sparsity)
+        count = jnp.minimum(keep_count(jnp.sum(mask, axis=1), cfg.sparsity), k_max)
+        idx, ok = topk_indices(scores.dense(), mask, count, k_max)  # [B, H, L, k_max]
+        live = ok & mask[:, None, :, None]
+        s = base.attention_scores(q, k) / math.sqrt(d)
+        probs = base.masked_softmax(jnp.take_along_axis(s, idx, axis=-1), live)
+        probs = self.drop_probs(probs, deterministic, rng)
+        at = (jnp.arange(b)[:, None, None, None], jnp.arange(h)[None, :, None, None],
+              jnp.arange(length)[None, None, :, None], idx)
+        o = base.weighted_values(jnp.zeros(s.shape, probs.dtype).at[at].set(probs), v)
+
+        def rows_kept(rows):
+            def at_rows(t):  # [B, H, L, K] -> [B, H, R, K]
+                return jnp.take_along_axis(t, rows[:, None, :, None], axis=2)
+            return at_rows(idx), at_rows(live)
+        return _Attended(o, jnp.sum(live).astype(jnp.float32), rows_kept, k_max, gram_mse=True)
 
     implementations = base.implementations(
         base.Implementation('reference', _attend_reference),
