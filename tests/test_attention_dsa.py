@@ -704,3 +704,88 @@ def test_prediction_accuracy_sample_and_every_row():
     assert 'prediction_accuracy' in call(build(dims=dims, accuracy_stat='always'), x, mask,
                                          **train_kw).stats
     assert 'prediction_accuracy' not in call(build(dims=dims, accuracy_stat='off'), x, mask).stats
+
+
+# -- the low-precision pipelines against numpy -------------------------------------------------
+def _np_codes(x, bits, axes):
+    """Symmetric codes and scales (round half to even), one scale over ``axes``."""
+    qmax = 2.0 ** (bits - 1) - 1
+    amax = np.max(np.abs(x), axis=axes, keepdims=True)
+    safe = np.where(amax > 0, amax, qmax)
+    return np.clip(np.round(x * qmax / safe), -qmax, qmax), safe / qmax
+
+
+def np_fig9_scores(x, p, wq, wk, bits):
+    """Fig. 9 in numpy (float64): quantized X, one fused low-precision weight P·W̃ per path,
+    integer GEMMs, Q̃/K̃ re-quantized per token and head; S̃ = codes dot × scales / sqrt(k)."""
+    k = p.shape[-1]
+    cx, sx = _np_codes(x, bits, (2,))  # [B, L, 1]
+    out = []
+    for w in (wq, wk):
+        fused = np.einsum('ehk,hkj->ehj', p, w)
+        cw, sw = _np_codes(fused, bits, (0,))  # [1, H, k]
+        y = np.einsum('ble,ehj->blhj', cx, cw) * sw[0]
+        cy, sy = _np_codes(y, bits, (3,))
+        out.append((cy, sy[..., 0] * sx))
+    (cq, sq), (ck, sk) = out
+    return (np.einsum('bqhk,bshk->bhqs', cq, ck) * np.einsum('bqh,bsh->bhqs', sq, sk)
+            / math.sqrt(k))
+
+
+def np_project_first_scores(x, p, wq, wk, bits):
+    """The earlier pipeline in numpy: X·P in float, then codes of XP (per token and head), of W̃
+    (per output column) and of Q̃/K̃ (per token and head)."""
+    k = p.shape[-1]
+    xp = np.einsum('ble,ehk->blhk', x, p)
+    cx, sx = _np_codes(xp, bits, (3,))
+    out = []
+    for w in (wq, wk):
+        cw, sw = _np_codes(w, bits, (1,))  # [H, 1, k]
+        y = np.einsum('blhk,hkj->blhj', cx, cw) * sw[None, :, 0]
+        cy, sy = _np_codes(y, bits, (3,))
+        out.append((cy, (sy * sx)[..., 0]))
+    (cq, sq), (ck, sk) = out
+    return (np.einsum('bqhk,bshk->bhqs', cq, ck) * np.einsum('bqh,bsh->bhqs', sq, sk)
+            / math.sqrt(k))
+
+
+def _np_topk_mask(scores, m, sparsity):
+    keep = np.zeros(scores.shape, bool)
+    for b in range(scores.shape[0]):
+        c = math.ceil((1 - sparsity) * m[b].sum() - 1e-4)
+        for h, r in np.ndindex(*scores.shape[1:3]):
+            if m[b, r]:
+                row = np.where(m[b], scores[b, h, r], -np.inf)
+                keep[b, h, r, np.argsort(-row, kind='stable')[:c]] = True
+    return keep
+
+
+@pytest.mark.parametrize('pipeline', ['fused', 'project_first'])
+@pytest.mark.parametrize('precision', ['int8', 'int4', 'int2'])
+def test_pipeline_equals_numpy_and_gives_the_same_mask(pipeline, precision):
+    bits = dsa.PRECISION_BITS[precision]
+    layer = build(precision=precision, pipeline=pipeline, sparsity=0.75)
+    x, mask = inputs(20)
+    m = np.asarray(mask)
+    args = (np.where(m[..., None], np.asarray(x, np.float64), 0.0),
+            np.asarray(layer.projection[...], np.float64),
+            np.asarray(layer.pred_query[...], np.float64),
+            np.asarray(layer.pred_key[...], np.float64), bits)
+    want = (np_fig9_scores if pipeline == 'fused' else np_project_first_scores)(*args)
+    valid = np.broadcast_to((m[:, :, None] & m[:, None, :])[:, None], want.shape)
+    _, _, got = layer.predict(x, mask)
+    np.testing.assert_allclose(np.asarray(got)[valid], want[valid], rtol=1e-5, atol=1e-6)
+    # Untied rows (the kept count's score differs from the next one) get identical masks.
+    untied = np.zeros(want.shape[:3], bool)
+    for b, h, r in np.ndindex(*want.shape[:3]):
+        row = np.sort(want[b, h, r][m[b]])[::-1]
+        c = math.ceil(0.25 * m[b].sum() - 1e-4)
+        untied[b, h, r] = m[b, r] and (c == len(row) or row[c - 1] - row[c] > 1e-6)
+    assert untied[m[:, None, :].repeat(H, 1)].mean() > 0.3, 'too few untied rows to compare'
+    kept = np.asarray(layer.inspect_maps(x, mask, None)['kept'])
+    np.testing.assert_array_equal(kept[untied], _np_topk_mask(want, m, 0.75)[untied])
+    for impl in ('xla',):  # the xla path keeps the same pairs
+        other = build(impl, precision=precision, pipeline=pipeline, sparsity=0.75)
+        nnx.update(other, nnx.state(layer))
+        np.testing.assert_allclose(call(other, x, mask).y, call(layer, x, mask).y, rtol=1e-5,
+                                   atol=1e-5)
