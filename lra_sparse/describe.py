@@ -1,9 +1,10 @@
-"""Describe a config without touching data: parameters, per-layer cost (MACs), train-step memory.
+"""Describe a config without touching data: parameters, per-layer cost, train-step memory.
 
-MACs are multiply-accumulates for ONE example (one document for retrieval, where the dual encoder
-runs twice). Each attention method supplies its own per-layer count through its registry entry; a
-method that removes tokens (SpAtten) returns the number of tokens leaving the layer, so the
-reduction of the whole model follows from chaining the layers.
+Costs are the cost model's (:mod:`lra_sparse.attention.cost`): operations in XLA's units (a
+multiply-accumulate is 2) that the configured method and implementation execute for ONE example
+(one document for retrieval, where the dual encoder runs twice), per layer and in total, beside
+dense attention on the same input: ``attention_cost`` (attention ops / dense attention ops) and
+``model_cost`` (encoder ops / dense encoder ops) are the ratios every run logs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from flax import nnx
 
 from lra_sparse import attention as attention_lib
 from lra_sparse import config_lib, data
-from lra_sparse.attention import base
+from lra_sparse.attention import base, cost
 from lra_sparse.models import transformer
 
 
@@ -26,48 +27,67 @@ def num_params(config: ml_collections.ConfigDict, info) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def layer_costs(config: ml_collections.ConfigDict, method: base.AttentionMethod,
-                seq_len: int) -> list[dict]:
-    """Per-layer MACs of ``method`` for one example entering with ``seq_len`` tokens."""
+def layer_dims(config: ml_collections.ConfigDict, seq_len: int) -> list[base.AttentionDims]:
+    """The AttentionDims of every layer, as the encoder builds them."""
     m = config.model
+    return [base.AttentionDims(emb_dim=m.emb_dim, qkv_dim=m.qkv_dim, num_heads=m.num_heads,
+                               max_len=seq_len, layer_index=i, num_layers=m.num_layers,
+                               attention_dropout_rate=m.attention_dropout_rate, dtype=m.dtype,
+                               fully_masked_rows=m.fully_masked_rows)
+            for i in range(m.num_layers)]
+
+
+def layer_rows(config: ml_collections.ConfigDict, seq_len: int) -> tuple[list[dict], dict]:
+    """Per-layer costs of the configured method and the logged ratios.
+
+    Args:
+      config: a validated config.
+      seq_len: tokens entering the encoder (CLS included).
+
+    Returns:
+      (rows, ratios): one row per layer {'layer', 'tokens_in', 'tokens_out', 'attention'
+      ({component: ops}), 'ops' ({part: ops}, :func:`cost.layer_ops`), 'total_ops',
+      'dense_total_ops', 'attention_cost'}, and :func:`cost.cost_ratios`.
+    """
+    m = config.model
+    dims = layer_dims(config, seq_len)
+    method = attention_lib.get_method(config.attention.name).chain_costs(
+        dims, config.attention, seq_len)
+    dense = attention_lib.get_method('dense').chain_costs(
+        dims, ml_collections.ConfigDict({'impl': 'reference'}), seq_len)
+    ratios = cost.cost_ratios(method, dense, m.emb_dim, m.mlp_dim)
     rows = []
-    for i in range(m.num_layers):
-        dims = base.AttentionDims(emb_dim=m.emb_dim, qkv_dim=m.qkv_dim, num_heads=m.num_heads,
-                                  max_len=seq_len, layer_index=i, num_layers=m.num_layers,
-                                  attention_dropout_rate=m.attention_dropout_rate, dtype=m.dtype)
-        macs, next_len = method.macs(dims, config.attention, seq_len, m.mlp_dim)
-        rows.append({'layer': i, 'tokens_in': seq_len, 'macs': macs,
-                     'total_macs': float(sum(v for k, v in macs.items() if _is_mac(k)))})
-        seq_len = next_len
-    return rows
-
-
-def _is_mac(key: str) -> bool:
-    """Cost dicts may carry non-MAC annotations (e.g. bit widths); those are not summed."""
-    return not key.endswith('_bits')
+    for i, (layer, dense_layer) in enumerate(zip(method, dense)):
+        ops = cost.layer_ops(layer, m.emb_dim, m.mlp_dim)
+        rows.append({
+            'layer': i, 'tokens_in': layer.tokens, 'tokens_out': layer.tokens_out,
+            'attention': dict(layer.attention), 'ops': ops, 'total_ops': sum(ops.values()),
+            'dense_total_ops': sum(cost.layer_ops(dense_layer, m.emb_dim, m.mlp_dim).values()),
+            'attention_cost': ratios[f'layer{i}/attention_cost']})
+    ratios['encoder_ops'] = cost.encoder_ops(method, m.emb_dim, m.mlp_dim)
+    ratios['dense_encoder_ops'] = cost.encoder_ops(dense, m.emb_dim, m.mlp_dim)
+    return rows, ratios
 
 
 def describe(config: ml_collections.ConfigDict) -> dict:
-    """JSON-ready description: params, per-layer MACs of the method and of dense, the reduction."""
+    """JSON-ready description: params, per-layer ops of the method, its costs against dense."""
     config_lib.validate(config)
     info = data.task_info(config)
     seq_len = info.seq_len + int(not info.pair_inputs and config.model.pooling == 'CLS')
-    method = attention_lib.get_method(config.attention.name)
-    layers = layer_costs(config, method, seq_len)
-    dense_layers = layer_costs(config, attention_lib.get_method('dense'), seq_len)
-    total = sum(r['total_macs'] for r in layers)
-    dense_total = sum(r['total_macs'] for r in dense_layers)
+    rows, ratios = layer_rows(config, seq_len)
     return {
         'task': config.task, 'attention': config.attention.name,
         'attention_config': config.attention.to_dict(),
+        'implementation': attention_lib.implementation_used(config.attention),
         'num_params': num_params(config, info),
         'task_info': {'num_classes': info.num_classes, 'seq_len': info.seq_len,
                       'vocab_size': info.vocab_size, 'pair_inputs': info.pair_inputs},
         'tokens_per_sequence': seq_len,
-        'layers': layers,
-        'encoder_macs_per_sequence': total,
-        'dense_encoder_macs_per_sequence': dense_total,
-        'mac_reduction': dense_total / total if total else None,
+        'layers': rows,
+        'encoder_ops_per_sequence': ratios['encoder_ops'],
+        'dense_encoder_ops_per_sequence': ratios['dense_encoder_ops'],
+        'attention_cost': ratios['attention_cost'],
+        'model_cost': ratios['model_cost'],
     }
 
 
@@ -101,23 +121,28 @@ def train_step_memory(config: ml_collections.ConfigDict) -> dict[str, int] | Non
 
 
 def table(description: dict) -> str:
-    """The description as a compact text table: one row per layer, MACs per column, totals."""
+    """The description as a compact text table: one row per layer, ops per column, the ratios."""
     layers = description['layers']
-    keys = list(dict.fromkeys(k for row in layers for k in row['macs'] if _is_mac(k)))
+    components = list(dict.fromkeys(k for row in layers for k in row['attention']))
+    parts = ['qkv_proj', 'out_proj', 'ffn', 'norms_residuals']
     head = (f"{description['task']} / {description['attention']} "
-            f"(impl {description['attention_config'].get('impl')}), {len(layers)} layers, "
+            f"(impl {description['implementation']}), {len(layers)} layers, "
             f"{description['num_params']:,} parameters, {description['tokens_per_sequence']} "
-            'tokens per sequence; MACs per example')
-    columns = ['layer', 'tokens', *keys, 'total']
+            'tokens per sequence; ops per example (a multiply-accumulate is 2)')
+    columns = ['layer', 'tokens', *components, 'attention', *parts, 'total', 'attention_cost']
     rows = [[str(r['layer']), str(r['tokens_in']),
-             *[_si(r['macs'].get(k, 0.0)) for k in keys], _si(r['total_macs'])] for r in layers]
-    rows.append(['all', '', *[''] * len(keys), _si(description['encoder_macs_per_sequence'])])
+             *[_si(r['attention'].get(k, 0.0)) for k in components], _si(r['ops']['attention']),
+             *[_si(r['ops'][k]) for k in parts], _si(r['total_ops']), f"{r['attention_cost']:.3f}"]
+            for r in layers]
+    rows.append(['all', '', *[''] * (len(components) + 1 + len(parts)),
+                 _si(description['encoder_ops_per_sequence']),
+                 f"{description['attention_cost']:.3f}"])
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
     lines = [head, '  '.join(c.rjust(w) for c, w in zip(columns, widths))]
     lines += ['  '.join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
-    reduction = description['mac_reduction']
-    lines.append(f"dense: {_si(description['dense_encoder_macs_per_sequence'])} MACs"
-                 + (f' ({reduction:.2f}x this method)' if reduction else ''))
+    lines.append(f"dense: {_si(description['dense_encoder_ops_per_sequence'])} ops; "
+                 f"attention_cost {description['attention_cost']:.3f}, "
+                 f"model_cost {description['model_cost']:.3f} (this method / dense)")
     memory = description.get('train_step_memory')
     if memory:
         lines.append('train step, compiled, per device: '

@@ -27,7 +27,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (outputs, checkpo
 _MODE = flags.DEFINE_enum(
     'mode', 'train', ['train', 'evaluate', 'describe'],
     'train: train and evaluate; evaluate: evaluate the weights of --config.init_from with this '
-    "config's attention (no training); describe: parameters, MACs per layer and train-step memory.")
+    "config's attention (no training); describe: parameters, ops per layer, attention_cost and "
+    'model_cost, train-step memory.')
 _FORMAT = flags.DEFINE_enum('describe_format', 'table', ['table', 'json'],
                             'describe mode: a compact table, or JSON with every field.')
 _MEMORY = flags.DEFINE_bool(

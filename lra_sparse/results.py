@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 from lra_sparse.errors import UserError
 
 # Keys of results.json a finished run has: (key, key inside it or None).
@@ -60,7 +62,27 @@ def is_finished(workdir: str) -> bool:
     return True
 
 
-__all__ = ['REQUIRED', 'UnreadableResultsError', 'is_finished', 'read_results']
+def majority_accuracy(train_targets, test_targets) -> float:
+    """Accuracy on the test split of always predicting the train split's most frequent class.
+
+    The floor a classifier has to beat, recorded in results.json as ``majority_accuracy``.
+
+    Args:
+      train_targets: int [N_train] class ids of the train split.
+      test_targets: int [N_test] class ids of the split the run is scored on.
+
+    Returns:
+      The fraction of ``test_targets`` equal to the most frequent train class (ties: the lower id).
+    """
+    train_targets, test_targets = np.asarray(train_targets), np.asarray(test_targets)
+    if not (train_targets.size and test_targets.size):
+        return float('nan')
+    majority = np.argmax(np.bincount(train_targets.astype(np.int64)))
+    return float(np.mean(test_targets == majority))
+
+
+__all__ = ['REQUIRED', 'UnreadableResultsError', 'flatten', 'is_finished', 'majority_accuracy',
+           'read_results']
 
 
 def flatten(tree: dict, prefix: str = '') -> dict:

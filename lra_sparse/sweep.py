@@ -13,10 +13,10 @@ overrides apply to every point. A sweep named NAME is, in order of lookup:
      the same task, seed, steps and data order,
      methods with a sparsity knob at each of ``--sparsities``.
 Each point runs in ``WORKDIR/<point name>``, named by its method and the fields that differ between
-the points (e.g. ``dsa__attention.sigma=0.1``). A point whose ``results.json`` is valid and whose
-``config.json`` equals its config is skipped; any other point runs (an interrupted one resumes from
-its checkpoint, a torn ``results.json`` is written again), so a killed sweep picks up where it
-stopped.
+the points, without the ``attention.`` prefix (e.g. ``dsa__sigma=0.1``). A point whose
+``results.json`` is valid and whose ``config.json`` equals its config is skipped; any other point
+runs (an interrupted one resumes from its checkpoint, a torn ``results.json`` is written again), so
+a killed sweep picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Point:
       attention: the method (registry name).
       overrides: every ``(field, value)`` of the point (swept fields, seed, common overrides).
       name: directory-safe name: the method and the fields that differ between the sweep's
-        points, e.g. ``'dsa__attention.sigma=0.1__seed=0'``.
+        points, e.g. ``'dsa__sigma=0.1__seed=0'``.
     """
 
     attention: str
@@ -164,11 +164,19 @@ def _numbers(values: Iterable, kind: type, flag: str) -> list:
 
 
 def _point_names(raw: list[tuple[str, dict]]) -> list[str]:
-    """Directory names: the method and ``field=value`` of each field that differs between points."""
+    """Directory names: the method and ``field=value`` of each field that differs between points.
+
+    Fields equal in every point are left out, and so is the ``attention.`` prefix (kept only when
+    another varying field has the same short name): e.g. ``dsa__sparsity=0.9__seed=1``.
+    """
     keys = sorted({key for _, overrides in raw for key in overrides})
     varying = [k for k in keys
                if len({repr(overrides.get(k, _MISSING)) for _, overrides in raw}) > 1]
-    names = ['__'.join([method] + [f'{k}={overrides[k]}' for k in varying if k in overrides])
+    short = {k: k.removeprefix('attention.') for k in varying}
+    clashes = {n for n in short.values() if list(short.values()).count(n) > 1}
+    short = {k: k if n in clashes else n for k, n in short.items()}
+    names = ['__'.join([method] + [f'{short[k]}={overrides[k]}' for k in varying
+                                   if k in overrides])
              for method, overrides in raw]
     return [re.sub(r'[^A-Za-z0-9_.=,+-]', '-', n) for n in names]
 

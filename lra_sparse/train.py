@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from lra_sparse import attention as attention_lib
 from lra_sparse import config_lib, data, files, metrics
+from lra_sparse import results as results_lib
 from lra_sparse import workdir as workdir_lib
 from lra_sparse.errors import UserError
 from lra_sparse.models import transformer
@@ -494,7 +495,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       num_params, attention method, steps, wall time and throughput.
     """
     config_lib.validate(config)
-    with workdir_lib.RunDirectory(workdir, is_main=jax.process_index() == 0) as rundir:
+    with workdir_lib.RunDirectory(workdir, is_main=jax.process_index() == 0,
+                                 agree=_all_processes) as rundir:
         rundir.check_config(config, mode='train')
         finished = rundir.finished_results(config, mode='train')
         if finished is not None:
@@ -526,7 +528,7 @@ def _train(config: ml_collections.ConfigDict, rundir: workdir_lib.RunDirectory) 
         finally:
             writer.close()
     return _results(config, run.num_params, total, start_step, time.perf_counter() - t_start,
-                    validation, test)
+                    validation, test, task)
 
 
 def restore_or_init(run: Run, state: TrainState,
@@ -604,6 +606,14 @@ def _set_aside(mngr: ocp.CheckpointManager, failures: dict[int, str], restored: 
                          'checkpoint %d', step, directory, reason, target, restored)
     _sync('lra_sparse_set_aside')
     mngr.reload()
+
+
+def _all_processes(ok: bool) -> bool:
+    """Whether ``ok`` holds in every process of the run (a collective every process calls)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _sync(name: str) -> None:
@@ -789,7 +799,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
             'config.init_from=None is not allowed in evaluate mode: give the workdir of the run '
             'whose weights to evaluate (--config.init_from=runs/dense).')
     config_lib.validate(config)
-    with workdir_lib.RunDirectory(workdir, is_main=jax.process_index() == 0) as rundir:
+    with workdir_lib.RunDirectory(workdir, is_main=jax.process_index() == 0,
+                                 agree=_all_processes) as rundir:
         rundir.check_config(config, mode='evaluate')
         finished = rundir.finished_results(config, mode='evaluate')
         if finished is not None:
@@ -818,14 +829,18 @@ def _evaluate(config: ml_collections.ConfigDict, rundir: workdir_lib.RunDirector
     finally:
         writer.close()
     results = _results(config, run.num_params, 0, 0, time.perf_counter() - t_start,
-                       splits['validation'], splits['test'])
+                       splits['validation'], splits['test'], task)
     results.update(mode='evaluate', init_from=config.init_from)
     return results
 
 
 def _results(config, num_params: int, total: int, start_step: int, wall: float,
-             validation: dict, test: dict) -> dict:
-    """The results.json payload of a run: metrics, throughput, what ran and where it came from."""
+             validation: dict, test: dict, task) -> dict:
+    """The results.json payload of a run: metrics, throughput, what ran and where it came from.
+
+    ``majority_accuracy`` is the test accuracy of always predicting the train split's most
+    frequent class (the floor the reports draw).
+    """
     device = jax.devices()[0]
     return {
         'task': config.task, 'attention': config.attention.name,
@@ -835,7 +850,10 @@ def _results(config, num_params: int, total: int, start_step: int, wall: float,
         'num_train_steps': total, 'resumed_from_step': start_step,
         'wall_time_seconds': wall,
         'train_steps_per_second': (total - start_step) / wall if total > start_step else None,
-        'validation': validation, 'test': test, 'devices': jax.device_count(),
+        'validation': validation, 'test': test,
+        'majority_accuracy': results_lib.majority_accuracy(task.splits['train']['targets'],
+                                                           task.splits['test']['targets']),
+        'devices': jax.device_count(),
         'processes': jax.process_count(), 'platform': device.platform,
         'device_kind': getattr(device, 'device_kind', device.platform),
         'jax_version': jax.__version__, **workdir_lib.run_metadata(),

@@ -32,6 +32,7 @@ import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -349,16 +350,37 @@ class RunDirectory:
     Args:
       path: the workdir (created if missing; removed again at exit if the run left it empty).
       is_main: whether this process writes (process 0); only it takes the lock.
+      agree: for runs of several processes, ``ok -> every process's ok`` (a collective every
+        process calls): opening the workdir fails in every process when it fails in one (process
+        0 finding the lock held), so no process goes on alone to wait forever at a collective.
     """
 
-    def __init__(self, path: str, *, is_main: bool = True):
+    def __init__(self, path: str, *, is_main: bool = True,
+                 agree: Callable[[bool], bool] | None = None):
         self.path = path
         self.is_main = is_main
+        self.agree = agree
         self.lock = WorkdirLock(path)
         self.changes: dict[str, tuple[Any, Any]] = {}
         self._created = False
 
     def __enter__(self) -> RunDirectory:
+        error = None
+        try:
+            self._open()
+        except WorkdirError as refused:
+            error = refused
+        if self.agree is not None and not self.agree(error is None):
+            if error is None:
+                self.__exit__(None, None, None)
+                error = WorkdirError(f'workdir {self.path!r} cannot be used by another process of '
+                                     'this run (process 0 says why); every process stops.')
+        if error is not None:
+            raise error
+        return self
+
+    def _open(self) -> None:
+        """Creates the workdir and (process 0) takes the lock; raises WorkdirError."""
         try:
             self._created = not os.path.lexists(self.path)
             os.makedirs(self.path, exist_ok=True)
@@ -369,7 +391,6 @@ class RunDirectory:
                       else error.strerror or str(error))
             raise WorkdirError(f'workdir {self.path!r} cannot be used: {reason}; give a '
                                'directory this user can create and write.') from None
-        return self
 
     def __exit__(self, *exc_info) -> None:
         if not self.is_main:

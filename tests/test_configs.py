@@ -32,7 +32,7 @@ def test_config_loads_validates_builds(path, method, size):
     config_lib.validate(config)
     desc = describe.describe(config)
     assert desc['num_params'] > 0 and len(desc['layers']) == config.model.num_layers
-    assert desc['encoder_macs_per_sequence'] > 0
+    assert desc['encoder_ops_per_sequence'] > 0
 
 
 @pytest.mark.parametrize('task', list(REFERENCE_PARAMS))
@@ -158,8 +158,10 @@ def test_cli_describe_prints_json():
     assert out.returncode == 0, out.stderr
     desc = json.loads(out.stdout)
     assert desc['num_params'] > 8e6
-    layer = desc['layers'][0]['macs']
-    assert {'qkv_proj', 'out_proj', 'scores', 'attention_values', 'ffn'} <= set(layer)
+    layer = desc['layers'][0]
+    assert {'qkv_proj', 'out_proj', 'attention', 'ffn'} <= set(layer['ops'])
+    assert {'scores', 'softmax', 'values'} <= set(layer['attention'])
+    assert desc['attention_cost'] == 1.0 and desc['model_cost'] == 1.0
 
 
 @pytest.mark.parametrize('args,needle', [

@@ -262,3 +262,23 @@ def test_killed_processes_resume_to_the_same_result(one_process, tmp_path):
     assert 4 <= results['resumed_from_step'] < STEPS
     _assert_same_run(one_process, workdir)
     _assert_written_once(workdir)
+
+
+def test_locked_workdir_stops_every_process(tmp_path):
+    """Process 0 finds the workdir in use: every process of the run stops with an error (started
+    by hand, as under SLURM, so no launcher stops the others)."""
+    from lra_sparse import workdir as workdir_lib  # noqa: PLC0415
+
+    workdir = tmp_path / 'locked'
+    address = f'localhost:{launch.free_port()}'
+    with workdir_lib.RunDirectory(str(workdir)):  # this test process holds the lock
+        processes = [subprocess.Popen(
+            [sys.executable, '-m', 'lra_sparse.main', *MAIN_ARGS, f'--workdir={workdir}',
+             f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}'],
+            cwd=ROOT, env=_cpu_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+        outs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [2, 2]
+    assert 'is in use by pid' in outs[0][1]
+    assert 'cannot be used by another process of this run' in outs[1][1]
+    assert not workdir.exists()  # nothing written: the holder removed the directory it made

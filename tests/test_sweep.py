@@ -38,7 +38,8 @@ def test_two_point_sweep_resumes_and_reports(tmp_path):
     assert json.loads(second.read_text())['test']['accuracy'] >= 0, 'a torn point runs again'
     rows = report.report([str(tmp_path)])
     assert len(rows) == 1 and rows[0]['runs'] == 2  # same knobs: lr is not an attention knob
-    png = (tmp_path / 'accuracy_vs_sparsity.png').read_bytes()
+    assert 0 < rows[0]['majority_accuracy'] < 1  # recorded by the runs at evaluation
+    png = (tmp_path / 'accuracy_vs_cost.png').read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n'
 
 
@@ -71,7 +72,7 @@ def test_names_list_only_what_varies():
         'dense__learning_rate=0.05')  # one seed does not vary
     compare = sweep.sweep_points(SPEC, 'compare', sparsities=['0.5', '0.9'], extra=EXTRA)
     names = [p.name for p in compare]
-    assert names[0] == 'dense' and 'dsa__attention.sparsity=0.9' in names
+    assert names[0] == 'dense' and 'dsa__sparsity=0.9' in names
     assert len(set(names)) == len(names)
 
 
@@ -106,8 +107,8 @@ def test_a_finished_point_is_skipped_only_with_the_same_config(tmp_path):
 def test_compare_runs_dense_as_its_reference_when_another_impl_is_chosen():
     """Dense xla has no attention dropout: the compare sweep says dense runs its reference."""
     points = sweep.sweep_points('configs/listops.py:tiny,impl=xla', 'compare', sparsities=[0.9])
-    assert [p.name for p in points][:2] == ['dense__attention.impl=reference',
-                                            'dsa__attention.sparsity=0.9']
+    assert [p.name for p in points][:2] == ['dense__impl=reference',
+                                            'dsa__sparsity=0.9']
     for point in points:  # every point is a valid config (nothing refused, nothing switched)
         config = sweep.point_config('configs/listops.py:tiny,impl=xla', point)
         assert config.attention.impl == ('reference' if point.attention == 'dense' else 'xla')

@@ -6,7 +6,7 @@ calls it on the (layer-normalised) block input and gets back an :class:`Attentio
     out = attention(x, mask, carry, deterministic=..., rng=...)
     out.y          # [batch, length, emb_dim] attention output (after the output projection)
     out.carry      # LayerCarry for the next layer (token positions, method state, token selection)
-    out.stats      # {name: scalar} statistics (at least 'sparsity'), logged generically
+    out.stats      # {name: scalar} statistics ('kept_fraction', 'sparsity' and the method's own)
     out.aux_losses # {name: scalar} weighted auxiliary losses, summed into the training loss
 
 Methods own their Q/K/V/O projections (no bias, xavier-uniform, as in the reference LRA code), so a
@@ -23,9 +23,14 @@ carry return it unchanged.
 How a method runs (``config.attention.impl``: reference | xla | pallas) is an entry of the table
 its layer class declares (:class:`Implementation`: the function that runs it, the attention
 settings it supports, whether it has attention dropout); :func:`check_implementation` refuses any
-other (implementation, setting) pair before compute, so nothing silently runs another path. The
-cost model counts multiply-accumulates with one formula, :func:`layer_macs`, of which each method
-states only its deltas from dense attention.
+other (implementation, setting) pair before compute, so nothing silently runs another path.
+
+Standard statistics: every method reports ``kept_fraction`` (the fraction of valid query-key pairs
+whose exact probability contributes to the output; the denominator is the valid pairs of the
+sequence as it entered the encoder, so pairs of tokens a method pruned count as not kept); the
+base class adds ``sparsity = 1 - kept_fraction``. What a layer costs is not measured at run time
+but counted by the method's formula (:mod:`lra_sparse.attention.cost`, registry field ``cost``);
+the encoder logs the ``attention_cost`` and ``model_cost`` ratios it gives.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -41,6 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx, struct
 
+from lra_sparse.attention import cost as cost_lib
 from lra_sparse.errors import ConfigError, check, config_error  # noqa: F401  (re-exported)
 
 # A large negative finite score for masked entries: finite so that max-subtraction never gives NaN.
@@ -181,6 +187,36 @@ def masked_attention(
     scale = 1.0 / math.sqrt(q.shape[-1])
     probs = masked_softmax(attention_scores(q, k) * scale, keep)
     return weighted_values(probs, v), probs
+
+
+def standard_stats(stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """A layer's statistics with ``sparsity = 1 - kept_fraction`` added.
+
+    Args:
+      stats: {name: float32 scalar} as the method returned them, with 'kept_fraction'.
+
+    Returns:
+      the same plus 'sparsity'. A method that reports only 'sparsity' gets
+      'kept_fraction' = 1 - sparsity.
+    """
+    stats = dict(stats)
+    if 'kept_fraction' not in stats:
+        stats['kept_fraction'] = 1.0 - stats['sparsity']
+    stats['sparsity'] = (1.0 - stats['kept_fraction']).astype(jnp.float32)
+    return stats
+
+
+def kept_fraction(keep: jax.Array, valid: jax.Array) -> jax.Array:
+    """Fraction of valid query-key pairs that are attended (the standard ``kept_fraction``).
+
+    Args:
+      keep: bool broadcastable to [batch, heads, q_len, kv_len].
+      valid: bool broadcastable to the same shape (both tokens real).
+
+    Returns:
+      float32 scalar in [0, 1]; 1 when there are no valid pairs.
+    """
+    return (1.0 - pair_sparsity(keep, valid)).astype(jnp.float32)
 
 
 def pair_sparsity(keep: jax.Array, valid: jax.Array) -> jax.Array:
@@ -403,7 +439,7 @@ class Attention(nnx.Module):
         """
         if self.cfg.get('apply', 'train_and_eval') == 'eval_only' and not deterministic:
             y, _, _ = self.dense(x, mask, deterministic, rng)
-            out = AttentionOutput(y, carry, {'sparsity': jnp.zeros((), jnp.float32)}, {})
+            out = AttentionOutput(y, carry, {'kept_fraction': jnp.ones((), jnp.float32)}, {})
         else:
             if getattr(self, 'record_maps', False):
                 maps = {'dense_probs': self.dense(x, mask, True, None)[1], 'mask': mask,
@@ -412,7 +448,7 @@ class Attention(nnx.Module):
             out = self.attend(x, mask, carry, deterministic=deterministic, rng=rng)
         if self.dims.fully_masked_rows == 'reference':
             out = out._replace(y=self.reference_masked_rows(out.y, x, mask))
-        return out
+        return out._replace(stats=standard_stats(out.stats))
 
     def reference_masked_rows(self, y: jax.Array, x: jax.Array, mask: jax.Array) -> jax.Array:
         """Rows of padding queries set to what the reference LRA attention outputs for them.
@@ -451,20 +487,12 @@ class Attention(nnx.Module):
         raise NotImplementedError(f'{type(self).__name__} must implement attend()')
 
 
-# -- cost model (describe mode) ----------------------------------------------------------------
+# -- cost model -----------------------------------------------------------------------------------
+# Transition: methods not yet migrated to ``AttentionMethod.cost`` state their multiply-accumulates
+# through ``layer_macs``; ``AttentionMethod.layer_cost`` converts them.
 @dataclasses.dataclass(frozen=True)
 class LayerWork:
-    """What one encoder layer computes for one example: the inputs of the one MAC formula.
-
-    Attributes:
-      tokens: tokens entering the layer (all go through the feed-forward).
-      qkv_width: Q/K/V width computed (num_heads * head_dim; less when heads are pruned).
-      query_rows: rows projected to queries.
-      kv_rows: rows projected to keys and (again) to values.
-      out_rows: rows through the output projection.
-      score_pairs: query-key pairs whose score is computed (QKᵀ).
-      value_pairs: query-key pairs in the AV product.
-    """
+    """What one encoder layer computes for one example (the inputs of :func:`layer_macs`)."""
 
     tokens: int
     qkv_width: int
@@ -476,19 +504,7 @@ class LayerWork:
 
 
 def layer_macs(dims: AttentionDims, seq_len: int, mlp_dim: int, **work: int) -> dict[str, float]:
-    """Multiply-accumulates of one encoder layer for one example, the one formula of every method.
-
-    Args:
-      dims: the layer's dims.
-      seq_len: tokens entering the layer (CLS included).
-      mlp_dim: feed-forward width.
-      **work: fields of :class:`LayerWork` that differ from dense attention over ``seq_len``
-        tokens (every row projected, ``seq_len²`` score and AV pairs, the full width); a method
-        states only its deltas.
-
-    Returns:
-      {'qkv_proj', 'out_proj', 'scores', 'attention_values', 'ffn'} MAC counts (floats).
-    """
+    """Multiply-accumulates of one encoder layer for one example (``**work``: LayerWork deltas)."""
     n = seq_len
     w = dataclasses.replace(
         LayerWork(tokens=n, qkv_width=dims.qkv_dim, query_rows=n, kv_rows=n, out_rows=n,
@@ -504,7 +520,7 @@ def layer_macs(dims: AttentionDims, seq_len: int, mlp_dim: int, **work: int) -> 
 
 
 def dense_layer_macs(dims: AttentionDims, seq_len: int, mlp_dim: int) -> dict[str, float]:
-    """MACs of one dense encoder layer for one example (:func:`layer_macs` with no deltas)."""
+    """MACs of one dense encoder layer for one example (transition, see :func:`layer_macs`)."""
     return layer_macs(dims, seq_len, mlp_dim)
 
 
@@ -518,8 +534,10 @@ class AttentionMethod:
       default_config: returns the method's own config fields (each commented where defined).
       check: raises ``ConfigError`` for a bad method field of ``config`` (the full config);
         :meth:`validate` runs it and then the implementation checks.
-      layer_macs: (dims, cfg, seq_len, mlp_dim) -> (MACs dict for one example, tokens leaving the
-        layer). Defaults to the dense count.
+      cost: (dims, cfg, seq_len) -> :class:`cost.LayerCost`, the ops the implementation chosen by
+        ``cfg.impl`` executes for one example entering with ``seq_len`` tokens. Defaults to dense.
+      layer_macs: transition only: (dims, cfg, seq_len, mlp_dim) -> (MACs, tokens leaving) of a
+        method that does not state ``cost`` yet.
       description: one line for --help and docs.
       dense_equivalent: overrides of the method's fields under which it must equal dense attention
         exactly (e.g. sparsity 0); the conformance suite checks it. None if no such setting.
@@ -531,6 +549,7 @@ class AttentionMethod:
     module: type[Attention]
     default_config: Callable[[], ml_collections.ConfigDict]
     check: Callable[[ml_collections.ConfigDict], None] = lambda config: None
+    cost: Callable[..., cost_lib.LayerCost] | None = None
     layer_macs: Callable[..., tuple[dict[str, float], int]] | None = None
     description: str = ''
     dense_equivalent: Mapping[str, Any] | None = None
@@ -547,12 +566,41 @@ class AttentionMethod:
         check_implementation(self.name, self.impls, config.attention,
                              config.model.attention_dropout_rate)
 
+    def layer_cost(self, dims: AttentionDims, cfg: ml_collections.ConfigDict,
+                   seq_len: int) -> cost_lib.LayerCost:
+        """What one layer executes for one example entering with ``seq_len`` tokens."""
+        if self.cost is not None:
+            return self.cost(dims, cfg, seq_len)
+        dense = cost_lib.dense_layer_cost(dims, seq_len, cfg.get('impl', 'reference'))
+        if self.layer_macs is None:
+            return dense
+        macs, tokens_out = self.layer_macs(dims, cfg, seq_len, 1)
+        attention = {**dense.attention, 'scores': 2 * macs['scores'],
+                     'values': 2 * macs['attention_values']}
+        return dataclasses.replace(dense, attention=attention, ffn_tokens=seq_len,
+                                   tokens_out=tokens_out)
+
     def macs(self, dims: AttentionDims, cfg: ml_collections.ConfigDict, seq_len: int,
              mlp_dim: int) -> tuple[dict[str, float], int]:
-        """MACs of one layer for one example and the number of tokens leaving it."""
+        """Transition: MACs of one layer and the tokens leaving it, for ``layer_macs`` methods."""
         if self.layer_macs is None:
             return dense_layer_macs(dims, seq_len, mlp_dim), seq_len
         return self.layer_macs(dims, cfg, seq_len, mlp_dim)
+
+    def chain_costs(self, dims: Sequence[AttentionDims], cfg: ml_collections.ConfigDict,
+                    seq_len: int) -> list[cost_lib.LayerCost]:
+        """:meth:`layer_cost` of each layer in turn (each entering with what the last left).
+
+        Args:
+          dims: one AttentionDims per layer, in order.
+          cfg: ``config.attention``.
+          seq_len: tokens entering the encoder (CLS included).
+        """
+        costs = []
+        for layer_dims in dims:
+            costs.append(self.layer_cost(layer_dims, cfg, seq_len))
+            seq_len = costs[-1].tokens_out
+        return costs
 
 
 def pad_sequence(x: jax.Array, length: int) -> jax.Array:

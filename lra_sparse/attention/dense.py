@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lra_sparse.attention import base
+from lra_sparse.attention import base, cost
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -52,13 +52,14 @@ class DenseAttention(base.Attention):
     def attend(self, x, mask, carry, *, deterministic, rng):
         """Full attention; see ``base.Attention.__call__``."""
         y = self.implementation.run(self, x, mask, deterministic, rng)
-        return base.AttentionOutput(y, carry, {'sparsity': jnp.zeros((), jnp.float32)}, {})
+        return base.AttentionOutput(y, carry, {'kept_fraction': jnp.ones((), jnp.float32)}, {})
 
 
 METHOD = base.AttentionMethod(
     name='dense',
     module=DenseAttention,
     default_config=default_config,
+    cost=lambda dims, cfg, seq_len: cost.dense_layer_cost(dims, seq_len, cfg.impl),
     description='full softmax attention (baseline and test oracle)',
     dense_equivalent={},
 )

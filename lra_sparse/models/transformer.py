@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from lra_sparse import attention as attention_lib
-from lra_sparse.attention import base
+from lra_sparse.attention import base, cost
 
 _xavier = nnx.initializers.xavier_uniform()
 _bias_init = nnx.initializers.normal(stddev=1e-6)
@@ -117,6 +117,7 @@ class Encoder(nnx.Module):
             for i in range(m.num_layers)
         ])
         self.final_ln = nnx.LayerNorm(m.emb_dim, epsilon=1e-6, rngs=rngs)
+        self.emb_dim, self.mlp_dim = m.emb_dim, m.mlp_dim
 
     def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
                  rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict]:
@@ -155,9 +156,32 @@ class Encoder(nnx.Module):
         for attn, _ in trace:
             for value in attn.aux_losses.values():
                 aux_loss = aux_loss + value
-        return self.final_ln(x), mask, {
-            'stats': merge_layer_stats([attn.stats for attn, _ in trace]), 'aux_loss': aux_loss,
-            'positions': carry.positions}
+        stats = merge_layer_stats([attn.stats for attn, _ in trace])
+        stats.update({name: jnp.asarray(value, jnp.float32) for name, value in
+                      self.cost_ratios(length, deterministic).items()})
+        return self.final_ln(x), mask, {'stats': stats, 'aux_loss': aux_loss,
+                                        'positions': carry.positions}
+
+    def cost_ratios(self, length: int, deterministic: bool) -> dict[str, float]:
+        """The counted ``attention_cost`` (per layer and total) and ``model_cost`` of one forward.
+
+        Args:
+          length: tokens entering the blocks (CLS included).
+          deterministic: False while training (an ``apply='eval_only'`` method then runs dense).
+
+        Returns:
+          :func:`cost.cost_ratios` of this encoder's method against dense attention.
+        """
+        dims = [block.attention.dims for block in self.blocks]
+        attn_cfg = self.blocks[0].attention.cfg
+        dense = attention_lib.get_method('dense')
+        dense_cfg = ml_collections.ConfigDict({'impl': 'reference'})
+        method = attention_lib.get_method(attn_cfg.name)
+        if attn_cfg.get('apply', 'train_and_eval') == 'eval_only' and not deterministic:
+            method, attn_cfg = dense, dense_cfg
+        return cost.cost_ratios(method.chain_costs(dims, attn_cfg, length),
+                                dense.chain_costs(dims, dense_cfg, length),
+                                self.emb_dim, self.mlp_dim)
 
 
 def run_blocks(blocks, x: jax.Array, mask: jax.Array, carry: base.LayerCarry, *,
@@ -188,7 +212,11 @@ def run_blocks(blocks, x: jax.Array, mask: jax.Array, carry: base.LayerCarry, *,
 
 
 def merge_layer_stats(per_layer: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
-    """{'layer{i}/{name}': value} for every layer plus '{name}': the mean over layers."""
+    """{'layer{i}/{name}': value} for every layer plus '{name}': the mean over layers.
+
+    Every layer's ``kept_fraction`` has the same denominator (the valid pairs of the encoder's
+    input), so their mean is the fraction of (layer, valid pair) combinations kept.
+    """
     merged, totals = {}, {}
     for i, stats in enumerate(per_layer):
         for name, value in stats.items():
