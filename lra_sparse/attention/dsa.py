@@ -7,10 +7,12 @@ x [batch, L, emb_dim] and its mask [batch, L], one layer:
 1. **Predicts** the scores per head h (Eq. 5): ``S̃ʰ = (X Pʰ W̃_Qʰ)(X Pʰ W̃_Kʰ)ᵀ / sqrt(k)``
    [batch, heads, L, L], with a fixed sparse random projection ``Pʰ`` (Buffer ``projection``
    [emb_dim, heads, k]), trainable ``W̃_Qʰ, W̃_Kʰ`` (``pred_query``, ``pred_key`` [heads, k, k]) and
-   ``k = round(sigma * head_dim)``, at ``precision``: fp32 | bf16 | int8 | int4 | int2 (symmetric
-   fake quantization, :mod:`quant`, of ``XP``, ``W̃`` and ``Q̃, K̃``: an integer pipeline
-   simulated exactly in float32). ``random`` (a random mask, no predictor) and ``oracle`` (the
-   true scores) are the paper's controls.
+   ``k = round(sigma * head_dim)``, at ``precision``: fp32 | bf16 | int8 | int4 | int2. The
+   integer ``pipeline`` is the paper's Fig. 9 by default (``fused``: X quantized, one fused
+   low-precision weight ``P·W̃`` per path, exact integer GEMMs, Q̃/K̃ re-quantized for the S̃ GEMM)
+   or ``project_first`` (X·P in float, then codes); fake quantization (:mod:`quant`) simulates the
+   integer pipeline exactly in float32. ``random`` (a random mask, no predictor) and ``oracle``
+   (the true scores) are the paper's controls.
 2. **Selects** the keys to attend from the selection scores: ``topk`` keeps
    ``ceil((1 - sparsity) * n)`` valid keys per row (n = the example's valid length; ties to the
    lowest index), ``threshold`` the keys scoring >= threshold plus each row's best. Granularity
@@ -18,26 +20,31 @@ x [batch, L, emb_dim] and its mask [batch, L], one layer:
    score) or ``block`` (``block_q × block_k`` tiles ranked by mean score). Padding is never kept.
 3. **Attends** over the kept keys only: softmax of the kept scores (scaled by 1/sqrt(head_dim)),
    AV; y [batch, L, emb_dim], zero on padded rows.
-4. **Trains the predictor** (Eq. 6-7): ``aux_losses['dsa_mse'] = mse_weight * MSE``, the mean
-   over heads and valid pairs of ``(S - S̃)²`` with ``S = QKᵀ/sqrt(head_dim)``; gradients reach
-   the predictor (straight-through) and the Q/K projections.
+4. **Trains the predictor** (Eq. 6-7): ``aux_losses['dsa_mse'] = mse_weight * L_MSE``, with
+   ``L_MSE`` the sum over heads and valid pairs of ``(S - S̃)²`` per example averaged over the
+   batch (``mse_normalization='example_sum'``, Eq. 6) or the mean per pair (``pair_mean``),
+   ``S = QKᵀ/sqrt(head_dim)``; gradients reach the predictor (straight-through) and Q/K.
 
 Implementations (the table of :class:`DSAAttention`; other pairs are refused by validation):
 
 * ``reference``: dense ``S̃`` and scores, a boolean keep mask, :func:`base.masked_attention`; every
   setting. The oracle of the tests.
-* ``xla``: ``topk`` with ``element`` / ``vector`` granularity. ``lax.top_k`` index lists per row
-  group, gathered K and V [batch, heads, groups, k_max, head_dim], attention on those only; the
-  MSE from ``head_dim × k`` Gram matrices. No L×L attention score matrix (``S̃`` still is L×L at
-  width k).
+* ``xla``: ``topk`` selection, every granularity. ``block``: the kept key blocks of each query
+  block (the kernel's index lists, from pooled tile scores) gathered, batched matmuls, no L×L
+  array. ``vector``: ``lax.top_k`` over pooled group scores, gathered K/V. ``element``: the dense
+  S̃ and its ``lax.top_k``, softmax on the kept scores, scattered for one AV matmul. The MSE from
+  Gram matrices.
 * ``pallas``: ``block`` granularity (its default, with 64 × 64 tiles), tiles powers of two >= 16
-  (>= 64 compiled for a GPU), no attention dropout: the kept
-  tiles' index lists go to the block-sparse kernel (``pallas_kernels.block_sparse``); interpret
-  mode on CPU.
+  (>= 64 compiled for a GPU), no attention dropout: the kept tiles' index lists (pooled tile
+  scores) go to the block-sparse kernel (``pallas_kernels.block_sparse``); interpret mode on CPU.
 
-Statistics (float32 scalars): ``sparsity`` (valid query-key pairs not attended), ``mse`` (with a
-predictor), ``prediction_accuracy`` (with ``accuracy_stat``: |predicted ∩ oracle| / |predicted|
-over valid rows, Fig. 6; needs the full score matrix).
+Group and tile scores of the bilinear S̃ = q̃·k̃ᵀ come from pooled q̃/k̃ (:class:`SelectionScores`)
+in the xla and pallas paths, from the dense S̃ in the reference; equal up to float rounding.
+
+Statistics (float32 scalars): ``kept_fraction`` (valid query-key pairs attended), ``mse`` (the
+mean per head and pair, with a predictor), ``prediction_accuracy`` (``accuracy_stat``: at
+evaluation by default, on ``accuracy_rows`` sampled rows per example with ``lax.top_k``:
+|predicted ∩ oracle| / |predicted|, Fig. 6).
 
 How the paper's open points are resolved (head mapping, the scale of ``S̃``, quantization scales
 and the integer pipeline, random masks), the cost model and the sweeps: ``docs/methods/dsa.md``.
@@ -80,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.block_q = 16  # granularity='block': query rows per tile, a positive integer
     c.block_k = 16  # granularity='block': keys per tile, a positive integer
     c.pipeline = 'fused'  # fused (Fig. 9: quantized X times one fused P·W~) | project_first
-    c.mse_weight = 0.1  # lambda of L = L_model + lambda * L_MSE, a number >= 0
+    c.mse_weight = 2.5e-8  # lambda of L = L_model + lambda * L_MSE (Eq. 7), a number >= 0
     c.mse_normalization = 'example_sum'  # L_MSE: example_sum (Eq. 6) | pair_mean
     c.accuracy_stat = 'eval'  # when to log 'prediction_accuracy': eval | always | off
     c.accuracy_rows = 64  # query rows sampled per example for it (0: every row)
@@ -1177,7 +1184,7 @@ class DSAAttention(base.Attention):
         valid_pairs = self.dims.num_heads * jnp.sum(jnp.sum(mask, axis=1) ** 2)
         kept_fraction = jnp.where(valid_pairs > 0, attended.kept / jnp.maximum(valid_pairs, 1),
                                   1.0)
-        stats, aux = {'sparsity': (1.0 - kept_fraction).astype(jnp.float32)}, {}
+        stats, aux = {'kept_fraction': kept_fraction.astype(jnp.float32)}, {}
         if self.has_predictor:
             sq, total = score_error(q, k, qt, kt, mask, gram=attended.gram_mse)
             mse = jnp.where(total > 0, sq / jnp.maximum(total, 1.0), 0.0)
