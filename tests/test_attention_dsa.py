@@ -187,9 +187,17 @@ def test_prediction_accuracy_hand_made():
     valid = jnp.ones((1, 1, 2, 4), bool)
     # Row 0 predicts {0, 2}, oracle top-2 = {0, 1}: 1 hit. Row 1 predicts {2, 3} = oracle: 2.
     assert float(dsa.prediction_accuracy(s, keep, valid)) == pytest.approx(0.75)
-    idx = jnp.asarray([[[[0, 2], [3, 2]]]])
-    live = jnp.ones((1, 1, 2, 1, 2), bool)
-    assert float(dsa.gathered_accuracy(s, idx, live, valid)) == pytest.approx(0.75)
+    # The same rows as index lists on sampled rows (lax.top_k, no sort): q_r·k_j gives s above.
+    q = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])[None, :, None]
+    k = jnp.asarray([[4.0, 1.0], [3.0, 2.0], [2.0, 3.0], [1.0, 4.0]])[None, :, None]
+    keys = jnp.asarray([[[[0, 2], [3, 2]]]])
+    live = jnp.ones((1, 1, 2, 2), bool)
+    rows, row_ok = jnp.asarray([[0, 1]]), jnp.ones((1, 2), bool)
+    mask = jnp.ones((1, 4), bool)
+    assert float(dsa.row_accuracy(q, k, mask, rows, row_ok, keys, live, 2)) == pytest.approx(0.75)
+    # A row left out of the sample does not count: row 0 alone has 1 hit of 2.
+    assert float(dsa.row_accuracy(q, k, mask, rows, jnp.asarray([[True, False]]), keys, live,
+                                  2)) == pytest.approx(0.5)
 
 
 # -- granularities ------------------------------------------------------------------------------
@@ -260,8 +268,7 @@ def test_block_layer_equals_masked_attention_on_its_mask():
         np.testing.assert_allclose(call(lay, x, mask).y, want, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize('overrides,field', [
-    ({'granularity': 'block'}, 'granularity'), ({'selection': 'threshold'}, 'selection')])
+@pytest.mark.parametrize('overrides,field', [({'selection': 'threshold'}, 'selection')])
 def test_xla_refuses_settings_it_does_not_run(overrides, field):
     config = tiny_config('listops', 'attention=dsa,impl=xla',
                          **{f'attention.{k}': v for k, v in overrides.items()})
@@ -280,6 +287,11 @@ VARIANTS = [
     {}, {'granularity': 'vector', 'vector_size': 4}, {'granularity': 'vector', 'vector_size': 8},
     {'precision': 'oracle', 'sparsity': 0.8}, {'precision': 'random'},
     {'precision': 'bf16', 'sparsity': 0.5}, {'precision': 'int2', 'sparsity': 0.95},
+    {'granularity': 'block', 'block_q': 8, 'block_k': 4, 'sparsity': 0.7, 'precision': 'fp32'},
+    {'granularity': 'block', 'block_q': 16, 'block_k': 8, 'sparsity': 0.5},
+    {'granularity': 'block', 'block_q': 4, 'block_k': 4, 'precision': 'oracle', 'sparsity': 0.6},
+    {'granularity': 'block', 'precision': 'random', 'sparsity': 0.6},
+    {'granularity': 'vector', 'vector_size': 4, 'precision': 'random'},
 ]
 
 
@@ -333,7 +345,13 @@ def test_mse_value_matches_numpy(impl):
     want = np.mean((s - st)[valid] ** 2)
     out = call(layer, x, mask)
     np.testing.assert_allclose(float(out.stats['mse']), want, rtol=2e-4)
-    np.testing.assert_allclose(float(out.aux_losses['dsa_mse']), 0.3 * want, rtol=2e-4)
+    # Eq. 6: the squared error summed over heads and valid pairs of each example, / B examples.
+    per_example = [np.sum((s - st)[b][valid[b]] ** 2) for b in range(B)]
+    np.testing.assert_allclose(float(out.aux_losses['dsa_mse']), 0.3 * np.mean(per_example),
+                               rtol=2e-4)
+    old = call(build(impl, precision='int8', mse_weight=0.3, mse_normalization='pair_mean'),
+               x, mask)  # the earlier normalisation: the mean over heads and valid pairs
+    np.testing.assert_allclose(float(old.aux_losses['dsa_mse']), 0.3 * want, rtol=2e-4)
     # The selection scores are the same S~ (product of the quantized Q~, K~, 1/sqrt(k) scale).
     np.testing.assert_allclose(s_pred, st, rtol=1e-5, atol=1e-6)
 
@@ -552,7 +570,10 @@ def test_tiny_listops_trains_with_dsa(tmp_path):
     for e in events:
         assert np.isfinite(e['loss']) and e['aux_loss'] > 0
         assert e['sparsity'] == pytest.approx(0.9, abs=0.05)
-        assert np.isfinite(e['mse']) and 0.0 <= e['prediction_accuracy'] <= 1.0
+        assert np.isfinite(e['mse'])
+        assert 'prediction_accuracy' not in e  # accuracy_stat='eval': off the training step
+    evals = [e for e in metrics.read_metrics(str(tmp_path)) if e['split'] != 'train']
+    assert evals and all(0.0 <= e['prediction_accuracy'] <= 1.0 for e in evals)
 
 
 def test_init_from_dense_loads_dense_weights_and_fresh_predictor(tmp_path):
@@ -581,3 +602,190 @@ def _flat(tree, prefix=''):
         else:
             out[f'{prefix}{k}'] = v
     return out
+
+
+# -- pooled selection, the xla block path, the accuracy sample -------------------------------------
+@pytest.mark.parametrize('seed', [0, 1])
+def test_pooled_selection_equals_dense_selection_on_untied_inputs(seed):
+    rng = np.random.default_rng(seed)
+    fq = rng.normal(size=(B, L, H, 3)).astype(np.float32)
+    fk = rng.normal(size=(B, L, H, 3)).astype(np.float32)
+    _, mask = inputs()
+    m = np.asarray(mask)
+    fq, fk = (np.where(m[:, :, None, None], f, 0.0) for f in (fq, fk))
+    dense = jnp.asarray(np.einsum('bqhf,bkhf->bhqk', fq, fk))
+    fq, fk = jnp.asarray(fq), jnp.asarray(fk)
+    for size in (2, 4, 8):
+        pooled = dsa.pooled_group_scores(fq, fk, mask, size)
+        np.testing.assert_allclose(pooled, dsa.group_scores(dense, mask, size), rtol=1e-5,
+                                   atol=1e-6)
+        count = dsa.keep_count(jnp.sum(mask, axis=1), 0.7)
+        np.testing.assert_array_equal(dsa.topk_keep(pooled, mask, count),
+                                      dsa.topk_keep(dsa.group_scores(dense, mask, size), mask,
+                                                    count))
+    for bq, bk in ((8, 4), (4, 8), (16, 16)):
+        pooled = dsa.pooled_tile_means(fq, fk, mask, mask, bq, bk)
+        want = dsa.tile_means(dense, mask, mask, bq, bk)
+        np.testing.assert_array_equal(np.isinf(pooled), np.isinf(want))
+        finite = np.isfinite(np.asarray(want))
+        np.testing.assert_allclose(np.asarray(pooled)[finite], np.asarray(want)[finite],
+                                   rtol=1e-5, atol=1e-6)
+        for args in ((0.6, 'topk', 0.0), (0.0, 'threshold', 0.2)):
+            got = dsa.select_tiles(pooled, mask, bk, *args)
+            ref = dsa.select_tiles(want, mask, bk, *args)
+            np.testing.assert_array_equal(dsa.tiles_keep(*got, mask, mask, bq, bk),
+                                          dsa.tiles_keep(*ref, mask, mask, bq, bk))
+
+
+def _shapes(jaxpr):
+    """Every intermediate's shape in a jaxpr, sub-jaxprs included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        out += [v.aval.shape for v in eqn.outvars if hasattr(v.aval, 'shape')]
+        for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, 'subjaxprs') else ():
+            out += _shapes(sub)
+        for param in eqn.params.values():
+            inner = getattr(param, 'jaxpr', None)
+            if inner is not None and hasattr(inner, 'eqns'):
+                out += _shapes(inner)
+            elif hasattr(param, 'eqns'):
+                out += _shapes(param)
+    return out
+
+
+def test_xla_block_path_forms_no_length_by_length_array():
+    length = 96
+    settings = dict(granularity='block', block_q=16, block_k=16, sparsity=0.75)
+    layer = build('xla', dims=base.AttentionDims(emb_dim=E, qkv_dim=E, num_heads=H,
+                                                 max_len=length), **settings)
+    x, mask = inputs(18, lengths=(length - 9, 50), length=length)
+    graphdef, state = nnx.split(layer)
+
+    def loss(state, deterministic):
+        out = call(nnx.merge(graphdef, state), x, mask, deterministic=deterministic)
+        return jnp.sum(out.y ** 2) + sum(out.aux_losses.values()) + sum(out.stats.values())
+    for fn in (lambda s: loss(s, True), jax.grad(lambda s: loss(s, False))):
+        shapes = _shapes(jax.make_jaxpr(fn)(state).jaxpr)
+        assert shapes and not [s for s in shapes if list(s).count(length) >= 2]
+    ref = build('reference', dims=layer.dims, **settings)
+    nnx.update(ref, nnx.state(layer))
+    np.testing.assert_allclose(call(layer, x, mask).y, call(ref, x, mask).y, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_prediction_accuracy_sample_and_every_row():
+    length = 40
+    dims = base.AttentionDims(emb_dim=E, qkv_dim=E, num_heads=H, max_len=length)
+    x, mask = inputs(19, lengths=(length, 29), length=length)
+    full = build(dims=dims, accuracy_rows=0, sparsity=0.8)
+    q, k, _ = full.project_qkv(x)
+    maps = full.inspect_maps(x, mask, None)
+    valid = base.pair_mask(mask, mask)
+    s = base.attention_scores(q, k) / math.sqrt(D)
+    want = float(dsa.prediction_accuracy(s, maps['kept'], valid))  # the full-row statistic
+    assert float(call(full, x, mask).stats['prediction_accuracy']) == pytest.approx(want)
+    # A sample of 8 rows: the statistic over exactly those rows.
+    sampled = build(dims=dims, accuracy_rows=8, sparsity=0.8)
+    nnx.update(sampled, nnx.state(full))
+    rows, row_ok = (np.asarray(t) for t in dsa.sample_rows(mask, 8))
+    m = np.asarray(mask)
+    for b in range(2):
+        picked = rows[b][row_ok[b]]
+        assert len(set(picked)) == len(picked) == 8 and m[b, picked].all()
+    keep_rows = np.zeros(np.asarray(maps['kept']).shape, bool)
+    for b in range(2):
+        keep_rows[b, :, rows[b][row_ok[b]]] = True
+    kept = np.asarray(maps['kept']) & keep_rows
+    want = float(dsa.prediction_accuracy(s, jnp.asarray(kept), valid))
+    assert float(call(sampled, x, mask).stats['prediction_accuracy']) == pytest.approx(want)
+    # Off the training step by default; 'always' logs it there too; 'off' never.
+    train_kw = dict(deterministic=False, rng=jax.random.key(0))
+    assert 'prediction_accuracy' not in call(full, x, mask, **train_kw).stats
+    assert 'prediction_accuracy' in call(build(dims=dims, accuracy_stat='always'), x, mask,
+                                         **train_kw).stats
+    assert 'prediction_accuracy' not in call(build(dims=dims, accuracy_stat='off'), x, mask).stats
+
+
+# -- the low-precision pipelines against numpy -------------------------------------------------
+def _np_codes(x, bits, axes):
+    """Symmetric codes and scales (round half to even), one scale over ``axes``."""
+    qmax = 2.0 ** (bits - 1) - 1
+    amax = np.max(np.abs(x), axis=axes, keepdims=True)
+    safe = np.where(amax > 0, amax, qmax)
+    return np.clip(np.round(x * qmax / safe), -qmax, qmax), safe / qmax
+
+
+def np_fig9_scores(x, p, wq, wk, bits):
+    """Fig. 9 in numpy (float64): quantized X, one fused low-precision weight P·W̃ per path,
+    integer GEMMs, Q̃/K̃ re-quantized per token and head; S̃ = codes dot × scales / sqrt(k)."""
+    k = p.shape[-1]
+    cx, sx = _np_codes(x, bits, (2,))  # [B, L, 1]
+    out = []
+    for w in (wq, wk):
+        fused = np.einsum('ehk,hkj->ehj', p, w)
+        cw, sw = _np_codes(fused, bits, (0,))  # [1, H, k]
+        y = np.einsum('ble,ehj->blhj', cx, cw) * sw[0]
+        cy, sy = _np_codes(y, bits, (3,))
+        out.append((cy, sy[..., 0] * sx))
+    (cq, sq), (ck, sk) = out
+    return (np.einsum('bqhk,bshk->bhqs', cq, ck) * np.einsum('bqh,bsh->bhqs', sq, sk)
+            / math.sqrt(k))
+
+
+def np_project_first_scores(x, p, wq, wk, bits):
+    """The earlier pipeline in numpy: X·P in float, then codes of XP (per token and head), of W̃
+    (per output column) and of Q̃/K̃ (per token and head)."""
+    k = p.shape[-1]
+    xp = np.einsum('ble,ehk->blhk', x, p)
+    cx, sx = _np_codes(xp, bits, (3,))
+    out = []
+    for w in (wq, wk):
+        cw, sw = _np_codes(w, bits, (1,))  # [H, 1, k]
+        y = np.einsum('blhk,hkj->blhj', cx, cw) * sw[None, :, 0]
+        cy, sy = _np_codes(y, bits, (3,))
+        out.append((cy, (sy * sx)[..., 0]))
+    (cq, sq), (ck, sk) = out
+    return (np.einsum('bqhk,bshk->bhqs', cq, ck) * np.einsum('bqh,bsh->bhqs', sq, sk)
+            / math.sqrt(k))
+
+
+def _np_topk_mask(scores, m, sparsity):
+    keep = np.zeros(scores.shape, bool)
+    for b in range(scores.shape[0]):
+        c = math.ceil((1 - sparsity) * m[b].sum() - 1e-4)
+        for h, r in np.ndindex(*scores.shape[1:3]):
+            if m[b, r]:
+                row = np.where(m[b], scores[b, h, r], -np.inf)
+                keep[b, h, r, np.argsort(-row, kind='stable')[:c]] = True
+    return keep
+
+
+@pytest.mark.parametrize('pipeline', ['fused', 'project_first'])
+@pytest.mark.parametrize('precision', ['int8', 'int4', 'int2'])
+def test_pipeline_equals_numpy_and_gives_the_same_mask(pipeline, precision):
+    bits = dsa.PRECISION_BITS[precision]
+    layer = build(precision=precision, pipeline=pipeline, sparsity=0.75)
+    x, mask = inputs(20)
+    m = np.asarray(mask)
+    args = (np.where(m[..., None], np.asarray(x, np.float64), 0.0),
+            np.asarray(layer.projection[...], np.float64),
+            np.asarray(layer.pred_query[...], np.float64),
+            np.asarray(layer.pred_key[...], np.float64), bits)
+    want = (np_fig9_scores if pipeline == 'fused' else np_project_first_scores)(*args)
+    valid = np.broadcast_to((m[:, :, None] & m[:, None, :])[:, None], want.shape)
+    _, _, got = layer.predict(x, mask)
+    np.testing.assert_allclose(np.asarray(got)[valid], want[valid], rtol=1e-5, atol=1e-6)
+    # Untied rows (the kept count's score differs from the next one) get identical masks.
+    untied = np.zeros(want.shape[:3], bool)
+    for b, h, r in np.ndindex(*want.shape[:3]):
+        row = np.sort(want[b, h, r][m[b]])[::-1]
+        c = math.ceil(0.25 * m[b].sum() - 1e-4)
+        untied[b, h, r] = m[b, r] and (c == len(row) or row[c - 1] - row[c] > 1e-6)
+    assert untied[m[:, None, :].repeat(H, 1)].mean() > 0.3, 'too few untied rows to compare'
+    kept = np.asarray(layer.inspect_maps(x, mask, None)['kept'])
+    np.testing.assert_array_equal(kept[untied], _np_topk_mask(want, m, 0.75)[untied])
+    for impl in ('xla',):  # the xla path keeps the same pairs
+        other = build(impl, precision=precision, pipeline=pipeline, sparsity=0.75)
+        nnx.update(other, nnx.state(layer))
+        np.testing.assert_allclose(call(other, x, mask).y, call(layer, x, mask).y, rtol=1e-5,
+                                   atol=1e-5)

@@ -7,10 +7,12 @@ x [batch, L, emb_dim] and its mask [batch, L], one layer:
 1. **Predicts** the scores per head h (Eq. 5): ``S̃ʰ = (X Pʰ W̃_Qʰ)(X Pʰ W̃_Kʰ)ᵀ / sqrt(k)``
    [batch, heads, L, L], with a fixed sparse random projection ``Pʰ`` (Buffer ``projection``
    [emb_dim, heads, k]), trainable ``W̃_Qʰ, W̃_Kʰ`` (``pred_query``, ``pred_key`` [heads, k, k]) and
-   ``k = round(sigma * head_dim)``, at ``precision``: fp32 | bf16 | int8 | int4 | int2 (symmetric
-   fake quantization, :mod:`quant`, of ``XP``, ``W̃`` and ``Q̃, K̃``: an integer pipeline
-   simulated exactly in float32). ``random`` (a random mask, no predictor) and ``oracle`` (the
-   true scores) are the paper's controls.
+   ``k = round(sigma * head_dim)``, at ``precision``: fp32 | bf16 | int8 | int4 | int2. The
+   integer ``pipeline`` is the paper's Fig. 9 by default (``fused``: X quantized, one fused
+   low-precision weight ``P·W̃`` per path, exact integer GEMMs, Q̃/K̃ re-quantized for the S̃ GEMM)
+   or ``project_first`` (X·P in float, then codes); fake quantization (:mod:`quant`) simulates the
+   integer pipeline exactly in float32. ``random`` (a random mask, no predictor) and ``oracle``
+   (the true scores) are the paper's controls.
 2. **Selects** the keys to attend from the selection scores: ``topk`` keeps
    ``ceil((1 - sparsity) * n)`` valid keys per row (n = the example's valid length; ties to the
    lowest index), ``threshold`` the keys scoring >= threshold plus each row's best. Granularity
@@ -18,26 +20,31 @@ x [batch, L, emb_dim] and its mask [batch, L], one layer:
    score) or ``block`` (``block_q × block_k`` tiles ranked by mean score). Padding is never kept.
 3. **Attends** over the kept keys only: softmax of the kept scores (scaled by 1/sqrt(head_dim)),
    AV; y [batch, L, emb_dim], zero on padded rows.
-4. **Trains the predictor** (Eq. 6-7): ``aux_losses['dsa_mse'] = mse_weight * MSE``, the mean
-   over heads and valid pairs of ``(S - S̃)²`` with ``S = QKᵀ/sqrt(head_dim)``; gradients reach
-   the predictor (straight-through) and the Q/K projections.
+4. **Trains the predictor** (Eq. 6-7): ``aux_losses['dsa_mse'] = mse_weight * L_MSE``, with
+   ``L_MSE`` the sum over heads and valid pairs of ``(S - S̃)²`` per example averaged over the
+   batch (``mse_normalization='example_sum'``, Eq. 6) or the mean per pair (``pair_mean``),
+   ``S = QKᵀ/sqrt(head_dim)``; gradients reach the predictor (straight-through) and Q/K.
 
 Implementations (the table of :class:`DSAAttention`; other pairs are refused by validation):
 
 * ``reference``: dense ``S̃`` and scores, a boolean keep mask, :func:`base.masked_attention`; every
   setting. The oracle of the tests.
-* ``xla``: ``topk`` with ``element`` / ``vector`` granularity. ``lax.top_k`` index lists per row
-  group, gathered K and V [batch, heads, groups, k_max, head_dim], attention on those only; the
-  MSE from ``head_dim × k`` Gram matrices. No L×L attention score matrix (``S̃`` still is L×L at
-  width k).
+* ``xla``: ``topk`` selection, every granularity. ``block``: the kept key blocks of each query
+  block (the kernel's index lists, from pooled tile scores) gathered, batched matmuls, no L×L
+  array. ``vector``: ``lax.top_k`` over pooled group scores, gathered K/V. ``element``: the dense
+  S̃ and its ``lax.top_k``, softmax on the kept scores, scattered for one AV matmul. The MSE from
+  Gram matrices.
 * ``pallas``: ``block`` granularity (its default, with 64 × 64 tiles), tiles powers of two >= 16
-  (>= 64 compiled for a GPU), no attention dropout: the kept
-  tiles' index lists go to the block-sparse kernel (``pallas_kernels.block_sparse``); interpret
-  mode on CPU.
+  (>= 64 compiled for a GPU), no attention dropout: the kept tiles' index lists (pooled tile
+  scores) go to the block-sparse kernel (``pallas_kernels.block_sparse``); interpret mode on CPU.
 
-Statistics (float32 scalars): ``sparsity`` (valid query-key pairs not attended), ``mse`` (with a
-predictor), ``prediction_accuracy`` (with ``accuracy_stat``: |predicted ∩ oracle| / |predicted|
-over valid rows, Fig. 6; needs the full score matrix).
+Group and tile scores of the bilinear S̃ = q̃·k̃ᵀ come from pooled q̃/k̃ (:class:`SelectionScores`)
+in the xla and pallas paths, from the dense S̃ in the reference; equal up to float rounding.
+
+Statistics (float32 scalars): ``kept_fraction`` (valid query-key pairs attended), ``mse`` (the
+mean per head and pair, with a predictor), ``prediction_accuracy`` (``accuracy_stat``: at
+evaluation by default, on ``accuracy_rows`` sampled rows per example with ``lax.top_k``:
+|predicted ∩ oracle| / |predicted|, Fig. 6).
 
 How the paper's open points are resolved (head mapping, the scale of ``S̃``, quantization scales
 and the integer pipeline, random masks), the cost model and the sweeps: ``docs/methods/dsa.md``.
@@ -61,6 +68,9 @@ PRECISION_BITS = {'fp32': 32, 'bf16': 16, 'int8': 8, 'int4': 4, 'int2': 2}
 SELECTIONS = ('topk', 'threshold')
 GRANULARITIES = ('element', 'vector', 'block')
 VECTOR_SIZES = (2, 4, 8)
+ACCURACY_STATS = ('eval', 'always', 'off')
+PIPELINES = ('fused', 'project_first')
+MSE_NORMALIZATIONS = ('example_sum', 'pair_mean')
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -76,8 +86,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.vector_size = 4  # granularity='vector': consecutive query rows per group: 2 | 4 | 8
     c.block_q = 16  # granularity='block': query rows per tile, a positive integer
     c.block_k = 16  # granularity='block': keys per tile, a positive integer
-    c.mse_weight = 0.1  # lambda of L = L_model + lambda * MSE(S, S~), a number >= 0
-    c.accuracy_stat = True  # log 'prediction_accuracy' (needs the full L x L score matrix)
+    c.pipeline = 'fused'  # fused (Fig. 9: quantized X times one fused P·W~) | project_first
+    c.mse_weight = 2.5e-8  # lambda of L = L_model + lambda * L_MSE (Eq. 7), a number >= 0
+    c.mse_normalization = 'example_sum'  # L_MSE: example_sum (Eq. 6) | pair_mean
+    c.accuracy_stat = 'eval'  # when to log 'prediction_accuracy': eval | always | off
+    c.accuracy_rows = 64  # query rows sampled per example for it (0: every row)
     return c
 
 
@@ -124,8 +137,14 @@ def check_fields(cfg, head_dim: int) -> None:
     lam = cfg.mse_weight
     _check(_is_number(lam) and math.isfinite(lam) and lam >= 0, 'mse_weight', lam,
            'a finite number >= 0')
-    _check(isinstance(cfg.accuracy_stat, bool), 'accuracy_stat', cfg.accuracy_stat,
-           'True or False')
+    _check(cfg.pipeline in PIPELINES, 'pipeline', cfg.pipeline, f'one of {", ".join(PIPELINES)}')
+    _check(cfg.mse_normalization in MSE_NORMALIZATIONS, 'mse_normalization',
+           cfg.mse_normalization, f'one of {", ".join(MSE_NORMALIZATIONS)}')
+    _check(cfg.accuracy_stat in ACCURACY_STATS, 'accuracy_stat', cfg.accuracy_stat,
+           f'one of {", ".join(ACCURACY_STATS)}')
+    rows = cfg.accuracy_rows
+    _check(isinstance(rows, int) and not isinstance(rows, bool) and rows >= 0, 'accuracy_rows',
+           rows, 'an integer >= 0 (0: every row)')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -267,24 +286,26 @@ def expand_groups(keep_g: jax.Array, size: int, length: int) -> jax.Array:
     return jnp.repeat(keep_g, size, axis=2)[:, :, :length]
 
 
-def block_select(scores: jax.Array, q_valid: jax.Array, k_valid: jax.Array, block_q: int,
-                 block_k: int, sparsity: float, selection: str,
-                 threshold: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Tile selection for the block granularity.
+def _tile_counts(q_valid: jax.Array, k_valid: jax.Array, block_q: int,
+                 block_k: int) -> tuple[jax.Array, jax.Array]:
+    """Valid queries per query block and valid keys per key block: int32 [B, nqb], [B, nkb]."""
+    def per_block(valid, size):
+        n = -(-valid.shape[1] // size)
+        padded = jnp.pad(valid, ((0, 0), (0, n * size - valid.shape[1])))
+        return jnp.sum(padded.reshape(valid.shape[0], n, size), axis=-1, dtype=jnp.int32)
+    return per_block(q_valid, block_q), per_block(k_valid, block_k)
 
-    A tile's score is the mean selection score over its valid pairs; per query block the
-    ``ceil((1 - sparsity) * valid key blocks)`` best tiles are kept (``topk``), or the tiles with
-    mean >= threshold plus the best one (``threshold``). Tiles without a valid pair never.
+
+def tile_means(scores: jax.Array, q_valid: jax.Array, k_valid: jax.Array, block_q: int,
+               block_k: int) -> jax.Array:
+    """Mean selection score over the valid pairs of every tile, from the dense scores.
 
     Args:
-      scores: float [batch, heads, L_q, L_k].
-      q_valid: bool [batch, L_q]; k_valid: bool [batch, L_k].
-      block_q, block_k: tile size (the lengths need not be multiples: edge tiles are partial).
+      scores: float [batch, heads, L_q, L_k]; q_valid: bool [batch, L_q]; k_valid: bool
+        [batch, L_k]; block_q, block_k: tile size (edge tiles may be partial).
 
     Returns:
-      (block_idx int32 [batch, heads, q_blocks, kb] key-block indices, best first; block_ok bool
-      [same]: the slot holds a kept tile; keep bool [batch, heads, L_q, L_k] the pairs of the kept
-      tiles that are valid). ``kb`` = the static top-k slot count (all key blocks for threshold).
+      float32 [batch, heads, q_blocks, k_blocks]; -inf for a tile without a valid pair.
     """
     b, h, lq, lk = scores.shape
     nqb, nkb = -(-lq // block_q), -(-lk // block_k)
@@ -296,11 +317,63 @@ def block_select(scores: jax.Array, q_valid: jax.Array, k_valid: jax.Array, bloc
     s = s.reshape(b, h, nqb, block_q, nkb, block_k)
     tot = jnp.sum(jnp.where(pair[:, None], s, 0.0), axis=(3, 5))  # [B, H, nqb, nkb]
     cnt = jnp.sum(pair, axis=(2, 4))[:, None]  # [B, 1, nqb, nkb]
-    tile_valid = cnt > 0
-    mean = jnp.where(tile_valid, tot / jnp.maximum(cnt, 1), -jnp.inf)
-    kblock_valid = jnp.any(kv.reshape(b, nkb, block_k), axis=-1)  # [B, nkb]
+    return jnp.where(cnt > 0, tot / jnp.maximum(cnt, 1), -jnp.inf)
+
+
+def pooled_tile_means(fq: jax.Array, fk: jax.Array, q_valid: jax.Array, k_valid: jax.Array,
+                      block_q: int, block_k: int) -> jax.Array:
+    """:func:`tile_means` of the bilinear scores ``S̃ = fq·fkᵀ`` without forming them.
+
+    The mean of ``fq_i·fk_j`` over the valid pairs of a tile is (mean of the tile's valid fq rows)
+    · (mean of its valid fk rows), so a tile costs one dot of pooled factors. Equal to
+    :func:`tile_means` of the dense scores up to float rounding (the order of the sums differs).
+
+    Args:
+      fq, fk: float32 [batch, L, heads, f] score factors, zero on padded tokens.
+      q_valid, k_valid: bool [batch, L]; block_q, block_k: tile size.
+
+    Returns:
+      float32 [batch, heads, q_blocks, k_blocks]; -inf for a tile without a valid pair.
+    """
+    nq, nk = _tile_counts(q_valid, k_valid, block_q, block_k)
+    pq = _block_mean(fq, block_q, nq)
+    pk = _block_mean(fk, block_k, nk)
+    mean = jnp.einsum('bnhf,bmhf->bhnm', pq, pk, precision=_HIGHEST)
+    ok = (nq[:, :, None] > 0) & (nk[:, None, :] > 0)
+    return jnp.where(ok[:, None], mean, -jnp.inf)
+
+
+def _block_mean(f: jax.Array, size: int, count: jax.Array) -> jax.Array:
+    """Mean over the valid rows of each block: f [B, L, H, F] (zero on padding) -> [B, n, H, F]."""
+    n = count.shape[1]
+    f = jnp.pad(f.astype(jnp.float32), ((0, 0), (0, n * size - f.shape[1]), (0, 0), (0, 0)))
+    total = jnp.sum(f.reshape(f.shape[0], n, size, *f.shape[2:]), axis=2)
+    return total / jnp.maximum(count, 1)[:, :, None, None].astype(jnp.float32)
+
+
+def select_tiles(mean: jax.Array, k_valid: jax.Array, block_k: int, sparsity: float,
+                 selection: str, threshold: float) -> tuple[jax.Array, jax.Array]:
+    """Kept tiles of each query block, as index lists (every implementation's tile selection).
+
+    ``topk``: the ``ceil((1 - sparsity) * valid key blocks)`` best tiles by mean score (ties to
+    the lowest key-block index, as ``lax.top_k`` breaks them); ``threshold``: the tiles with mean
+    >= threshold plus the best one. Tiles without a valid pair never.
+
+    Args:
+      mean: float32 [batch, heads, q_blocks, k_blocks] tile scores, -inf where no valid pair.
+      k_valid: bool [batch, L_k]; block_k: keys per tile.
+
+    Returns:
+      (block_idx int32 [batch, heads, q_blocks, kb] key-block indices, best first; block_ok bool
+      [same]: the slot holds a kept tile). ``kb`` = the static top-k slot count (all key blocks
+      for threshold).
+    """
+    nkb = mean.shape[-1]
+    tile_valid = mean > -jnp.inf
     if selection == 'topk':
         kb = static_keep_count(nkb, sparsity)
+        kv = jnp.pad(k_valid, ((0, 0), (0, nkb * block_k - k_valid.shape[1])))
+        kblock_valid = jnp.any(kv.reshape(kv.shape[0], nkb, block_k), axis=-1)  # [B, nkb]
         count = keep_count(jnp.sum(kblock_valid, axis=-1), sparsity)  # [B]
         _, idx = jax.lax.top_k(mean, kb)
         ok = jnp.arange(kb)[None, None, None] < count[:, None, None, None]
@@ -309,11 +382,69 @@ def block_select(scores: jax.Array, q_valid: jax.Array, k_valid: jax.Array, bloc
         chosen = (mean >= threshold) | jax.nn.one_hot(best, nkb, dtype=bool)
         idx = jnp.argsort(jnp.where(chosen, -mean, jnp.inf), axis=-1, stable=True)
         ok = jnp.take_along_axis(chosen, idx, axis=-1)
-    ok = ok & jnp.take_along_axis(jnp.broadcast_to(tile_valid, mean.shape), idx, axis=-1)
+    ok = ok & jnp.take_along_axis(tile_valid, idx, axis=-1)
+    return idx.astype(jnp.int32), ok
+
+
+def tiles_keep(idx: jax.Array, ok: jax.Array, q_valid: jax.Array, k_valid: jax.Array,
+               block_q: int, block_k: int) -> jax.Array:
+    """The dense keep mask of kept tiles: bool [batch, heads, L_q, L_k] (valid pairs only)."""
+    lq, lk = q_valid.shape[1], k_valid.shape[1]
+    nkb = -(-lk // block_k)
     tiles = jnp.sum(jax.nn.one_hot(idx, nkb, dtype=jnp.int32) * ok[..., None], axis=-2) > 0
     keep = jnp.repeat(jnp.repeat(tiles, block_q, axis=2), block_k, axis=3)[:, :, :lq, :lk]
-    keep = keep & (q_valid[:, :, None] & k_valid[:, None, :])[:, None]
-    return idx.astype(jnp.int32), ok, keep
+    return keep & (q_valid[:, :, None] & k_valid[:, None, :])[:, None]
+
+
+def tile_kept_pairs(idx: jax.Array, ok: jax.Array, q_valid: jax.Array, k_valid: jax.Array,
+                    block_q: int, block_k: int) -> jax.Array:
+    """Valid (query, key) pairs inside the kept tiles, summed over batch and heads: float32 []."""
+    nq, nk = _tile_counts(q_valid, k_valid, block_q, block_k)
+    nk_slot = jnp.take_along_axis(jnp.broadcast_to(nk[:, None, None, :], idx.shape[:3]
+                                                   + nk.shape[1:]), idx, axis=-1)
+    return jnp.sum(jnp.where(ok, nq[:, None, :, None] * nk_slot, 0)).astype(jnp.float32)
+
+
+def block_select(scores: jax.Array, q_valid: jax.Array, k_valid: jax.Array, block_q: int,
+                 block_k: int, sparsity: float, selection: str,
+                 threshold: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Tile selection for the block granularity from dense scores (the reference).
+
+    A tile's score is the mean selection score over its valid pairs (:func:`tile_means`); the
+    kept tiles are those of :func:`select_tiles`.
+
+    Args:
+      scores: float [batch, heads, L_q, L_k].
+      q_valid: bool [batch, L_q]; k_valid: bool [batch, L_k].
+      block_q, block_k: tile size (the lengths need not be multiples: edge tiles are partial).
+
+    Returns:
+      (block_idx int32 [batch, heads, q_blocks, kb], block_ok bool [same] as in
+      :func:`select_tiles`; keep bool [batch, heads, L_q, L_k] the pairs of the kept tiles that
+      are valid).
+    """
+    mean = tile_means(scores, q_valid, k_valid, block_q, block_k)
+    idx, ok = select_tiles(mean, k_valid, block_k, sparsity, selection, threshold)
+    return idx, ok, tiles_keep(idx, ok, q_valid, k_valid, block_q, block_k)
+
+
+def pooled_group_scores(fq: jax.Array, fk: jax.Array, row_valid: jax.Array,
+                        size: int) -> jax.Array:
+    """:func:`group_scores` of the bilinear scores ``S̃ = fq·fkᵀ`` without forming them.
+
+    Args:
+      fq, fk: float32 [batch, L, heads, f] score factors, zero on padded tokens.
+      row_valid: bool [batch, L]; size: rows per group.
+
+    Returns:
+      float32 [batch, heads, ceil(L / size), L]: (mean of the group's valid fq rows)·fkᵀ, equal
+      to the mean of the group's valid score rows up to float rounding.
+    """
+    g = -(-row_valid.shape[1] // size)
+    count = jnp.sum(jnp.pad(row_valid, ((0, 0), (0, g * size - row_valid.shape[1])))
+                    .reshape(row_valid.shape[0], g, size), axis=-1, dtype=jnp.int32)
+    pooled = _block_mean(fq, size, count)
+    return jnp.einsum('bghf,blhf->bhgl', pooled, fk.astype(jnp.float32), precision=_HIGHEST)
 
 
 def prediction_accuracy(scores: jax.Array, keep: jax.Array, valid: jax.Array) -> jax.Array:
@@ -335,27 +466,60 @@ def prediction_accuracy(scores: jax.Array, keep: jax.Array, valid: jax.Array) ->
     return jnp.where(total > 0, jnp.sum(hits) / jnp.maximum(total, 1), 0.0).astype(jnp.float32)
 
 
-def gathered_accuracy(scores: jax.Array, idx: jax.Array, live: jax.Array,
-                      valid: jax.Array) -> jax.Array:
-    """:func:`prediction_accuracy` of an index-list selection (the xla path), same value.
+def sample_rows(mask: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+    """Query rows the ``prediction_accuracy`` statistic is measured on.
+
+    ``count`` rows spread evenly over each example's valid tokens (row ``floor(i·n/count)`` of
+    its ``n`` valid positions, each row once); every valid row when ``count`` is 0 or >= n.
 
     Args:
-      scores: float [batch, heads, L, L] true scores; valid: bool [batch, 1, L, L].
-      idx: int32 [batch, heads, groups, k_max] kept keys of each group of ``size`` rows.
-      live: bool [batch, heads, groups, size, k_max] attended (row, slot) pairs.
+      mask: bool [batch, L]; count: rows per example (0: all).
 
     Returns:
-      float32 scalar.
+      (rows int32 [batch, R] positions, row_ok bool [batch, R] the slot holds a valid row not
+      sampled before); R = L when count is 0 or >= L, else count.
     """
-    b, h, length, lk = scores.shape
-    g, size, k_max = live.shape[2:]
-    s = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
-    s = jnp.pad(s, ((0, 0), (0, 0), (0, g * size - length), (0, 0)),
-                constant_values=-jnp.inf).reshape(b, h, g, size, lk)
-    count = jnp.sum(live, axis=-1)  # [B, H, G, size]
-    picked = jnp.take_along_axis(
-        s, jnp.broadcast_to(idx[:, :, :, None, :], (b, h, g, size, k_max)), axis=-1)
-    hits = jnp.sum(live & (picked >= _kth_largest(s, count)[..., None]))
+    b, length = mask.shape
+    if count == 0 or count >= length:
+        return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length)), mask
+    valid_pos = jnp.argsort(jnp.logical_not(mask), axis=-1, stable=True).astype(jnp.int32)
+    n = jnp.sum(mask, axis=-1, dtype=jnp.int32)[:, None]  # [B, 1]
+    i = jnp.arange(count, dtype=jnp.int32)[None]
+    j = (i * n) // count  # [B, R], non-decreasing
+    first = jnp.concatenate([jnp.ones((b, 1), bool), j[:, 1:] != j[:, :-1]], axis=1)
+    rows = jnp.take_along_axis(valid_pos, jnp.minimum(j, length - 1), axis=1)
+    return rows, first & (n > 0)
+
+
+def row_accuracy(q: jax.Array, k: jax.Array, mask: jax.Array, rows: jax.Array,
+                 row_ok: jax.Array, keys: jax.Array, live: jax.Array, k_bound: int) -> jax.Array:
+    """Fig. 6 ``prediction_accuracy`` measured on sampled query rows, without sorting rows.
+
+    For each sampled row, the oracle holds its ``|predicted row|`` largest valid true scores
+    (ties all count as oracle, as in :func:`prediction_accuracy`); the ``count``-th largest comes
+    from ``lax.top_k`` with ``k_bound`` slots.
+
+    Args:
+      q, k: [batch, L, heads, head_dim]; mask: bool [batch, L].
+      rows, row_ok: from :func:`sample_rows`, [batch, R].
+      keys: int32 [batch, heads, R, K] predicted key positions of each sampled row.
+      live: bool [batch, heads, R, K] the slot holds an attended key.
+      k_bound: static bound on the attended keys of a row (<= L).
+
+    Returns:
+      float32 [] = |predicted ∩ oracle| / |predicted| pooled over the sampled rows and heads
+      (0 when nothing is predicted).
+    """
+    q_rows = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)  # [B, R, H, D]
+    s = jnp.einsum('brhd,bkhd->bhrk', q_rows, k, preferred_element_type=jnp.float32)
+    s = jnp.where(mask[:, None, None, :], s / math.sqrt(q.shape[-1]), -jnp.inf)
+    live = live & row_ok[:, None, :, None]
+    count = jnp.sum(live, axis=-1)  # [B, H, R]
+    top, _ = jax.lax.top_k(s, min(k_bound, s.shape[-1]))
+    kth = jnp.take_along_axis(top, jnp.maximum(count - 1, 0)[..., None], axis=-1)[..., 0]
+    kth = jnp.where(count > 0, kth, jnp.inf)
+    picked = jnp.take_along_axis(s, keys, axis=-1)
+    hits = jnp.sum(live & (picked >= kth[..., None]))
     total = jnp.sum(count)
     return jnp.where(total > 0, hits / jnp.maximum(total, 1), 0.0).astype(jnp.float32)
 
@@ -422,25 +586,107 @@ def integer_predictor(xp: jax.Array, weights: tuple[jax.Array, jax.Array],
     return values, codes, scales
 
 
-def score_mse(q: jax.Array, k: jax.Array, qt: jax.Array, kt: jax.Array, mask: jax.Array,
-              gram: bool) -> jax.Array:
-    """Mean over heads and valid pairs of (S - S̃)², S = q·kᵀ/sqrt(head_dim), S̃ = q̃·k̃ᵀ.
+def fused_weights(projection: jax.Array, weights: tuple[jax.Array, jax.Array]) -> list:
+    """The fused prediction weights ``P·W̃`` of Fig. 9: float32 [emb_dim, heads, k] each.
+
+    ``P = sqrt(2/k)·{-1, 0, 1}`` (:func:`sparse_projection`), so ``P·W̃ = sqrt(2/k)·(sign(P)·W̃)``
+    with exact products summed in a fixed order: the weight scales, hence tied selection scores,
+    do not depend on eager vs jit evaluation.
+
+    Args:
+      projection: float32 [emb_dim, heads, k], the fixed sparse projections Pʰ.
+      weights: (W̃_Q, W̃_K), float32 [heads, k, k] each.
+    """
+    k = projection.shape[-1]
+    sign = jnp.sign(projection)  # P = sqrt(2/k)·sign: the products below are exact
+
+    def fuse(w):  # exact products summed in a fixed order: the same bits eagerly and under jit
+        total = sign[:, :, 0, None] * w[None, :, 0, :]
+        for i in range(1, k):
+            total = total + sign[:, :, i, None] * w[None, :, i, :]
+        return total * math.sqrt(2.0 / k)
+    return [fuse(w) for w in weights]
+
+
+def fused_float_predictor(x: jax.Array, projection: jax.Array,
+                          weights: tuple[jax.Array, jax.Array],
+                          precision: str) -> tuple[list, list, list]:
+    """Q̃ and K̃ at ``fp32`` / ``bf16`` through the fused weight ``P·W̃`` (Fig. 9).
+
+    The input X, the fused weight and Q̃, K̃ are rounded (bf16; fp32 leaves them unchanged).
+
+    Args:
+      x: float32 [batch, L, emb_dim]; projection: float32 [emb_dim, heads, k]; weights: (W̃_Q,
+        W̃_K) float32 [heads, k, k]; precision: 'fp32' or 'bf16'.
+
+    Returns:
+      (values, codes, scales) as :func:`float_predictor`.
+    """
+    x = round_precision(x, precision, (2,))
+    values = [round_precision(jnp.einsum('ble,ehj->blhj', x, round_precision(w, precision, ()),
+                                         precision=_HIGHEST), precision, (3,))
+              for w in fused_weights(projection, weights)]
+    ones = jnp.ones(values[0].shape[:3])
+    return values, [jax.lax.stop_gradient(y) for y in values], [ones, ones]
+
+
+def fused_integer_predictor(x: jax.Array, projection: jax.Array,
+                            weights: tuple[jax.Array, jax.Array],
+                            bits: int) -> tuple[list, list, list]:
+    """Q̃ and K̃ through the paper's low-precision pipeline (Fig. 9), simulated exactly in float32.
+
+    1. X is quantized to ``bits``-bit codes with one scale per token (over emb_dim).
+    2. The fused weight ``P·W̃`` [emb_dim, heads, k] is quantized with one scale per output
+       column (head, j): one low-precision weight per path.
+    3. The low-precision GEMM ``C_X · C_W`` is exact in integers; ``Q̃ = s_X · (C_X C_W) · s_W``.
+    4. Q̃ and K̃ are re-quantized to ``bits`` bits, one scale per token and head, as the input of
+       the low-precision GEMM for S̃ (the selection scores are ``C_Q̃ C_K̃ᵀ`` times the scales).
+
+    Args:
+      x: float32 [batch, L, emb_dim]; projection: float32 [emb_dim, heads, k]; weights: (W̃_Q,
+        W̃_K) float32 [heads, k, k]; bits: 8, 4 or 2.
+
+    Returns:
+      (values, codes, scales) as :func:`integer_predictor` (values straight-through to x, P·W̃).
+    """
+    cx, sx = quant.quant_codes(x, bits, (2,))  # a scale per token: [B, L, 1]
+    x_q = quant.straight_through(x, cx * sx)
+    values, codes, scales = [], [], []
+    for w in fused_weights(projection, weights):
+        cw, sw = quant.quant_codes(w, bits, (0,))  # a scale per output column: [1, H, k]
+        y = jnp.einsum('ble,ehj->blhj', x_q, quant.straight_through(w, cw * sw))
+        y_int = jnp.einsum('ble,ehj->blhj', cx, cw, precision=_HIGHEST)
+        cy, sy = quant.quant_codes(y_int * sw[0], bits, (3,))
+        # y = sx * (y_int * sw): [B, L, H, 1]. The barrier keeps XLA from merging the two
+        # divisions by the code range (a different rounding under jit than eagerly).
+        sy, sx_b = jax.lax.optimization_barrier((sy, sx))
+        sy = sy * sx_b[:, :, :, None]
+        values.append(quant.straight_through(y, cy * sy))
+        codes.append(cy)
+        scales.append(sy[..., 0])  # [B, L, H]
+    return values, codes, scales
+
+
+def score_error(q: jax.Array, k: jax.Array, qt: jax.Array, kt: jax.Array, mask: jax.Array,
+                gram: bool) -> tuple[jax.Array, jax.Array]:
+    """Sum over heads and valid pairs of (S - S̃)², S = q·kᵀ/sqrt(head_dim), S̃ = q̃·k̃ᵀ.
 
     Args:
       q, k: [batch, L, heads, head_dim]; qt, kt: float32 [batch, L, heads, k]; mask: bool
         [batch, L].
-      gram: from ``head_dim × k`` Gram matrices, ``||S - S̃||² = <QᵀQ, KᵀK> - 2<QᵀQ̃, KᵀK̃> +
-        <Q̃ᵀQ̃, K̃ᵀK̃>`` (no L×L array), instead of the dense score matrices.
+      gram: from ``head_dim × k`` Gram matrices per example and head, ``||S - S̃||² =
+        <QᵀQ, KᵀK> - 2<QᵀQ̃, KᵀK̃> + <Q̃ᵀQ̃, K̃ᵀK̃>`` (padded tokens are zero rows, so the masking
+        is exact; no L×L array), instead of the dense score matrices.
 
     Returns:
-      float32 [] (0 without valid pairs), differentiable in all four inputs.
+      (squared error float32 [], differentiable in all four inputs; valid pairs float32 [] =
+      heads · Σ_examples n²).
     """
     tok = mask[:, :, None, None]
     head_dim, heads = q.shape[-1], q.shape[2]
     a = jnp.where(tok, q.astype(jnp.float32), 0.0) * head_dim ** -0.25
     c = jnp.where(tok, k.astype(jnp.float32), 0.0) * head_dim ** -0.25
     n = jnp.sum(mask, axis=1).astype(jnp.float32)
-    total = heads * jnp.sum(n * n)
     if gram:
         def inner(u, v):
             return jnp.einsum('blhi,blhj->bhij', u, v, precision=_HIGHEST)
@@ -451,28 +697,45 @@ def score_mse(q: jax.Array, k: jax.Array, qt: jax.Array, kt: jax.Array, mask: ja
         s = jnp.einsum('bqhd,bshd->bhqs', a, c, precision=_HIGHEST)
         st = jnp.einsum('bqhk,bshk->bhqs', qt, kt, precision=_HIGHEST)
         sq = jnp.sum((s - st) ** 2)
+    return sq, heads * jnp.sum(n * n)
+
+
+def score_mse(q: jax.Array, k: jax.Array, qt: jax.Array, kt: jax.Array, mask: jax.Array,
+              gram: bool) -> jax.Array:
+    """Mean over heads and valid pairs of (S - S̃)² (:func:`score_error`); 0 without pairs."""
+    sq, total = score_error(q, k, qt, kt, mask, gram)
     return jnp.where(total > 0, sq / jnp.maximum(total, 1.0), 0.0)
 
 
-def gather_kept_keys(k: jax.Array, v: jax.Array, sel: jax.Array, mask: jax.Array, size: int,
+def mse_loss(sq: jax.Array, total: jax.Array, mask: jax.Array, normalization: str) -> jax.Array:
+    """L_MSE from the squared error ``sq`` and the valid pairs ``total`` (:func:`score_error`).
+
+    ``example_sum`` (Eq. 6): ``sq / B``, B = the examples with a valid token (the sum over heads
+    and pairs of each example, averaged over the mini-batch). ``pair_mean``: ``sq / total``.
+    """
+    if normalization == 'pair_mean':
+        return jnp.where(total > 0, sq / jnp.maximum(total, 1.0), 0.0)
+    examples = jnp.sum(jnp.any(mask, axis=1)).astype(jnp.float32)
+    return sq / jnp.maximum(examples, 1.0)
+
+
+def gather_kept_keys(k: jax.Array, v: jax.Array, sel: jax.Array, mask: jax.Array,
                      sparsity: float) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Top-k selection per group of ``size`` rows as index lists, and the kept K and V.
+    """Top-k selection per row group as index lists, and the kept K and V.
 
     Args:
       k, v: [batch, L, heads, head_dim].
-      sel: float32 [batch, heads, L, L] selection scores.
+      sel: float32 [batch, heads, G, L] selection scores of each row group (a group is one row
+        for element granularity).
       mask: bool [batch, L].
-      size: query rows per group (1 for element granularity).
       sparsity: fraction of each row's valid keys not kept.
 
     Returns:
       (k_sel, v_sel [batch, heads, G, k_max, head_dim], idx int32 [batch, heads, G, k_max] kept
-      keys best first, ok bool [batch, heads, G, k_max] the slot holds a kept key), G =
-      ceil(L / size), k_max = the kept count of a fully valid row.
+      keys best first, ok bool [batch, heads, G, k_max] the slot holds a kept key), k_max = the
+      kept count of a fully valid row.
     """
     length = k.shape[1]
-    if size > 1:
-        sel = group_scores(sel, mask, size)
     k_max = static_keep_count(length, sparsity)
     count = jnp.minimum(keep_count(jnp.sum(mask, axis=1), sparsity), k_max)
     idx, ok = topk_indices(sel, mask, count, k_max)
@@ -517,27 +780,70 @@ def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
 
 
 # -- the layer ----------------------------------------------------------------------------------
+class SelectionScores(NamedTuple):
+    """The selection scores of a layer, formed only at the granularity an implementation needs.
+
+    Attributes:
+      dense: () -> float32 [batch, heads, L, L], the element-wise scores (S̃, S or noise).
+      fq, fk: float32 [batch, L, heads, f] factors with ``dense() = fq·fkᵀ`` up to float rounding
+        (None for ``random``), zero on padded tokens, no gradient.
+      noise_key: the PRNG key of ``random`` (None otherwise); group and tile scores are then drawn
+        at their own shape (independent uniform scores rank like the means of uniform ones).
+      heads: the number of heads (for the noise shapes of ``random``).
+    """
+
+    dense: Callable[[], jax.Array]
+    fq: jax.Array | None
+    fk: jax.Array | None
+    noise_key: jax.Array | None = None
+    heads: int = 0
+
+    def groups(self, mask: jax.Array, size: int) -> jax.Array:
+        """Scores of groups of ``size`` rows: float32 [batch, heads, ceil(L / size), L]."""
+        if self.noise_key is not None:
+            b, length = mask.shape
+            return jax.random.uniform(jax.random.fold_in(self.noise_key, size),
+                                      (b, self.heads, -(-length // size), length))
+        return pooled_group_scores(self.fq, self.fk, mask, size)
+
+    def tiles(self, mask: jax.Array, block_q: int, block_k: int) -> jax.Array:
+        """Tile scores: float32 [batch, heads, q_blocks, k_blocks], -inf without a valid pair."""
+        if self.noise_key is not None:
+            nq, nk = _tile_counts(mask, mask, block_q, block_k)
+            noise = jax.random.uniform(jax.random.fold_in(self.noise_key, 0xB10C),
+                                       (mask.shape[0], self.heads)
+                                       + nq.shape[1:] + nk.shape[1:])
+            ok = (nq[:, :, None] > 0) & (nk[:, None, :] > 0)
+            return jnp.where(ok[:, None], noise, -jnp.inf)
+        return pooled_tile_means(self.fq, self.fk, mask, mask, block_q, block_k)
+
+
 class _Attended(NamedTuple):
     """What an implementation of the sparse attention step returns.
 
     Attributes:
       o: [batch, L, heads, head_dim] attention output before the output projection.
-      sparsity: float32 [] fraction of valid query-key pairs not attended.
-      accuracy: true scores float32 [batch, heads, L, L] -> the ``prediction_accuracy`` of the
-        selection (float32 []).
+      kept: float32 [] valid query-key pairs attended (summed over batch and heads).
+      rows_kept: rows int32 [batch, R] -> (keys int32 [batch, heads, R, K], live bool [same]):
+        the attended keys of the given query rows (for ``prediction_accuracy``).
+      k_bound: static bound on the attended keys of one row.
       gram_mse: compute the MSE from Gram matrices (no L x L array) instead of dense scores.
     """
 
     o: jax.Array
-    sparsity: jax.Array
-    accuracy: Callable[[jax.Array], jax.Array]
+    kept: jax.Array
+    rows_kept: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+    k_bound: int
     gram_mse: bool = False
 
     @classmethod
-    def of_mask(cls, o: jax.Array, keep: jax.Array, valid: jax.Array) -> _Attended:
-        """For a dense keep mask [B, H, L, L] and the valid pairs [B, 1, L, L]."""
-        return cls(o, base.pair_sparsity(keep, valid),
-                   lambda scores: prediction_accuracy(scores, keep, valid))
+    def of_mask(cls, o: jax.Array, keep: jax.Array, k_bound: int) -> _Attended:
+        """For a dense keep mask bool [B, H, L, L] (valid pairs only)."""
+        def rows_kept(rows):
+            live = jnp.take_along_axis(keep, rows[:, None, :, None], axis=2)
+            keys = jnp.broadcast_to(jnp.arange(keep.shape[-1], dtype=jnp.int32), live.shape)
+            return keys, live
+        return cls(o, jnp.sum(keep).astype(jnp.float32), rows_kept, k_bound)
 
 
 class DSAAttention(base.Attention):
@@ -565,69 +871,109 @@ class DSAAttention(base.Attention):
         check_fields(cfg, dims.head_dim)
 
     # -- prediction path -----------------------------------------------------------------------
-    def predict(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Approximate queries, keys and scores at the configured precision.
+    def _predictor_outputs(self, x: jax.Array) -> tuple[list, list, list]:
+        """(values, codes, scales) of Q̃, K̃ for the configured pipeline and precision."""
+        prec = self.cfg.precision
+        x = x.astype(jnp.float32)
+        weights = (self.pred_query[...].astype(jnp.float32),
+                   self.pred_key[...].astype(jnp.float32))
+        projection = self.projection[...]
+        if self.cfg.pipeline == 'fused':
+            if prec in ('fp32', 'bf16'):
+                return fused_float_predictor(x, projection, weights, prec)
+            return fused_integer_predictor(x, projection, weights, PRECISION_BITS[prec])
+        xp = jnp.einsum('ble,ehk->blhk', x, projection)
+        if prec in ('fp32', 'bf16'):
+            return float_predictor(xp, weights, prec)
+        return integer_predictor(xp, weights, PRECISION_BITS[prec])
+
+    def prediction(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array,
+                                                                 SelectionScores]:
+        """Approximate queries and keys, and the predicted selection scores.
 
         Args:
           x: [batch, L, emb_dim]; mask: bool [batch, L].
 
         Returns:
-          (q̃, k̃, s̃): q̃, k̃ float32 [batch, L, heads, k], each already multiplied by k^(-1/4) so
-          that ``S̃ = q̃·k̃ᵀ`` (differentiable, straight-through; padded tokens are zero); s̃ float32
-          [batch, heads, L, L] = S̃ without gradient, the selection scores. For integer precisions
-          s̃ is the exact integer dot of the codes (the low-precision GEMM) times the two tokens'
-          scales, so equal code dots give equal scores and the selection does not depend on the
-          float evaluation order (eager vs jit).
+          (q̃, k̃, scores): q̃, k̃ float32 [batch, L, heads, k], each already multiplied by
+          k^(-1/4) so that ``S̃ = q̃·k̃ᵀ`` (differentiable, straight-through; padded tokens are
+          zero); scores the :class:`SelectionScores` of S̃ without gradient. For integer
+          precisions the dense S̃ is the exact integer dot of the codes (the low-precision GEMM)
+          times the two tokens' scales, so equal code dots give equal scores and the selection
+          does not depend on the float evaluation order (eager vs jit).
         """
-        prec = self.cfg.precision
         tok = mask[:, :, None, None]
-        xp = jnp.einsum('ble,ehk->blhk', x.astype(jnp.float32), self.projection[...])
-        weights = (self.pred_query[...].astype(jnp.float32),
-                   self.pred_key[...].astype(jnp.float32))
-        if prec in ('fp32', 'bf16'):
-            values, codes, scales = float_predictor(xp, weights, prec)
-        else:
-            values, codes, scales = integer_predictor(xp, weights, PRECISION_BITS[prec])
+        values, codes, scales = self._predictor_outputs(x)
         qt, kt = (jnp.where(tok, y, 0.0) * self.k ** -0.25 for y in values)
-        cq, ck = (jnp.where(tok, c, 0.0) for c in codes)
-        dot = jnp.einsum('bqhk,bshk->bhqs', cq, ck, precision=_HIGHEST)
-        outer = jnp.einsum('bqh,bsh->bhqs', scales[0], scales[1]) / math.sqrt(self.k)
-        return qt, kt, jax.lax.stop_gradient(dot * outer)
+        cq, ck = (jax.lax.stop_gradient(jnp.where(tok, c, 0.0)) for c in codes)
+        sq, sk = (jax.lax.stop_gradient(s) for s in scales)
 
-    def _selection_scores(self, q, k, s_pred, mask, deterministic, rng):
-        """float32 [batch, heads, L, L] scores the mask is chosen from (never differentiated)."""
+        def dense():
+            dot = jnp.einsum('bqhk,bshk->bhqs', cq, ck, precision=_HIGHEST)
+            return dot * jnp.einsum('bqh,bsh->bhqs', sq, sk) / math.sqrt(self.k)
+        factor = self.k ** -0.25
+        return qt, kt, SelectionScores(dense, cq * sq[..., None] * factor,
+                                       ck * sk[..., None] * factor)
+
+    def predict(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """:meth:`prediction` with the dense S̃.
+
+        Returns:
+          (q̃, k̃ float32 [batch, L, heads, k], S̃ float32 [batch, heads, L, L]).
+        """
+        qt, kt, scores = self.prediction(x, mask)
+        return qt, kt, scores.dense()
+
+    def _selection_scores(self, q, k, predicted, mask, deterministic, rng) -> SelectionScores:
+        """The :class:`SelectionScores` the mask is chosen from (never differentiated)."""
         prec = self.cfg.precision
         if prec == 'oracle':
-            s = base.attention_scores(q, k) / math.sqrt(self.dims.head_dim)
-        elif prec == 'random':
+            f = self.dims.head_dim ** -0.25
+            fq, fk = (jax.lax.stop_gradient(jnp.where(mask[:, :, None, None], t, 0)
+                                            .astype(jnp.float32) * f) for t in (q, k))
+            return SelectionScores(lambda: jax.lax.stop_gradient(
+                base.attention_scores(q, k) / math.sqrt(self.dims.head_dim)), fq, fk)
+        if prec == 'random':
             if deterministic or rng is None:
                 key = jax.random.fold_in(jax.random.key(0x5EED), self.dims.layer_index)
             else:
                 key = jax.random.fold_in(rng, 0x5EED)
             b, length = mask.shape
-            s = jax.random.uniform(key, (b, self.dims.num_heads, length, length))
-        else:
-            s = s_pred
-        return jax.lax.stop_gradient(s.astype(jnp.float32))
+            shape = (b, self.dims.num_heads, length, length)
+            return SelectionScores(lambda: jax.random.uniform(key, shape), None, None, key,
+                                   self.dims.num_heads)
+        return predicted
 
     # -- selection -----------------------------------------------------------------------------
-    def select_mask(self, sel: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
-        """Dense keep mask from selection scores (the reference selection).
+    def select_mask(self, scores: SelectionScores, mask: jax.Array) -> tuple[jax.Array, dict]:
+        """Dense keep mask from the selection scores (the reference selection).
+
+        Element, vector and block scores come from the dense scores (group and tile means of
+        them), except for ``random``, whose group and tile scores are drawn at their shape.
 
         Args:
-          sel: float32 [batch, heads, L, L]; mask: bool [batch, L].
+          scores: :class:`SelectionScores`; mask: bool [batch, L].
 
         Returns:
           (keep bool [batch, heads, L, L], extras: 'block_idx'/'block_ok' for block granularity).
         """
         cfg, length = self.cfg, mask.shape[1]
+        random = scores.noise_key is not None
         if cfg.granularity == 'block':
-            idx, ok, keep = block_select(sel, mask, mask, cfg.block_q, cfg.block_k, cfg.sparsity,
-                                         cfg.selection, cfg.threshold)
+            if random:
+                mean = scores.tiles(mask, cfg.block_q, cfg.block_k)
+            else:
+                mean = tile_means(scores.dense(), mask, mask, cfg.block_q, cfg.block_k)
+            idx, ok = select_tiles(mean, mask, cfg.block_k, cfg.sparsity, cfg.selection,
+                                   cfg.threshold)
+            keep = tiles_keep(idx, ok, mask, mask, cfg.block_q, cfg.block_k)
             return keep, {'block_idx': idx, 'block_ok': ok}
         size = cfg.vector_size if cfg.granularity == 'vector' else 1
         if size > 1:
-            sel = group_scores(sel, mask, size)
+            sel = scores.groups(mask, size) if random else group_scores(scores.dense(), mask,
+                                                                        size)
+        else:
+            sel = scores.dense()
         if cfg.selection == 'topk':
             count = keep_count(jnp.sum(mask, axis=1), cfg.sparsity)
             keep = topk_keep(sel, mask, count)
@@ -637,6 +983,44 @@ class DSAAttention(base.Attention):
             keep = expand_groups(keep, size, length)
         return keep & base.pair_mask(mask, mask), {}
 
+    def _row_bound(self, length: int) -> int:
+        """Static bound on the keys one row attends."""
+        cfg = self.cfg
+        if cfg.selection == 'threshold':
+            return length
+        if cfg.granularity == 'block':
+            nkb = -(-length // cfg.block_k)
+            return min(length, static_keep_count(nkb, cfg.sparsity) * cfg.block_k)
+        return static_keep_count(length, cfg.sparsity)
+
+    def _tile_selection(self, scores: SelectionScores,
+                        mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Kept tiles from pooled tile scores (no L×L array).
+
+        Returns:
+          (idx int32, ok bool) [batch, heads, q_blocks, kb] as :func:`select_tiles`.
+        """
+        cfg = self.cfg
+        mean = scores.tiles(mask, cfg.block_q, cfg.block_k)
+        return select_tiles(mean, mask, cfg.block_k, cfg.sparsity, cfg.selection, cfg.threshold)
+
+    def _tile_rows(self, idx: jax.Array, ok: jax.Array, mask: jax.Array):
+        """The ``rows_kept`` function of the kept tiles (see :class:`_Attended`)."""
+        bq, bk, length = self.cfg.block_q, self.cfg.block_k, mask.shape[1]
+
+        def rows_kept(rows):
+            blk = jnp.broadcast_to((rows // bq)[:, None, :, None], idx.shape[:2] + rows.shape[1:]
+                                   + (1,))
+            tiles = jnp.take_along_axis(idx, blk, axis=2)  # [B, H, R, kb]
+            tiles_ok = jnp.take_along_axis(ok, blk, axis=2)
+            keys = (tiles[..., None] * bk + jnp.arange(bk, dtype=jnp.int32))
+            live = tiles_ok[..., None] & (keys < length)
+            keys = jnp.minimum(keys, length - 1).reshape(*keys.shape[:3], -1)
+            live = live.reshape(keys.shape) & jnp.take_along_axis(
+                jnp.broadcast_to(mask[:, None, None, :], keys.shape[:3] + (length,)), keys, -1)
+            return keys, live
+        return rows_kept
+
     # -- attention (one function per implementation) -----------------------------------------
     def _masked(self, q, k, v, keep, deterministic, rng):
         """Softmax attention restricted to keep [B, H, L, L]; o [B, L, H, head_dim]."""
@@ -644,67 +1028,137 @@ class DSAAttention(base.Attention):
         probs = base.masked_softmax(base.attention_scores(q, k) * scale, keep)
         return base.weighted_values(self.drop_probs(probs, deterministic, rng), v)
 
-    def _attend_reference(self, q, k, v, sel, mask, deterministic, rng) -> _Attended:
+    def _attend_reference(self, q, k, v, scores, mask, deterministic, rng) -> _Attended:
         """The reference: the dense keep mask of :meth:`select_mask` and masked attention.
 
-        Every implementation takes q, k, v [batch, L, heads, head_dim], the selection scores sel
-        float32 [batch, heads, L, L], mask bool [batch, L], and returns an :class:`_Attended`.
+        Every implementation takes q, k, v [batch, L, heads, head_dim], the
+        :class:`SelectionScores`, mask bool [batch, L], and returns an :class:`_Attended`.
         """
-        keep, _ = self.select_mask(sel, mask)
+        keep, _ = self.select_mask(scores, mask)
         o = self._masked(q, k, v, keep, deterministic, rng)
-        return _Attended.of_mask(o, keep, base.pair_mask(mask, mask))
+        return _Attended.of_mask(o, keep, self._row_bound(mask.shape[1]))
 
-    def _attend_block_kernel(self, q, k, v, sel, mask, deterministic, rng) -> _Attended:
+    def _attend_block_kernel(self, q, k, v, scores, mask, deterministic, rng) -> _Attended:
         """Block granularity on the block-sparse kernel (``pallas_kernels.block_sparse``).
 
         The kept tiles' index lists (``block_idx`` / ``block_ok``, int32 / bool [batch, heads,
-        q_blocks, kb]) go to the kernel with the token mask; the sequence is padded to the tiles.
-        The kernel has no dropout (validation refuses a rate > 0 with this implementation).
+        q_blocks, kb], chosen on pooled tile scores as in the xla block path) go to the kernel
+        with the token mask; the sequence is padded to the tiles. The kernel has no dropout
+        (validation refuses a rate > 0 with this implementation).
         """
         del deterministic, rng
         from pallas_kernels import block_sparse  # jax-only, imported when used
 
-        keep, extra = self.select_mask(sel, mask)
+        idx, block_ok = self._tile_selection(scores, mask)
         bq, bk, length = self.cfg.block_q, self.cfg.block_k, q.shape[1]
         lq, lk = -(-length // bq) * bq, -(-length // bk) * bk
         pad = base.pad_sequence  # sequence axis to the tiles; the padded mask marks it invalid
-        block_ok = extra['block_ok']
         order = jnp.argsort(jnp.logical_not(block_ok), axis=-1, stable=True)  # kept slots first
-        idx = jnp.take_along_axis(extra['block_idx'], order, axis=-1)
+        kernel_idx = jnp.take_along_axis(idx, order, axis=-1)
         count = jnp.sum(block_ok, axis=-1, dtype=jnp.int32)
         o = block_sparse.block_sparse_attention(
-            pad(q, lq), pad(k, lk), pad(v, lk), idx, count, pad(mask, lq), pad(mask, lk),
+            pad(q, lq), pad(k, lk), pad(v, lk), kernel_idx, count, pad(mask, lq), pad(mask, lk),
             block_sizes=block_sparse.BlockSizes(bq, bk))
-        return _Attended.of_mask(o[:, :length], keep, base.pair_mask(mask, mask))
+        kept = tile_kept_pairs(idx, block_ok, mask, mask, bq, bk)
+        return _Attended(o[:, :length], kept, self._tile_rows(idx, block_ok, mask),
+                         self._row_bound(length), gram_mse=True)
 
-    def _attend_gathered(self, q, k, v, sel, mask, deterministic, rng) -> _Attended:
-        """The xla path (topk, element/vector): attention over gathered kept keys only.
+    def _attend_blocks(self, q, k, v, scores, mask, deterministic, rng) -> _Attended:
+        """The xla block path: per query block, attention over the gathered kept key blocks.
 
-        ``lax.top_k`` gives per row group the kept key indices (:func:`gather_kept_keys`);
-        scores, softmax and AV run on the gathered K and V; no L×L attention score matrix.
+        The kept tiles (the kernel's index lists, from pooled tile scores) give per query block
+        ``kb`` key blocks; K and V are gathered to [batch, heads, q_blocks, kb·block_k, head_dim]
+        and scores, softmax and AV are batched matmuls over those only. No L×L array.
+        """
+        cfg = self.cfg
+        bq, bk = cfg.block_q, cfg.block_k
+        b, length, h, d = q.shape
+        idx, ok = self._tile_selection(scores, mask)
+        nqb, nkb, kb = -(-length // bq), -(-length // bk), idx.shape[-1]
+
+        def blocks(t, size, n):  # [B, L, H, D] -> [B, H, n, size, D]
+            t = base.pad_sequence(t, n * size).reshape(b, n, size, h, d)
+            return jnp.transpose(t, (0, 3, 1, 2, 4))
+        q_b = blocks(q, bq, nqb)
+        gather = jax.vmap(jax.vmap(lambda t, i: t[i]))  # [nkb, bk, D], [nqb, kb] -> [nqb, kb, ..]
+        k_sel, v_sel = (gather(blocks(t, bk, nkb), idx).reshape(b, h, nqb, kb * bk, d)
+                        for t in (k, v))
+        k_valid = base.pad_sequence(mask, nkb * bk).reshape(b, nkb, bk)
+        live = ok[..., None] & jax.vmap(lambda t, i: t[i])(k_valid, idx)  # [B, H, nqb, kb, bk]
+        q_valid = base.pad_sequence(mask, nqb * bq).reshape(b, 1, nqb, bq, 1)
+        live = live.reshape(b, h, nqb, 1, kb * bk) & q_valid
+        s = jnp.einsum('bhnqd,bhnkd->bhnqk', q_b, k_sel,
+                       preferred_element_type=jnp.float32) / math.sqrt(d)
+        probs = self.drop_probs(base.masked_softmax(s, live), deterministic, rng)
+        o = jnp.einsum('bhnqk,bhnkd->bhnqd', probs.astype(v.dtype), v_sel)
+        o = jnp.transpose(o, (0, 2, 3, 1, 4)).reshape(b, nqb * bq, h, d)[:, :length]
+        kept = tile_kept_pairs(idx, ok, mask, mask, bq, bk)
+        return _Attended(o, kept, self._tile_rows(idx, ok, mask), self._row_bound(length),
+                         gram_mse=True)
+
+    def _attend_gathered(self, q, k, v, scores, mask, deterministic, rng) -> _Attended:
+        """The xla path for element/vector granularity: attention over gathered kept keys only.
+
+        ``lax.top_k`` gives per row group the kept key indices (:func:`gather_kept_keys`); the
+        group scores come from pooled q̃ (vector) or the dense S̃ (element: each row needs its own
+        L scores). Scores, softmax and AV run on the gathered K and V; no L×L attention score
+        matrix. Block granularity goes to :meth:`_attend_blocks`.
+        """
+        cfg = self.cfg
+        if cfg.granularity == 'block':
+            return self._attend_blocks(q, k, v, scores, mask, deterministic, rng)
+        if cfg.granularity == 'element':
+            return self._attend_elements(q, k, v, scores, mask, deterministic, rng)
+        b, length, h, d = q.shape
+        size = cfg.vector_size
+        sel = scores.groups(mask, size)
+        k_sel, v_sel, idx, ok = gather_kept_keys(k, v, sel, mask, cfg.sparsity)
+        q_g = jnp.moveaxis(row_groups(q, size), 3, 1)  # [B, H, G, size, D]
+        live = ok[:, :, :, None, :] & row_groups(mask, size)[:, None, :, :, None]  # [B,H,G,s,K]
+        s = jnp.einsum('bhgrd,bhgkd->bhgrk', q_g, k_sel,
+                       preferred_element_type=jnp.float32) / math.sqrt(d)
+        probs = self.drop_probs(base.masked_softmax(s, live), deterministic, rng)
+        o = jnp.einsum('bhgrk,bhgkd->bhgrd', probs.astype(v.dtype), v_sel)
+        o = jnp.swapaxes(o.reshape(b, h, -1, d)[:, :, :length], 1, 2)
+
+        def rows_kept(rows):
+            def at(t, i):  # rows i [B, R] of t [B, H, n, K] -> [B, H, R, K]
+                return jnp.take_along_axis(t, i[:, None, :, None], axis=2)
+            return at(idx, rows // size), at(live.reshape(b, h, -1, live.shape[-1]), rows)
+        return _Attended(o, jnp.sum(live).astype(jnp.float32), rows_kept, idx.shape[-1],
+                         gram_mse=True)
+
+    def _attend_elements(self, q, k, v, scores, mask, deterministic, rng) -> _Attended:
+        """The xla path for element granularity: per-row ``lax.top_k`` index lists.
+
+        Every row needs its own L predicted scores and a top-k over them, so the dense S̃ and its
+        ``lax.top_k`` set the cost floor. The kept scores are read from ``QKᵀ`` (one matmul) at
+        the index lists, the softmax runs on the kept [batch, heads, L, k_max] entries only and
+        the probabilities are scattered into a zero matrix for one AV matmul: faster on CPU than
+        gathering K and V per row ([batch, heads, L, k_max, head_dim]).
         """
         cfg = self.cfg
         b, length, h, d = q.shape
-        size = cfg.vector_size if cfg.granularity == 'vector' else 1
-        k_sel, v_sel, idx, ok = gather_kept_keys(k, v, sel, mask, size, cfg.sparsity)
-        q_g = jnp.moveaxis(row_groups(q, size), 3, 1)  # [B, H, G, size, D]
-        live = ok[:, :, :, None, :] & row_groups(mask, size)[:, None, :, :, None]  # [B,H,G,s,K]
-        scores = jnp.einsum('bhgrd,bhgkd->bhgrk', q_g, k_sel,
-                            preferred_element_type=jnp.float32) / math.sqrt(d)
-        probs = self.drop_probs(base.masked_softmax(scores, live), deterministic, rng)
-        o = jnp.einsum('bhgrk,bhgkd->bhgrd', probs.astype(v.dtype), v_sel)
-        o = jnp.swapaxes(o.reshape(b, h, -1, d)[:, :, :length], 1, 2)
-        valid = base.pair_mask(mask, mask)
-        total = jnp.sum(valid) * h
-        sparsity = jnp.where(total > 0, 1.0 - jnp.sum(live) / jnp.maximum(total, 1),
-                             0.0).astype(jnp.float32)
-        return _Attended(o, sparsity,
-                         lambda scores: gathered_accuracy(scores, idx, live, valid), gram_mse=True)
+        k_max = static_keep_count(length, cfg.sparsity)
+        count = jnp.minimum(keep_count(jnp.sum(mask, axis=1), cfg.sparsity), k_max)
+        idx, ok = topk_indices(scores.dense(), mask, count, k_max)  # [B, H, L, k_max]
+        live = ok & mask[:, None, :, None]
+        s = base.attention_scores(q, k) / math.sqrt(d)
+        probs = base.masked_softmax(jnp.take_along_axis(s, idx, axis=-1), live)
+        probs = self.drop_probs(probs, deterministic, rng)
+        at = (jnp.arange(b)[:, None, None, None], jnp.arange(h)[None, :, None, None],
+              jnp.arange(length)[None, None, :, None], idx)
+        o = base.weighted_values(jnp.zeros(s.shape, probs.dtype).at[at].set(probs), v)
+
+        def rows_kept(rows):
+            def at_rows(t):  # [B, H, L, K] -> [B, H, R, K]
+                return jnp.take_along_axis(t, rows[:, None, :, None], axis=2)
+            return at_rows(idx), at_rows(live)
+        return _Attended(o, jnp.sum(live).astype(jnp.float32), rows_kept, k_max, gram_mse=True)
 
     implementations = base.implementations(
         base.Implementation('reference', _attend_reference),
-        base.Implementation('xla', _attend_gathered, settings={
-            'granularity': base.one_of('element', 'vector'), 'selection': base.one_of('topk')}),
+        base.Implementation('xla', _attend_gathered, settings={'selection': base.one_of('topk')}),
         base.Implementation('pallas', _attend_block_kernel, settings={
             'granularity': base.one_of('block'),
             'block_q': base.Restriction(_kernel_tile, _KERNEL_TILES),
@@ -713,23 +1167,36 @@ class DSAAttention(base.Attention):
             defaults={'granularity': 'block', 'block_q': 64, 'block_k': 64}),
     )
 
+    def _accuracy_wanted(self, deterministic: bool) -> bool:
+        """Whether this call logs ``prediction_accuracy`` (``accuracy_stat``)."""
+        return self.cfg.accuracy_stat == 'always' or (self.cfg.accuracy_stat == 'eval'
+                                                      and deterministic)
+
     def attend(self, x, mask, carry, *, deterministic, rng):
         """DSA layer; see ``base.Attention.__call__`` and the module docstring."""
         q, k, v = self.project_qkv(x)
-        qt = kt = s_pred = None
+        qt = kt = predicted = None
         if self.has_predictor:
-            qt, kt, s_pred = self.predict(x, mask)
-        sel = self._selection_scores(q, k, s_pred, mask, deterministic, rng)
-        attended = self.implementation.run(self, q, k, v, sel, mask, deterministic, rng)
+            qt, kt, predicted = self.prediction(x, mask)
+        scores = self._selection_scores(q, k, predicted, mask, deterministic, rng)
+        attended = self.implementation.run(self, q, k, v, scores, mask, deterministic, rng)
         o = jnp.where(mask[:, :, None, None], attended.o, 0).astype(v.dtype)
-        stats, aux = {'sparsity': attended.sparsity}, {}
+        valid_pairs = self.dims.num_heads * jnp.sum(jnp.sum(mask, axis=1) ** 2)
+        kept_fraction = jnp.where(valid_pairs > 0, attended.kept / jnp.maximum(valid_pairs, 1),
+                                  1.0)
+        stats, aux = {'kept_fraction': kept_fraction.astype(jnp.float32)}, {}
         if self.has_predictor:
-            mse = score_mse(q, k, qt, kt, mask, gram=attended.gram_mse)
+            sq, total = score_error(q, k, qt, kt, mask, gram=attended.gram_mse)
+            mse = jnp.where(total > 0, sq / jnp.maximum(total, 1.0), 0.0)
             stats['mse'] = jax.lax.stop_gradient(mse).astype(jnp.float32)
-            aux['dsa_mse'] = (self.cfg.mse_weight * mse).astype(jnp.float32)
-        if self.cfg.accuracy_stat:
-            s = jax.lax.stop_gradient(base.attention_scores(q, k) / math.sqrt(self.dims.head_dim))
-            stats['prediction_accuracy'] = attended.accuracy(s)
+            loss = mse_loss(sq, total, mask, self.cfg.mse_normalization)
+            aux['dsa_mse'] = (self.cfg.mse_weight * loss).astype(jnp.float32)
+        if self._accuracy_wanted(deterministic):
+            rows, row_ok = sample_rows(mask, self.cfg.accuracy_rows)
+            keys, live = attended.rows_kept(rows)
+            stats['prediction_accuracy'] = row_accuracy(
+                jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), mask, rows, row_ok, keys,
+                live, attended.k_bound)
         return base.AttentionOutput(self.project_out(o), carry, stats, aux)
 
     def inspect_maps(self, x, mask, carry):
@@ -742,16 +1209,16 @@ class DSAAttention(base.Attention):
         """
         del carry
         q, k, _ = self.project_qkv(x)
-        s_pred = None
+        predicted = None
         if self.has_predictor:
-            _, _, s_pred = self.predict(x, mask)
-        sel = self._selection_scores(q, k, s_pred, mask, True, None)
-        keep, _ = self.select_mask(sel, mask)
+            _, _, predicted = self.prediction(x, mask)
+        scores = self._selection_scores(q, k, predicted, mask, True, None)
+        keep, _ = self.select_mask(scores, mask)
         valid = base.pair_mask(mask, mask)
         s = base.attention_scores(q, k) / math.sqrt(self.dims.head_dim)
         s = jnp.where(valid, s, -jnp.inf)
         oracle = (s >= _kth_largest(s, jnp.sum(keep, axis=-1))[..., None]) & valid
-        return {'kept': keep, 'predicted_scores': sel, 'oracle': oracle}
+        return {'kept': keep, 'predicted_scores': scores.dense(), 'oracle': oracle}
 
 
 METHOD = base.AttentionMethod(
