@@ -620,19 +620,24 @@ def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
     two [k0, k2] x [k2, k1] matmuls per head, :func:`use_factorized` decides) and AV among the
     centroids; the output projection runs on the k0 query centroids. ``reference`` rebuilds the
     n approximated tokens from one-hot matrices and runs dense masked attention over them.
+
+    With ``clustering='per_head'`` the clustering (and the reference's expansion) runs once per
+    head, and ``xla`` gathers each head's output back to its n tokens before the output
+    projection (``out_rows`` = n); the attention among centroids is per head in both cases.
     """
     n, emb = seq_len, dims.emb_dim
     heads, head_dim = dims.num_heads, dims.head_dim
     caps = capacities(cfg, n)
     reference = cfg.impl == 'reference'
+    groups = heads if cfg.clustering == 'per_head' else 1  # clusterings per example
     parts: dict[str, float] = {}
     for cap in caps:
         for name, ops in _family_ops(n, emb, int(cfg.hash_length), cap, reference).items():
-            parts[name] = parts.get(name, 0.0) + ops
-    parts['centroids'] += cost.elementwise(n * emb, 2)  # residuals X - C1[CT1], padding select
+            parts[name] = parts.get(name, 0.0) + groups * ops
+    parts['centroids'] += groups * cost.elementwise(n * emb, 2)  # residuals X - C1[CT1], select
     if reference:
-        parts['expansion'] = (sum(cost.matmul(n, cap, emb) + cost.elementwise(n * cap)
-                                  for cap in caps) + cost.elementwise(n * emb))
+        parts['expansion'] = groups * (sum(cost.matmul(n, cap, emb) + cost.elementwise(n * cap)
+                                           for cap in caps) + cost.elementwise(n * emb))
         attention = cost.dense_attention(heads, head_dim, n, 'reference')
         return cost.LayerCost(attention={**parts, **attention}, tokens=n,
                               qkv_width=dims.qkv_dim, query_rows=n, kv_rows=n, out_rows=n,
@@ -643,13 +648,14 @@ def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
     if use_factorized(cfg.aggregation, k0, k1, k2, n):
         parts['aggregation'] = (cost.matmul(k0, k2, k1, batch=2 * heads)
                                 + cost.elementwise(rows * cols, 9)
-                                + cost.elementwise(n + 2 * k1 * k2))
+                                + groups * cost.elementwise(n + 2 * k1 * k2))
     else:
         parts['aggregation'] = cost.elementwise(rows * n, 20) + cost.elementwise(rows * cols)
     parts['values'] = cost.matmul(k0, cols, head_dim, batch=heads)
     parts['output'] = cost.elementwise(n * emb)  # padding select after the gather
     return cost.LayerCost(attention=parts, tokens=n, qkv_width=dims.qkv_dim, query_rows=k0,
-                          kv_rows=k1 + k2, out_rows=k0, ffn_tokens=n, tokens_out=n)
+                          kv_rows=k1 + k2, out_rows=n if groups > 1 else k0, ffn_tokens=n,
+                          tokens_out=n)
 
 
 # -- the layer ----------------------------------------------------------------------------------
