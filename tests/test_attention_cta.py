@@ -500,8 +500,9 @@ def test_gradients_finite_and_nonzero(impl, clustering):
         assert np.abs(np.asarray(g_x)).max() > 0
 
 
-def test_dropout_only_while_training():
-    layer = make_layer('xla', dropout=0.5)
+@pytest.mark.parametrize('clustering', CLUSTERINGS)
+def test_dropout_only_while_training(clustering):
+    layer = make_layer('xla', dropout=0.5, clustering=clustering)
     x, mask = random_inputs([L, 10], seed=13)
     det = call(layer, x, mask).y
     train_y = call(layer, x, mask, deterministic=False, rng=jax.random.key(0)).y

@@ -22,6 +22,11 @@ widths on the text and image models); the tokens of clusters beyond it (smallest
 nearest kept centroid in the family's LSH projection space and are counted in ``overflow``.
 :data:`PREVIOUS_DEFAULTS` restores the earlier 0.5 / 0.5 / 0.25 with the token-path aggregation.
 
+``clustering='per_head'`` gives each head its own three families (``lsh_a`` [heads, 3, l, emb],
+``lsh_b`` [heads, 3, l]): head h runs steps 1-3 on its own clusters of X, with its own capacities,
+overflow and aggregation (:func:`compress_per_head`, heads folded into the batch axis); the
+default ``'shared'`` clusters once for all heads.
+
 Implementations: ``xla`` is the compressed computation (hash codes packed into one sort key,
 ``segment_sum`` centroids, attention among centroids, probability aggregation by token
 probabilities or factorised over key-cluster pair counts (``aggregation``), output projection on
@@ -36,7 +41,8 @@ Statistics (pooled over the batch, n = valid tokens, k = non-empty clusters, cap
 ``effective_pairs`` = cap0 (cap1 + cap2) / n² (centroid score pairs computed per valid token
 pair), ``ra`` = k0 (k1 + k2) / n², ``rl`` = (k0 + 2 k1 + 2 k2) / 3n, means per example of
 ``k0``, ``k1``, ``k2``, ``overflow``, ``overflow_fraction`` = merged tokens / (3 n) over the three
-families, and with ``diagnostics`` ``rel_error`` against exact attention. The cost of a layer is
+families, and with ``diagnostics`` ``rel_error`` against exact attention. Per head, each
+statistic pools the (example, head) rows the way it pools examples. The cost of a layer is
 :func:`layer_cost`.
 
 The overflow rule in full, the bucket widths, and how the paper's open points are resolved:
