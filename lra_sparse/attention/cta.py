@@ -782,7 +782,7 @@ class CTAAttention(base.Attention):
         rows = jnp.clip(fam0['ids'], 0, cap0 - 1)[..., None, None]
         if self.per_head:  # gather each head's output to its tokens, then project n rows
             o = jnp.take_along_axis(o_bar, rows, axis=1)  # [batch * heads, n, 1, head_dim]
-            o = o.reshape(mask.shape[0], self.dims.num_heads, *o.shape[1:2], o.shape[-1])
+            o = o.reshape(mask.shape[0], self.dims.num_heads, mask.shape[1], o.shape[-1])
             y = self.project_out(jnp.swapaxes(o, 1, 2))
         else:
             y_bar = self.project_out(o_bar)  # [batch, k0, emb]: output projection on centroids
