@@ -16,6 +16,7 @@ from lra_sparse.models import transformer
 
 E, H, L = 16, 2, 24
 IMPLS = ('reference', 'xla')
+CLUSTERINGS = ('shared', 'per_head')
 FINE = dict(query_bucket_width=1e-4, key_bucket_width=1e-4, residual_bucket_width=1e-4,
             query_capacity=1.0, key_capacity=1.0, residual_capacity=1.0)
 
@@ -78,9 +79,10 @@ def stats_of(out):
 
 
 # -- exactness ------------------------------------------------------------------------------------
+@pytest.mark.parametrize('clustering', CLUSTERINGS)
 @pytest.mark.parametrize('impl', IMPLS)
-def test_every_token_its_own_cluster_equals_exact_attention(impl):
-    layer = make_layer(impl, diagnostics=True, **FINE)
+def test_every_token_its_own_cluster_equals_exact_attention(impl, clustering):
+    layer = make_layer(impl, diagnostics=True, clustering=clustering, **FINE)
     x, mask = random_inputs([L, 13], seed=1)
     out = call(layer, x, mask)
     np.testing.assert_allclose(out.y, call(dense_twin(layer), x, mask)[0], rtol=1e-5, atol=1e-5)
@@ -441,10 +443,12 @@ def test_compressed_attention_without_valid_keys_is_zero():
 
 
 # -- implementations, padding, gradients ----------------------------------------------------------
+@pytest.mark.parametrize('clustering', CLUSTERINGS)
 @pytest.mark.parametrize('seed', [0, 1])
-def test_xla_matches_reference_with_overflow(seed):
+def test_xla_matches_reference_with_overflow(seed, clustering):
     overrides = dict(query_bucket_width=6.0, key_bucket_width=6.0, residual_bucket_width=2.0,
-                     query_capacity=0.3, key_capacity=0.4, residual_capacity=0.2, diagnostics=True)
+                     query_capacity=0.3, key_capacity=0.4, residual_capacity=0.2, diagnostics=True,
+                     clustering=clustering)
     x, mask = random_inputs([L, 14], seed=20 + seed)
     ref, xla = (make_layer(impl, seed=seed, **overrides) for impl in IMPLS)
     out_ref, out_xla = call(ref, x, mask), call(xla, x, mask)
@@ -458,10 +462,12 @@ def test_xla_matches_reference_with_overflow(seed):
         np.testing.assert_array_equal(maps_ref[k], maps_xla[k])
 
 
+@pytest.mark.parametrize('clustering', CLUSTERINGS)
 @pytest.mark.parametrize('impl', IMPLS)
-def test_padding_never_affects_valid_outputs(impl):
+def test_padding_never_affects_valid_outputs(impl, clustering):
     layer = make_layer(impl, query_bucket_width=6.0, key_bucket_width=6.0,
-                       residual_bucket_width=2.0, query_capacity=0.3, key_capacity=0.3)
+                       residual_bucket_width=2.0, query_capacity=0.3, key_capacity=0.3,
+                       clustering=clustering)
     x, mask = random_inputs([L, 12], seed=11)
     out = call(layer, x, mask)
     # Padding replaced by copies of valid tokens (they would join clusters) or by large noise.
@@ -475,12 +481,13 @@ def test_padding_never_affects_valid_outputs(impl):
         assert np.abs(np.asarray(out2.y)[1, 12:]).max() == 0.0
 
 
+@pytest.mark.parametrize('clustering', CLUSTERINGS)
 @pytest.mark.parametrize('impl', IMPLS)
-def test_gradients_finite_and_nonzero(impl):
+def test_gradients_finite_and_nonzero(impl, clustering):
     x_same = jnp.broadcast_to(jnp.linspace(-1, 1, E), (2, L, E))
     x_rand, mask = random_inputs([L, 9], seed=12)
     for x, overrides in ((x_same, {}), (x_rand, FINE), (x_rand, dict(query_capacity=0.2))):
-        layer = make_layer(impl, **overrides)
+        layer = make_layer(impl, clustering=clustering, **overrides)
         graphdef, state = nnx.split(layer)
 
         def loss(state, x, graphdef=graphdef):
@@ -493,8 +500,9 @@ def test_gradients_finite_and_nonzero(impl):
         assert np.abs(np.asarray(g_x)).max() > 0
 
 
-def test_dropout_only_while_training():
-    layer = make_layer('xla', dropout=0.5)
+@pytest.mark.parametrize('clustering', CLUSTERINGS)
+def test_dropout_only_while_training(clustering):
+    layer = make_layer('xla', dropout=0.5, clustering=clustering)
     x, mask = random_inputs([L, 10], seed=13)
     det = call(layer, x, mask).y
     train_y = call(layer, x, mask, deterministic=False, rng=jax.random.key(0)).y
@@ -503,12 +511,84 @@ def test_dropout_only_while_training():
     np.testing.assert_array_equal(det, call(layer, x, mask).y)
 
 
+# -- per-head clustering --------------------------------------------------------------------------
+def head_layer(layer, head):
+    """A shared-clustering twin of a per-head layer that computes head ``head``'s contribution.
+
+    It hashes with that head's LSH parameters and keeps only that head's rows of the output
+    projection, so the per-head layer's output is the sum of the twins' outputs.
+    """
+    cfg = ml_collections.ConfigDict(layer.cfg.to_dict())
+    cfg.clustering = 'shared'
+    twin = cta.CTAAttention(layer.dims, ml_collections.FrozenConfigDict(cfg),
+                            rngs=nnx.Rngs(params=7))
+    for proj in ('query', 'key', 'value'):
+        getattr(twin, proj).kernel[...] = getattr(layer, proj).kernel[...]
+    rows = np.arange(layer.dims.qkv_dim) // layer.dims.head_dim == head
+    twin.out.kernel[...] = jnp.where(rows[:, None], layer.out.kernel[...], 0.0)
+    twin.lsh_a[...] = layer.lsh_a[...][head]
+    twin.lsh_b[...] = layer.lsh_b[...][head]
+    return twin
+
+
+@pytest.mark.parametrize('aggregation', ['tokens', 'factorized'])
+@pytest.mark.parametrize('impl', IMPLS)
+def test_per_head_equals_shared_clustering_run_on_each_head(impl, aggregation):
+    layer = make_layer(impl, heads=4, clustering='per_head', aggregation=aggregation,
+                       query_bucket_width=6.0, key_bucket_width=6.0, residual_bucket_width=2.0,
+                       query_capacity=0.3, key_capacity=0.4, residual_capacity=0.2)
+    assert layer.lsh_a[...].shape == (4, 3, 6, E) and layer.lsh_b[...].shape == (4, 3, 6)
+    x, mask = random_inputs([L, 15], seed=31)
+    out, maps = call(layer, x, mask), layer.inspect_maps(x, mask, None)
+    twins = [head_layer(layer, h) for h in range(4)]
+    outs = [call(t, x, mask) for t in twins]
+    np.testing.assert_allclose(out.y, sum(np.asarray(o.y) for o in outs), rtol=1e-5, atol=1e-5)
+    # Heads cluster differently (else the test could not tell per-head from shared clusters).
+    ids = np.asarray(maps['key_clusters'])
+    assert all(not np.array_equal(ids[:, 0], ids[:, h]) for h in range(1, 4))
+    for name in ('k0', 'k1', 'k2', 'overflow', 'overflow_fraction', 'ra', 'effective_pairs'):
+        np.testing.assert_allclose(out.stats[name], np.mean([o.stats[name] for o in outs]),
+                                   rtol=1e-5, err_msg=name)
+    assert out.stats['overflow'] > 0
+    for h, twin in enumerate(twins):
+        twin_maps = twin.inspect_maps(x, mask, None)
+        for name in ('query_clusters', 'key_clusters', 'residual_clusters'):
+            assert maps[name].shape == (2, 4, L)
+            np.testing.assert_array_equal(maps[name][:, h], twin_maps[name])
+        np.testing.assert_allclose(maps['approx_probs'][:, h], twin_maps['approx_probs'][:, h],
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('seq_len', [64, 128])
+@pytest.mark.parametrize('impl,aggregation', [('reference', 'auto'), ('xla', 'tokens'),
+                                              ('xla', 'factorized')])
+def test_per_head_cost_formula_matches_xla(impl, aggregation, seq_len):
+    """As tests/test_cost.py checks the default: the formula against XLA's count."""
+    import test_cost
+
+    dims = base.AttentionDims(emb_dim=test_cost.E, qkv_dim=test_cost.E, num_heads=test_cost.H,
+                              max_len=seq_len, layer_index=0, num_layers=2)
+    cfg = config_lib.attention_config('cta', impl, 'train_and_eval')
+    cfg.update(clustering='per_head', aggregation=aggregation)
+    cfg = ml_collections.FrozenConfigDict(cfg)
+    layer = cta.CTAAttention(dims, cfg, rngs=nnx.Rngs(params=0))
+    layer_cost = cta.METHOD.layer_cost(dims, cfg, seq_len)
+    counted = (test_cost.layer_forward_ops(layer, seq_len)
+               - test_cost.projection_ops(layer_cost))
+    assert layer_cost.attention_ops == pytest.approx(counted, rel=test_cost.ATTENTION_TOLERANCE)
+    shared = cta.METHOD.layer_cost(dims, ml_collections.FrozenConfigDict(
+        {**cfg.to_dict(), 'clustering': 'shared'}), seq_len)
+    heads = test_cost.H
+    assert layer_cost.attention['hashing'] == heads * shared.attention['hashing']
+    assert layer_cost.attention['values'] == shared.attention['values']
+
+
 # -- config, cost model, registry -----------------------------------------------------------------
 @pytest.mark.parametrize('field,value', [
     ('hash_length', 0), ('hash_length', 2.5), ('query_bucket_width', 0.0),
     ('key_bucket_width', -1.0), ('residual_bucket_width', float('inf')),
     ('query_capacity', 0.0), ('key_capacity', 1.5), ('residual_capacity', -0.1),
-    ('diagnostics', 'yes'),
+    ('diagnostics', 'yes'), ('clustering', 'per_query'),
 ])
 def test_bad_fields_raise_naming_the_field(field, value):
     cfg = ml_collections.ConfigDict(make_cfg().to_dict(), type_safe=False)

@@ -22,6 +22,11 @@ widths on the text and image models); the tokens of clusters beyond it (smallest
 nearest kept centroid in the family's LSH projection space and are counted in ``overflow``.
 :data:`PREVIOUS_DEFAULTS` restores the earlier 0.5 / 0.5 / 0.25 with the token-path aggregation.
 
+``clustering='per_head'`` gives each head its own three families (``lsh_a`` [heads, 3, l, emb],
+``lsh_b`` [heads, 3, l]): head h runs steps 1-3 on its own clusters of X, with its own capacities,
+overflow and aggregation (:func:`compress_per_head`, heads folded into the batch axis); the
+default ``'shared'`` clusters once for all heads.
+
 Implementations: ``xla`` is the compressed computation (hash codes packed into one sort key,
 ``segment_sum`` centroids, attention among centroids, probability aggregation by token
 probabilities or factorised over key-cluster pair counts (``aggregation``), output projection on
@@ -36,7 +41,8 @@ Statistics (pooled over the batch, n = valid tokens, k = non-empty clusters, cap
 ``effective_pairs`` = cap0 (cap1 + cap2) / n² (centroid score pairs computed per valid token
 pair), ``ra`` = k0 (k1 + k2) / n², ``rl`` = (k0 + 2 k1 + 2 k2) / 3n, means per example of
 ``k0``, ``k1``, ``k2``, ``overflow``, ``overflow_fraction`` = merged tokens / (3 n) over the three
-families, and with ``diagnostics`` ``rel_error`` against exact attention. The cost of a layer is
+families, and with ``diagnostics`` ``rel_error`` against exact attention. Per head, each
+statistic pools the (example, head) rows the way it pools examples. The cost of a layer is
 :func:`layer_cost`.
 
 The overflow rule in full, the bucket widths, and how the paper's open points are resolved:
@@ -58,6 +64,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _WIDTH_FIELDS = ('query_bucket_width', 'key_bucket_width', 'residual_bucket_width')
 _CAPACITY_FIELDS = ('query_capacity', 'key_capacity', 'residual_capacity')
 AGGREGATIONS = ('auto', 'factorized', 'tokens')
+CLUSTERINGS = ('shared', 'per_head')
 # The defaults before the capacities were sized to the realised cluster counts: these overrides
 # reproduce earlier runs exactly (same clusters, same merges, same token-path aggregation).
 PREVIOUS_DEFAULTS = {'query_capacity': 0.5, 'key_capacity': 0.5, 'residual_capacity': 0.25,
@@ -83,6 +90,9 @@ def default_config() -> ml_collections.ConfigDict:
     # probabilities, the original path), 'factorized' (pair counts and two matmuls, k0 k1 k2 per
     # head) or 'auto' (the cheaper of the two for the static shapes); the token path runs
     # whenever attention dropout acts (it drops token probabilities)
+    c.clustering = 'shared'  # 'shared': one clustering of the block input for all heads;
+    # 'per_head': each head hashes the block input with its own LSH parameters, so clusters,
+    # capacities, overflow and aggregation are per head (heads x the clustering work)
     c.diagnostics = False  # True: also run exact attention with the same weights and report
     # 'rel_error' = |y_cta - y_dense| / |y_dense| over valid tokens (costs a dense pass)
     return c
@@ -113,6 +123,8 @@ def check_fields(cfg) -> None:
                'always between 1 and n)')
     _check(cfg.aggregation in AGGREGATIONS, 'aggregation', cfg.aggregation,
            f'one of {", ".join(AGGREGATIONS)}')
+    _check(cfg.clustering in CLUSTERINGS, 'clustering', cfg.clustering,
+           f'one of {", ".join(CLUSTERINGS)}')
     _check(isinstance(cfg.diagnostics, bool), 'diagnostics', cfg.diagnostics, 'True or False')
 
 
@@ -333,6 +345,23 @@ def cluster_tokens(x: jax.Array, valid: jax.Array, a: jax.Array, b: jax.Array, w
        'overflow': int32 [batch] tokens merged because of the capacity}.
     """
     proj = lsh_project(jax.lax.stop_gradient(x), a, b, width)
+    return cluster_projected(x, proj, valid, cap, reference)
+
+
+def cluster_projected(x: jax.Array, proj: jax.Array, valid: jax.Array, cap: int,
+                      reference: bool = False) -> dict[str, jax.Array]:
+    """:func:`cluster_tokens` given the tokens' E2LSH coordinates.
+
+    Args:
+      x: [batch, n, emb] tokens to average into centroids.
+      proj: [batch, n, l] their continuous coordinates (A x + b) / w (codes = floor).
+      valid: bool [batch, n].
+      cap: static capacity.
+      reference: dense pairwise / one-hot implementation instead of sort / segment_sum.
+
+    Returns:
+      The dict of :func:`cluster_tokens`.
+    """
     codes = jnp.floor(proj)
     assign = assign_clusters_reference if reference else assign_clusters
     mean_fn = one_hot_mean if reference else segment_mean
@@ -359,13 +388,51 @@ def compress(x: jax.Array, valid: jax.Array, a: jax.Array, b: jax.Array,
     Returns:
       Three :func:`cluster_tokens` dicts (queries, keys/values, residuals).
     """
-    x = x.astype(jnp.float32)
-    fam0 = cluster_tokens(x, valid, a[0], b[0], widths_[0], caps[0], reference)
-    fam1 = cluster_tokens(x, valid, a[1], b[1], widths_[1], caps[1], reference)
+    def project(tokens, family):
+        return lsh_project(jax.lax.stop_gradient(tokens), a[family], b[family], widths_[family])
+
+    return _two_level(x.astype(jnp.float32), valid, project, caps, reference)
+
+
+def compress_per_head(x: jax.Array, valid: jax.Array, a: jax.Array, b: jax.Array,
+                      widths_: tuple[float, float, float], caps: tuple[int, int, int],
+                      reference: bool = False) -> tuple[dict, dict, dict]:
+    """:func:`compress` once per head, each head with its own hash parameters.
+
+    Heads are folded into the batch axis (row ``i * heads + h`` is example i, head h), so the
+    clustering, overflow rule and centroids run unchanged on [batch * heads, n, ...].
+
+    Args:
+      x: [batch, n, emb] block input.
+      valid: bool [batch, n].
+      a: [heads, 3, l, emb], b: [heads, 3, l] hash parameters of each head's three families.
+      widths_, caps, reference: as for :func:`compress`.
+
+    Returns:
+      Three :func:`cluster_tokens` dicts with leading axis batch * heads.
+    """
+    heads = a.shape[0]
+
+    def project(tokens, family):  # tokens [batch * heads, n, d] -> [batch * heads, n, l]
+        t = jax.lax.stop_gradient(tokens)
+        t = t.reshape(-1, heads, *t.shape[1:])
+        proj = jnp.einsum('bhne,hle->bhnl', t, a[:, family].astype(jnp.float32),
+                          precision=_HIGHEST)
+        proj = (proj + b[:, family][None, :, None, :].astype(jnp.float32)) / widths_[family]
+        return proj.reshape(-1, *proj.shape[2:])
+
+    x = jnp.repeat(x.astype(jnp.float32), heads, axis=0)
+    return _two_level(x, jnp.repeat(valid, heads, axis=0), project, caps, reference)
+
+
+def _two_level(x, valid, project, caps, reference) -> tuple[dict, dict, dict]:
+    """LSH_0 and LSH_1 on x [batch, n, emb], LSH_2 on the residuals; ``project(t, family)``."""
+    fam0 = cluster_projected(x, project(x, 0), valid, caps[0], reference)
+    fam1 = cluster_projected(x, project(x, 1), valid, caps[1], reference)
     c1 = jnp.take_along_axis(fam1['centroids'], jnp.clip(fam1['ids'], 0, caps[1] - 1)[..., None],
                              axis=1)
     residual = jnp.where(valid[..., None], x - c1, 0.0)
-    fam2 = cluster_tokens(residual, valid, a[2], b[2], widths_[2], caps[2], reference)
+    fam2 = cluster_projected(residual, project(residual, 2), valid, caps[2], reference)
     return fam0, fam1, fam2
 
 
@@ -559,19 +626,24 @@ def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
     two [k0, k2] x [k2, k1] matmuls per head, :func:`use_factorized` decides) and AV among the
     centroids; the output projection runs on the k0 query centroids. ``reference`` rebuilds the
     n approximated tokens from one-hot matrices and runs dense masked attention over them.
+
+    With ``clustering='per_head'`` the clustering (and the reference's expansion) runs once per
+    head, and ``xla`` gathers each head's output back to its n tokens before the output
+    projection (``out_rows`` = n); the attention among centroids is per head in both cases.
     """
     n, emb = seq_len, dims.emb_dim
     heads, head_dim = dims.num_heads, dims.head_dim
     caps = capacities(cfg, n)
     reference = cfg.impl == 'reference'
+    groups = heads if cfg.clustering == 'per_head' else 1  # clusterings per example
     parts: dict[str, float] = {}
     for cap in caps:
         for name, ops in _family_ops(n, emb, int(cfg.hash_length), cap, reference).items():
-            parts[name] = parts.get(name, 0.0) + ops
-    parts['centroids'] += cost.elementwise(n * emb, 2)  # residuals X - C1[CT1], padding select
+            parts[name] = parts.get(name, 0.0) + groups * ops
+    parts['centroids'] += groups * cost.elementwise(n * emb, 2)  # residuals X - C1[CT1], select
     if reference:
-        parts['expansion'] = (sum(cost.matmul(n, cap, emb) + cost.elementwise(n * cap)
-                                  for cap in caps) + cost.elementwise(n * emb))
+        parts['expansion'] = groups * (sum(cost.matmul(n, cap, emb) + cost.elementwise(n * cap)
+                                           for cap in caps) + cost.elementwise(n * emb))
         attention = cost.dense_attention(heads, head_dim, n, 'reference')
         return cost.LayerCost(attention={**parts, **attention}, tokens=n,
                               qkv_width=dims.qkv_dim, query_rows=n, kv_rows=n, out_rows=n,
@@ -582,13 +654,14 @@ def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
     if use_factorized(cfg.aggregation, k0, k1, k2, n):
         parts['aggregation'] = (cost.matmul(k0, k2, k1, batch=2 * heads)
                                 + cost.elementwise(rows * cols, 9)
-                                + cost.elementwise(n + 2 * k1 * k2))
+                                + groups * cost.elementwise(n + 2 * k1 * k2))
     else:
         parts['aggregation'] = cost.elementwise(rows * n, 20) + cost.elementwise(rows * cols)
     parts['values'] = cost.matmul(k0, cols, head_dim, batch=heads)
     parts['output'] = cost.elementwise(n * emb)  # padding select after the gather
     return cost.LayerCost(attention=parts, tokens=n, qkv_width=dims.qkv_dim, query_rows=k0,
-                          kv_rows=k1 + k2, out_rows=k0, ffn_tokens=n, tokens_out=n)
+                          kv_rows=k1 + k2, out_rows=n if groups > 1 else k0, ffn_tokens=n,
+                          tokens_out=n)
 
 
 # -- the layer ----------------------------------------------------------------------------------
@@ -596,18 +669,25 @@ class CTAAttention(base.Attention):
     """CTA attention layer; see the module docstring for what it computes.
 
     Extra state: ``lsh_a`` Buffer float32 [3, l, emb] (directions ~ N(0, I)) and ``lsh_b`` Buffer
-    float32 [3, l] (offsets ~ U(0, w) of each family's width).
+    float32 [3, l] (offsets ~ U(0, w) of each family's width); with ``clustering='per_head'``
+    one set per head, [heads, 3, l, emb] and [heads, 3, l].
     """
 
     def __init__(self, dims: base.AttentionDims, cfg: ml_collections.ConfigDict, *, rngs):
         super().__init__(dims, cfg, rngs=rngs)
         hash_len = int(cfg.hash_length)
         key_a, key_b = jax.random.split(rngs.params())
-        self.lsh_a = base.Buffer(
-            jax.random.normal(key_a, (NUM_FAMILIES, hash_len, dims.emb_dim), jnp.float32))
+        sets = (dims.num_heads,) if self.per_head else ()
+        self.lsh_a = base.Buffer(jax.random.normal(
+            key_a, sets + (NUM_FAMILIES, hash_len, dims.emb_dim), jnp.float32))
         w = jnp.asarray(widths(cfg), jnp.float32)
         self.lsh_b = base.Buffer(
-            jax.random.uniform(key_b, (NUM_FAMILIES, hash_len), jnp.float32) * w[:, None])
+            jax.random.uniform(key_b, sets + (NUM_FAMILIES, hash_len), jnp.float32) * w[:, None])
+
+    @property
+    def per_head(self) -> bool:
+        """Whether each head clusters with its own hash parameters (``clustering='per_head'``)."""
+        return self.cfg.clustering == 'per_head'
 
     def check_config(self, cfg, dims):
         """Raises ConfigError for a bad CTA field."""
@@ -618,7 +698,11 @@ class CTAAttention(base.Attention):
         """The three families' :func:`cluster_tokens` results for x [batch, n, emb].
 
         ``reference``: dense pairwise / one-hot clustering instead of sort / ``segment_sum``.
+        Per head (:func:`compress_per_head`) the leading axis is batch * heads.
         """
+        if self.per_head:
+            return compress_per_head(x, mask, self.lsh_a[...], self.lsh_b[...], widths(self.cfg),
+                                     capacities(self.cfg, x.shape[1]), reference=reference)
         return compress(x, mask, self.lsh_a[...], self.lsh_b[...], widths(self.cfg),
                         capacities(self.cfg, x.shape[1]), reference=reference)
 
@@ -629,7 +713,7 @@ class CTAAttention(base.Attention):
             def drop(p):
                 return self.drop_probs(p, deterministic, rng)
         y, (fam0, fam1, fam2) = self.implementation.run(self, x, mask, drop)
-        stats = self._stats(mask, fam0, fam1, fam2)
+        stats = self._stats(self._rows_mask(mask), fam0, fam1, fam2)
         if self.cfg.diagnostics:
             y_dense = self.dense(x, mask, True, None)[0].astype(jnp.float32)
             err = jnp.where(mask[..., None], y.astype(jnp.float32) - y_dense, 0.0)
@@ -642,6 +726,45 @@ class CTAAttention(base.Attention):
     def _cast(self, c: jax.Array) -> jax.Array:
         return c.astype(jnp.dtype(self.dims.dtype))
 
+    def _rows_mask(self, mask: jax.Array) -> jax.Array:
+        """The mask of the clustering rows: [batch, n], or [batch * heads, n] per head."""
+        return jnp.repeat(mask, self.dims.num_heads, axis=0) if self.per_head else mask
+
+    def _head_project(self, proj, tokens: jax.Array) -> jax.Array:
+        """Each head's slice of a projection on that head's tokens.
+
+        Args:
+          proj: ``self.query``, ``self.key`` or ``self.value``.
+          tokens: [batch * heads, rows, emb] (row i * heads + h: head h's tokens).
+
+        Returns:
+          [batch, rows, heads, head_dim]: head h from tokens of head h only.
+        """
+        heads, head_dim = self.dims.num_heads, self.dims.head_dim
+        t = self._cast(tokens).reshape(-1, heads, *tokens.shape[1:])
+        w = proj.kernel[...].reshape(-1, heads, head_dim).astype(t.dtype)
+        return jnp.einsum('bhre,ehd->brhd', t, w)
+
+    def _centroid_qkv(self, fams: tuple[dict, dict, dict]) -> tuple[jax.Array, ...]:
+        """Compressed Q, K, V (eq. 3) in the layout of :func:`compressed_attention`.
+
+        Returns:
+          (q_bar [b, k0, h, head_dim], k_bar, v_bar [b, cap1 + cap2, h, head_dim]); shared:
+          b = batch, h = heads; per head: b = batch * heads (row i * heads + h), h = 1.
+        """
+        fam0, fam1, fam2 = fams
+        cat = jnp.concatenate([fam1['centroids'], fam2['centroids']], axis=1)
+        if not self.per_head:
+            cat = self._cast(cat)
+            return (self.split_heads(self.query(self._cast(fam0['centroids']))),
+                    self.split_heads(self.key(cat)), self.split_heads(self.value(cat)))
+
+        def fold(t):  # [batch, rows, heads, d] -> [batch * heads, rows, 1, d]
+            return jnp.swapaxes(t, 1, 2).reshape(-1, t.shape[1], 1, t.shape[3])
+
+        return (fold(self._head_project(self.query, fam0['centroids'])),
+                fold(self._head_project(self.key, cat)), fold(self._head_project(self.value, cat)))
+
     def _compressed(self, x, mask, drop) -> tuple[jax.Array, tuple[dict, dict, dict]]:
         """The xla path: sort-based clusters; projections, scores and AV among centroids only.
 
@@ -653,14 +776,18 @@ class CTAAttention(base.Attention):
         """
         fam0, fam1, fam2 = fams = self.clusters(x, mask, reference=False)
         cap0, cap1 = fam0['centroids'].shape[1], fam1['centroids'].shape[1]
-        q_bar = self.split_heads(self.query(self._cast(fam0['centroids'])))
-        cat = self._cast(jnp.concatenate([fam1['centroids'], fam2['centroids']], axis=1))
-        k_bar, v_bar = self.split_heads(self.key(cat)), self.split_heads(self.value(cat))
-        o_bar = compressed_attention(q_bar, k_bar, v_bar, fam1['ids'], fam2['ids'], mask, cap1,
-                                     drop, self.cfg.aggregation)
-        y_bar = self.project_out(o_bar)  # [batch, k0, emb]: output projection on centroids
-        y = jnp.take_along_axis(y_bar, jnp.clip(fam0['ids'], 0, cap0 - 1)[..., None], axis=1)
-        return jnp.where(mask[..., None], y, 0).astype(y_bar.dtype), fams
+        q_bar, k_bar, v_bar = self._centroid_qkv(fams)
+        o_bar = compressed_attention(q_bar, k_bar, v_bar, fam1['ids'], fam2['ids'],
+                                     self._rows_mask(mask), cap1, drop, self.cfg.aggregation)
+        rows = jnp.clip(fam0['ids'], 0, cap0 - 1)[..., None, None]
+        if self.per_head:  # gather each head's output to its tokens, then project n rows
+            o = jnp.take_along_axis(o_bar, rows, axis=1)  # [batch * heads, n, 1, head_dim]
+            o = o.reshape(mask.shape[0], self.dims.num_heads, mask.shape[1], o.shape[-1])
+            y = self.project_out(jnp.swapaxes(o, 1, 2))
+        else:
+            y_bar = self.project_out(o_bar)  # [batch, k0, emb]: output projection on centroids
+            y = jnp.take_along_axis(y_bar, rows[..., 0], axis=1)
+        return jnp.where(mask[..., None], y, 0).astype(y.dtype), fams
 
     def _reference(self, x, mask, drop) -> tuple[jax.Array, tuple[dict, dict, dict]]:
         """The reference path: dense clustering, full attention of the approximated tokens.
@@ -675,10 +802,14 @@ class CTAAttention(base.Attention):
             return jnp.einsum('bnc,bce->bne', jax.nn.one_hot(fam['ids'], cap, dtype=jnp.float32),
                               fam['centroids'], precision=_HIGHEST)
 
-        x_q = self._cast(expand(fam0))
-        x_kv = self._cast(expand(fam1) + expand(fam2))
-        q = self.split_heads(self.query(x_q))
-        k, v = self.split_heads(self.key(x_kv)), self.split_heads(self.value(x_kv))
+        x_q, x_kv = expand(fam0), expand(fam1) + expand(fam2)
+        if self.per_head:  # rows batch * heads: head h from its own approximated tokens
+            q = self._head_project(self.query, x_q)
+            k, v = self._head_project(self.key, x_kv), self._head_project(self.value, x_kv)
+        else:
+            x_q, x_kv = self._cast(x_q), self._cast(x_kv)
+            q = self.split_heads(self.query(x_q))
+            k, v = self.split_heads(self.key(x_kv)), self.split_heads(self.value(x_kv))
         scale = 1.0 / math.sqrt(self.dims.head_dim)
         probs = base.masked_softmax(base.attention_scores(q, k) * scale, base.pair_mask(mask, mask))
         if drop is not None:
@@ -721,30 +852,35 @@ class CTAAttention(base.Attention):
 
         Returns:
           {'query_clusters', 'key_clusters', 'residual_clusters': int32 [batch, n] (-1 on
-           padding), 'approx_probs': float32 [batch, heads, n, n]: row i is the softmax over
-           valid keys j of S[CT0[i], CT1[j]] + S[CT0[i], k1 + CT2[j]] (eq. 6), i.e. exact
-           attention of the approximated tokens (eq. 2); 0 on padded rows and columns}.
+           padding; [batch, heads, n] with ``clustering='per_head'``), 'approx_probs': float32
+           [batch, heads, n, n]: row i is the softmax over valid keys j of S[CT0[i], CT1[j]] +
+           S[CT0[i], k1 + CT2[j]] (eq. 6, with head h's clusters per head), i.e. exact attention
+           of the approximated tokens (eq. 2); 0 on padded rows and columns}.
         """
         del carry
         _, fams = self.implementation.run(self, x, mask, None)
         names = ('query_clusters', 'key_clusters', 'residual_clusters')
-        maps = {name: jnp.where(mask, f['ids'], -1) for name, f in zip(names, fams)}
+        ids = [f['ids'] for f in fams]
+        if self.per_head:
+            ids = [i.reshape(mask.shape[0], self.dims.num_heads, -1) for i in ids]
+        ids_mask = mask[:, None] if self.per_head else mask
+        maps = {name: jnp.where(ids_mask, i, -1) for name, i in zip(names, ids)}
         maps['approx_probs'] = self.approx_probs(fams, mask)
         return maps
 
     def approx_probs(self, fams: tuple[dict, dict, dict], mask: jax.Array) -> jax.Array:
         """Token-level probabilities float32 [batch, heads, n, n] rebuilt from the clusters."""
-        fam0, fam1, fam2 = fams
+        fam0, fam1, _ = fams
         cap0, cap1 = fam0['centroids'].shape[1], fam1['centroids'].shape[1]
-        q_bar = self.split_heads(self.query(self._cast(fam0['centroids'])))
-        cat = self._cast(jnp.concatenate([fam1['centroids'], fam2['centroids']], axis=1))
-        s_bar = base.attention_scores(q_bar, self.split_heads(self.key(cat)))
-        p = token_probabilities(s_bar / math.sqrt(self.dims.head_dim), fam1['ids'], fam2['ids'],
-                                mask, cap1)  # [batch, heads, k0, n]
+        q_bar, k_bar, _ = self._centroid_qkv(fams)
+        s_bar = base.attention_scores(q_bar, k_bar)
+        p = token_probabilities(s_bar / math.sqrt(self.dims.head_dim), fam1['ids'], fams[2]['ids'],
+                                self._rows_mask(mask), cap1)  # [b, h, k0, n] (see _centroid_qkv)
         p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
-        rows = jnp.clip(fam0['ids'], 0, cap0 - 1)[:, None, :, None]  # [batch, 1, n, 1]
-        n = mask.shape[1]
+        rows = jnp.clip(fam0['ids'], 0, cap0 - 1)[:, None, :, None]  # [b, 1, n, 1]
+        batch, n = mask.shape
         probs = jnp.take_along_axis(p, jnp.broadcast_to(rows, p.shape[:2] + (n, n)), axis=2)
+        probs = probs.reshape(batch, self.dims.num_heads, n, n)
         return jnp.where(mask[:, None, :, None], probs, 0.0).astype(jnp.float32)
 
 
