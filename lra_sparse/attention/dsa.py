@@ -766,6 +766,9 @@ _REFERENCE_MASK_OPS = 7
 # A threshold mask is elementwise in S̃, so XLA fuses it (and S̃'s scaling) into each consumer.
 _THRESHOLD_REFETCH_OPS = 17
 _SCATTER_OPS = 3  # the kept probabilities into a zero [L, L] matrix, per entry
+_KERNEL_ENTRY_OPS = 8  # scale, pair mask, select, max, subtract, exp2, select, sum
+_KERNEL_ROW_OPS = 6  # running max, its exp2, rescaled sum; at the end the guard, log2, lse
+_GATHER_OPS = 7  # take_along_axis per entry: the index bounds checks of its 'fill' mode
 RANDOM_OPS = 54  # a uniform float from the counter-based generator (threefry)
 
 
@@ -837,13 +840,19 @@ def _mse_cost(dims: base.AttentionDims, cfg, length: int, gram: bool) -> float:
             + cost.elementwise(pairs, 3))
 
 
-def _accuracy_cost(dims: base.AttentionDims, cfg, length: int, keys: int, k_bound: int) -> float:
-    """Ops of the sampled ``prediction_accuracy`` statistic (``keys``: key slots of a row)."""
+def _accuracy_cost(dims: base.AttentionDims, cfg, length: int, keys: int, k_bound: int,
+                   lookups: int) -> float:
+    """Ops of the sampled ``prediction_accuracy`` statistic.
+
+    ``keys``: the key slots of a row; ``lookups``: the entries per sampled row and head gathered
+    to find its attended keys (:data:`_GATHER_OPS` each, as the picked true scores).
+    """
     h, d = dims.num_heads, dims.head_dim
     rows = length if cfg.accuracy_rows in (0,) or cfg.accuracy_rows >= length else cfg.accuracy_rows
     ops = 0.0 if rows == length else cost.sort(1, length)
     ops += cost.matmul(rows, d, length, batch=h) + cost.elementwise(h * rows * length, 2)
     ops += cost.top_k(h * rows, length, min(k_bound, length))
+    ops += cost.elementwise(rows * h * d + h * rows * (lookups + keys), _GATHER_OPS)
     return ops + cost.elementwise(h * rows * keys, _HITS_OPS + 1)
 
 
@@ -873,9 +882,31 @@ def _block_cost(dims: base.AttentionDims, cfg, length: int) -> tuple[dict, int]:
         parts.update(_attention_cost(h, length, length, d))
         return parts, length
     slots = kb * bk
+    if cfg.impl == 'pallas':
+        parts['selection'] += cost.sort(h * nqb, kb)  # kept slots first, for the kernel's lists
+        parts.update(_kernel_cost(h * nqb, kb, bq, bk, d))
+        return parts, slots
     parts['masking'] = cost.elementwise(h * nqb * bq * slots, 2)  # live: tile slots & query rows
     parts.update(_attention_cost(h * nqb, bq, slots, d))
     return parts, slots
+
+
+def _kernel_cost(programs: int, steps: int, block_q: int, block_k: int, head_dim: int) -> dict:
+    """Ops of the block-sparse kernel: ``programs`` query blocks, ``steps`` kept tiles each.
+
+    Per tile: ``q·kᵀ`` and AV at the kernel's padded head width, per entry the scale, the pair
+    mask and the online softmax (:data:`_KERNEL_ENTRY_OPS`), per row the running max and sum
+    and the accumulator's rescaling; per row at the end the normalisation and the log-sum-exp.
+    """
+    from pallas_kernels import _common  # noqa: PLC0415  (jax-only, imported when used)
+
+    d = _common.padded_head_dim(head_dim)
+    tiles, rows = programs * steps, programs * block_q
+    return {'scores': cost.matmul(block_q, d, block_k, batch=tiles),
+            'softmax': (cost.elementwise(tiles * block_q * block_k, _KERNEL_ENTRY_OPS)
+                        + cost.elementwise(tiles * block_q, _KERNEL_ROW_OPS + d)
+                        + cost.elementwise(rows, _KERNEL_ROW_OPS + 2 * d)),
+            'values': cost.matmul(block_q, block_k, d, batch=tiles)}
 
 
 def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
@@ -904,6 +935,8 @@ def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
         block, keys = _block_cost(dims, cfg, length)
         parts.update(block)
         k_bound = keys if cfg.selection == 'topk' else length
+        # the reference reads its dense keep mask; the others a tile's slots and key validity
+        lookups = length if cfg.impl == 'reference' else 2 * keys // cfg.block_k + keys
     elif cfg.impl == 'reference':
         size = cfg.vector_size if cfg.granularity == 'vector' else 1
         groups = h * -(-length // size)
@@ -920,17 +953,19 @@ def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
         if cfg.selection == 'threshold':
             parts['selection'] += cost.elementwise(pairs, _THRESHOLD_REFETCH_OPS)
         parts.update(_attention_cost(h, length, length, d))
-        keys = length
+        keys = lookups = length
         k_bound = length if cfg.selection == 'threshold' else k_max
     elif cfg.granularity == 'element':
         parts['predictor_scores'] = _dense_scores_cost(dims, cfg, length)
         parts['selection'] = _row_selection_cost(h * length, length, cfg, k_max, True)
         kept = h * length * k_max
         parts['masking'] = cost.elementwise(kept)
-        parts['scores'] = cost.matmul(length, d, length, batch=h) + cost.elementwise(pairs)
+        parts['scores'] = (cost.matmul(length, d, length, batch=h) + cost.elementwise(pairs)
+                           + cost.elementwise(kept, _GATHER_OPS))  # the kept scores, gathered
         parts['softmax'] = cost.elementwise(kept, _MASKED_SOFTMAX_OPS + _SCATTER_OPS)
         parts['values'] = cost.matmul(length, length, d, batch=h)
         keys = k_bound = k_max
+        lookups = 2 * k_max
     else:
         size = cfg.vector_size
         groups = -(-length // size)
@@ -945,12 +980,13 @@ def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
         parts['masking'] = cost.elementwise(h * groups * size * k_max)
         parts.update(_attention_cost(h * groups, size, k_max, d))
         keys = k_bound = k_max
+        lookups = 2 * k_max
     statistics = cost.elementwise(h * length * keys, 2) + cost.elementwise(length * h * d)
     if cfg.precision in PRECISION_BITS:
         gram = cfg.impl != 'reference'
         statistics += _mse_cost(dims, cfg, length, gram)
     if cfg.accuracy_stat != 'off':
-        statistics += _accuracy_cost(dims, cfg, length, keys, k_bound)
+        statistics += _accuracy_cost(dims, cfg, length, keys, k_bound, lookups)
     parts['statistics'] = statistics
     return cost.LayerCost(attention=parts, tokens=length, qkv_width=dims.qkv_dim,
                           query_rows=length, kv_rows=length, out_rows=length, ffn_tokens=length,
