@@ -542,8 +542,10 @@ def test_layer_cost_counts_what_each_path_runs():
     layer = dsa.layer_cost(dims, cfg, 40)
     assert (layer.tokens, layer.tokens_out, layer.qkv_width) == (40, 40, 64)
     # element on xla: the dense QKᵀ and AV, the softmax on the kept entries only
-    assert layer.attention['scores'] == cost.matmul(40, 16, 40, batch=4) + 4 * 40 * 40
-    assert layer.attention['softmax'] == 4 * 40 * k_max * 10
+    kept = 4 * 40 * k_max
+    assert layer.attention['scores'] == (cost.matmul(40, 16, 40, batch=4) + 4 * 40 * 40
+                                         + kept * dsa._GATHER_OPS)
+    assert layer.attention['softmax'] == kept * 10
     assert 'predictor' in layer.attention
     cfg.granularity, cfg.block_q, cfg.block_k = 'block', 8, 8
     block = dsa.layer_cost(dims, cfg, 40).attention
