@@ -11,7 +11,7 @@ from conftest import tiny_config
 from flax import nnx
 
 from lra_sparse import attention, config_lib, data, metrics, train
-from lra_sparse.attention import base, dsa
+from lra_sparse.attention import base, cost, dsa
 
 B, L, E, H = 2, 30, 32, 2  # L not a multiple of 4/8: partial vector groups and tiles
 D = E // H
@@ -535,23 +535,87 @@ def test_defaults_and_sweeps():
             config_lib.validate(c)
 
 
-def test_layer_macs():
+def test_layer_cost_counts_what_each_path_runs():
     dims = base.AttentionDims(emb_dim=64, qkv_dim=64, num_heads=4, max_len=40)
-    cfg = dsa.default_config()
-    cfg.sparsity = 0.9
-    macs, out_len = dsa.layer_macs(dims, cfg, 40, 128)
-    k = 4  # round(0.25 * 16)
-    assert out_len == 40
-    assert macs['scores'] == macs['attention_values'] == 40 * 4 * 64
-    assert macs['predictor'] == 40 * 64 * 4 * k + 2 * 4 * 40 * k * k + 4 * 40 * 40 * k
-    assert macs['predictor_bits'] == 4.0
-    assert macs['qkv_proj'] == 3 * 40 * 64 * 64 and macs['ffn'] == 2 * 40 * 64 * 128
+    cfg = ml_collections.ConfigDict({**dsa.default_config().to_dict(), 'impl': 'xla'})
+    k_max = dsa.static_keep_count(40, cfg.sparsity)  # 4
+    layer = dsa.layer_cost(dims, cfg, 40)
+    assert (layer.tokens, layer.tokens_out, layer.qkv_width) == (40, 40, 64)
+    # element on xla: the dense QKᵀ and AV, the softmax on the kept entries only
+    kept = 4 * 40 * k_max
+    assert layer.attention['scores'] == (cost.matmul(40, 16, 40, batch=4) + 4 * 40 * 40
+                                         + kept * dsa._GATHER_OPS)
+    assert layer.attention['softmax'] == kept * 10
+    assert 'predictor' in layer.attention
+    cfg.granularity, cfg.block_q, cfg.block_k = 'block', 8, 8
+    block = dsa.layer_cost(dims, cfg, 40).attention
+    kept_keys = dsa.static_keep_count(5, cfg.sparsity) * 8  # 1 of 5 key blocks, whole tiles
+    assert block['values'] == cost.matmul(8, kept_keys, 16, batch=4 * 5)
+    cfg.impl = 'reference'
+    reference = dsa.layer_cost(dims, cfg, 40).attention
+    assert reference['values'] == cost.matmul(40, 40, 16, batch=4)  # masked dense attention
     cfg.precision = 'oracle'
-    macs, _ = dsa.layer_macs(dims, cfg, 40, 128)
-    assert macs['scores'] == 40 * 40 * 64 and 'predictor' not in macs
-    cfg.precision, cfg.granularity, cfg.block_k = 'random', 'block', 8
-    macs, _ = dsa.layer_macs(dims, cfg, 40, 128)
-    assert macs['attention_values'] == 40 * 8 * 64  # 1 of 5 key blocks, whole tiles
+    assert 'predictor' not in dsa.layer_cost(dims, cfg, 40).attention
+    with_accuracy = dsa.layer_cost(dims, cfg, 40).attention['statistics']
+    cfg.accuracy_stat = 'off'
+    assert dsa.layer_cost(dims, cfg, 40).attention['statistics'] < with_accuracy
+
+
+COST_SETTINGS = [
+    ('xla', {'granularity': 'vector', 'vector_size': 4}),
+    ('xla', {'granularity': 'vector', 'vector_size': 8, 'precision': 'fp32'}),
+    ('xla', {'granularity': 'block', 'block_q': 16, 'block_k': 32}),
+    ('xla', {'precision': 'oracle'}),
+    ('xla', {'pipeline': 'project_first', 'precision': 'int8', 'accuracy_stat': 'off'}),
+    ('reference', {'selection': 'threshold'}),
+    ('reference', {'granularity': 'vector', 'precision': 'random'}),
+    ('reference', {'granularity': 'block', 'selection': 'threshold', 'precision': 'bf16'}),
+]
+
+
+@pytest.mark.parametrize('seq_len', [64, 256])
+@pytest.mark.parametrize('impl,overrides', COST_SETTINGS)
+def test_cost_formula_matches_xla_for_other_settings(impl, overrides, seq_len):
+    """Non-default granularities, selections and precisions, checked as tests/test_cost.py does."""
+    from test_cost import (
+        ATTENTION_TOLERANCE,
+        IMPL_SETTINGS,
+        build_layer,
+        layer_forward_ops,
+        projection_ops,
+    )
+
+    saved = IMPL_SETTINGS.get(('dsa', impl))
+    IMPL_SETTINGS[('dsa', impl)] = overrides
+    try:
+        layer, dims, cfg = build_layer('dsa', impl, seq_len)
+    finally:
+        IMPL_SETTINGS.pop(('dsa', impl))
+        if saved is not None:
+            IMPL_SETTINGS[('dsa', impl)] = saved
+    formula = attention.get_method('dsa').layer_cost(dims, cfg, seq_len)
+    counted = layer_forward_ops(layer, seq_len) - projection_ops(formula)
+    assert formula.attention_ops == pytest.approx(counted, rel=ATTENTION_TOLERANCE), (
+        f'{impl} {overrides} L={seq_len}: {dict(formula.attention)} vs XLA {counted:.0f}')
+
+
+@pytest.mark.parametrize('length', [64, 128])
+def test_pallas_cost_is_the_whole_kernel_at_one_grid_step(length):
+    """The Pallas interpreter is a loop XLA counts once: with one head and one tile of
+    ``length × length`` the grid is one program looping over one kept tile, so XLA's count is
+    the whole layer."""
+    from test_cost import ATTENTION_TOLERANCE, layer_forward_ops, projection_ops
+
+    cfg = ml_collections.FrozenConfigDict({
+        **dsa.default_config().to_dict(), 'name': 'dsa', 'impl': 'pallas',
+        'apply': 'train_and_eval', 'granularity': 'block', 'block_q': length,
+        'block_k': length})
+    dims = base.AttentionDims(emb_dim=64, qkv_dim=64, num_heads=1, max_len=length)
+    layer = dsa.DSAAttention(dims, cfg, rngs=nnx.Rngs(params=0))
+    formula = attention.get_method('dsa').layer_cost(dims, cfg, length)
+    assert formula.attention['scores'] == cost.matmul(length, 64, length)  # one program, one tile
+    counted = layer_forward_ops(layer, length) - projection_ops(formula)
+    assert formula.attention_ops == pytest.approx(counted, rel=ATTENTION_TOLERANCE)
 
 
 # -- training -----------------------------------------------------------------------------------

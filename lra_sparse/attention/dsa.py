@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from lra_sparse.attention import base, quant
+from lra_sparse.attention import base, cost, quant
 
 PRECISIONS = ('fp32', 'bf16', 'int8', 'int4', 'int2', 'random', 'oracle')
 PRECISION_BITS = {'fp32': 32, 'bf16': 16, 'int8': 8, 'int4': 4, 'int2': 2}
@@ -752,31 +752,245 @@ def row_groups(t: jax.Array, size: int) -> jax.Array:
 
 
 # -- cost model -----------------------------------------------------------------------------------
-def layer_macs(dims: base.AttentionDims, cfg, seq_len: int,
-               mlp_dim: int) -> tuple[dict[str, float], int]:
-    """MACs of one DSA layer for one example (Fig. 7 breakdown plus the prediction path).
+# Ops per element the passes below execute (XLA's count of jax 0.10, checked in
+# tests/test_cost.py and tests/test_attention_dsa.py).
+_QUANT_OPS = 7  # |x|, the group max, x·qmax, / max, round, clip (2)
+_STRAIGHT_OPS = 3  # codes·scale, x - x, + (straight-through forward value)
+_MASKED_SOFTMAX_OPS = 7  # select before, softmax (5), select after
+_TOPK_MASK_OPS = 4  # -inf on invalid keys, negate, rank < count, & valid (two stable argsorts)
+_THRESHOLD_OPS = 12  # -inf select, argmax (a reduce of 9), one-hot, >= threshold, |, & valid
+_HITS_OPS = 4  # & sampled row, >= k-th, &, sum
+# The reference's dense keep mask: & pair mask, its broadcast select around the softmax and the
+# kept count, each consumer re-reading it through a fused select.
+_REFERENCE_MASK_OPS = 7
+# A threshold mask is elementwise in S̃, so XLA fuses it (and S̃'s scaling) into each consumer.
+_THRESHOLD_REFETCH_OPS = 17
+_SCATTER_OPS = 3  # the kept probabilities into a zero [L, L] matrix, per entry
+_KERNEL_ENTRY_OPS = 8  # scale, pair mask, select, max, subtract, exp2, select, sum
+_KERNEL_ROW_OPS = 6  # running max, its exp2, rescaled sum; at the end the guard, log2, lse
+_GATHER_OPS = 7  # take_along_axis per entry: the index bounds checks of its 'fill' mode
+RANDOM_OPS = 54  # a uniform float from the counter-based generator (threefry)
 
-    ``scores`` / ``attention_values`` count only kept pairs (``ceil((1 - sparsity) * n)`` keys per
-    row; whole kept tiles for ``block``; ``threshold`` counts are data dependent and reported as
-    dense, an upper bound). ``oracle`` needs every score (dense ``scores``). ``predictor`` = ``XP``
-    + ``XP·W̃_Q, XP·W̃_K`` + ``S̃``, at ``predictor_bits`` (absent for random/oracle). Linear =
-    qkv_proj + out_proj, attention = scores + attention_values, other = ffn.
-    """
-    n, e, h = seq_len, dims.emb_dim, dims.num_heads
-    if cfg.selection == 'threshold':
-        kept = n
-    elif cfg.granularity == 'block':
-        nkb = -(-n // cfg.block_k)
-        kept = min(n, static_keep_count(nkb, cfg.sparsity) * cfg.block_k)
+
+def _predictor_cost(dims: base.AttentionDims, cfg, length: int) -> float:
+    """Ops of q̃ and k̃ (fused or project-first, integer or float) for one example."""
+    e, h, k = dims.emb_dim, dims.num_heads, predictor_width(cfg.sigma, dims.head_dim)
+    out, bits = length * h * k, cfg.precision in ('int8', 'int4', 'int2')
+    ops = 0.0
+    if cfg.pipeline == 'fused':
+        ops += 2 * cost.elementwise(e * h * k, 2 * k)  # P·W̃ (sign products summed, scaled)
+        inputs, width = length * e, e
     else:
-        kept = static_keep_count(n, cfg.sparsity)
-    macs = base.layer_macs(dims, n, mlp_dim, value_pairs=n * kept,
-                           score_pairs=n * (n if cfg.precision == 'oracle' else kept))
+        ops += cost.matmul(length, e, h * k)  # X·P
+        inputs, width = out, k
+    if bits:
+        ops += cost.elementwise(inputs, _QUANT_OPS + _STRAIGHT_OPS)
+        per_path = (cost.elementwise(width * h * k, _QUANT_OPS + _STRAIGHT_OPS)
+                    + 2 * cost.matmul(length, width, h * k)  # values and exact integer codes
+                    + cost.elementwise(out, 1 + _QUANT_OPS + _STRAIGHT_OPS))
+    else:
+        rounds = 0 if cfg.precision == 'fp32' else _STRAIGHT_OPS
+        ops += cost.elementwise(inputs, rounds)
+        per_path = (cost.elementwise(width * h * k, rounds) + cost.matmul(length, width, h * k)
+                    + cost.elementwise(out, rounds))
+    # masked and scaled q̃, k̃; masked codes; the factors of the pooled scores
+    return ops + 2 * per_path + 2 * cost.elementwise(out, 5)
+
+
+def _dense_scores_cost(dims: base.AttentionDims, cfg, length: int) -> float:
+    """Ops of the dense selection scores [heads, L, L] (S̃ from codes and scales, S or noise)."""
+    h, pairs = dims.num_heads, dims.num_heads * length * length
+    if cfg.precision == 'oracle':  # the scale of QKᵀ, the product shared with the attention
+        return cost.elementwise(pairs)
+    if cfg.precision == 'random':
+        return cost.elementwise(pairs, RANDOM_OPS)
+    k = predictor_width(cfg.sigma, dims.head_dim)
+    return cost.matmul(length, k, length, batch=h) + cost.elementwise(pairs, 3)
+
+
+def _row_selection_cost(rows: int, length: int, cfg, k_max: int, index_lists: bool) -> float:
+    """Ops of choosing keys for ``rows`` score rows of ``length`` keys (all heads together)."""
+    if index_lists:  # lax.top_k index lists: -inf select, top_k, slot validity
+        return (cost.elementwise(rows * length) + cost.top_k(rows, length, k_max)
+                + cost.elementwise(rows * k_max, 2))
+    if cfg.selection == 'threshold':
+        return cost.elementwise(rows * length, _THRESHOLD_OPS)
+    return cost.elementwise(rows * length, _TOPK_MASK_OPS) + 2 * cost.sort(rows, length)
+
+
+def _attention_cost(rows: int, queries_per_row: int, keys: int, head_dim: int) -> dict:
+    """Scores, scale, masked softmax and AV of ``rows`` query groups over ``keys`` keys each."""
+    entries = rows * queries_per_row * keys
+    return {'scores': cost.matmul(queries_per_row, head_dim, keys, batch=rows)
+            + cost.elementwise(entries),
+            'softmax': cost.elementwise(entries, _MASKED_SOFTMAX_OPS),
+            'values': cost.matmul(queries_per_row, keys, head_dim, batch=rows)}
+
+
+def _mse_cost(dims: base.AttentionDims, cfg, length: int, gram: bool) -> float:
+    """Ops of the ``mse`` statistic: dense (S - S̃)² or the Gram-matrix identity."""
+    h, d = dims.num_heads, dims.head_dim
+    k = predictor_width(cfg.sigma, d)
+    ops = 2 * cost.elementwise(length * h * d, 2)  # masked, scaled q and k
+    if gram:
+        grams = sum(2 * cost.matmul(u, length, w, batch=h) for u, w in ((d, d), (d, k), (k, k)))
+        return ops + grams + cost.elementwise(h * (d * d + d * k + k * k), 2)
+    pairs = h * length * length
+    return (ops + cost.matmul(length, d, length, batch=h) + cost.matmul(length, k, length, batch=h)
+            + cost.elementwise(pairs, 3))
+
+
+def _accuracy_cost(dims: base.AttentionDims, cfg, length: int, keys: int, k_bound: int,
+                   lookups: int) -> float:
+    """Ops of the sampled ``prediction_accuracy`` statistic.
+
+    ``keys``: the key slots of a row; ``lookups``: the entries per sampled row and head gathered
+    to find its attended keys (:data:`_GATHER_OPS` each, as the picked true scores).
+    """
+    h, d = dims.num_heads, dims.head_dim
+    rows = length if cfg.accuracy_rows in (0,) or cfg.accuracy_rows >= length else cfg.accuracy_rows
+    ops = 0.0 if rows == length else cost.sort(1, length)
+    ops += cost.matmul(rows, d, length, batch=h) + cost.elementwise(h * rows * length, 2)
+    ops += cost.top_k(h * rows, length, min(k_bound, length))
+    ops += cost.elementwise(rows * h * d + h * rows * (lookups + keys), _GATHER_OPS)
+    return ops + cost.elementwise(h * rows * keys, _HITS_OPS + 1)
+
+
+def _block_cost(dims: base.AttentionDims, cfg, length: int) -> tuple[dict, int]:
+    """Components of block granularity and the key slots of a row, for every implementation."""
+    h, d, bq, bk = dims.num_heads, dims.head_dim, cfg.block_q, cfg.block_k
+    k = predictor_width(cfg.sigma, d)
+    nqb, nkb = -(-length // bq), -(-length // bk)
+    pairs = h * length * length
+    kb = static_keep_count(nkb, cfg.sparsity) if cfg.selection == 'topk' else nkb
+    if cfg.impl == 'reference' and cfg.precision != 'random':  # tile means of dense scores
+        tiles = (_dense_scores_cost(dims, cfg, length) + cost.elementwise(length * length, 2)
+                 + cost.elementwise(pairs, 2))
+    elif cfg.precision == 'random':
+        tiles = cost.elementwise(h * nqb * nkb, RANDOM_OPS)
+    else:  # pooled factors: block sums and means, one dot per tile
+        tiles = (2 * cost.elementwise(length * h * k) + cost.elementwise((nqb + nkb) * h * k)
+                 + cost.matmul(nqb, k, nkb, batch=h))
+    if cfg.selection == 'topk':
+        select = cost.top_k(h * nqb, nkb, kb)
+    else:
+        select = cost.elementwise(h * nqb * nkb, _THRESHOLD_OPS) + cost.sort(h * nqb, nkb)
+    parts = {'predictor_scores': tiles, 'selection': select + cost.elementwise(h * nqb * kb, 2)}
+    if cfg.impl == 'reference':  # the dense keep mask, masked attention over every pair
+        parts['masking'] = (cost.elementwise(h * nqb * kb * nkb, 3) + cost.elementwise(pairs, 2)
+                            + cost.elementwise(length * length))
+        parts.update(_attention_cost(h, length, length, d))
+        return parts, length
+    slots = kb * bk
+    if cfg.impl == 'pallas':
+        parts['selection'] += cost.sort(h * nqb, kb)  # kept slots first, for the kernel's lists
+        parts.update(_kernel_cost(h * nqb, kb, bq, bk, d))
+        return parts, slots
+    parts['masking'] = cost.elementwise(h * nqb * bq * slots, 2)  # live: tile slots & query rows
+    parts.update(_attention_cost(h * nqb, bq, slots, d))
+    return parts, slots
+
+
+def _kernel_cost(programs: int, steps: int, block_q: int, block_k: int, head_dim: int) -> dict:
+    """Ops of the block-sparse kernel: ``programs`` query blocks, ``steps`` kept tiles each.
+
+    Per tile: ``q·kᵀ`` and AV at the kernel's padded head width, per entry the scale, the pair
+    mask and the online softmax (:data:`_KERNEL_ENTRY_OPS`), per row the running max and sum
+    and the accumulator's rescaling; per row at the end the normalisation and the log-sum-exp.
+    """
+    from pallas_kernels import _common  # noqa: PLC0415  (jax-only, imported when used)
+
+    d = _common.padded_head_dim(head_dim)
+    tiles, rows = programs * steps, programs * block_q
+    return {'scores': cost.matmul(block_q, d, block_k, batch=tiles),
+            'softmax': (cost.elementwise(tiles * block_q * block_k, _KERNEL_ENTRY_OPS)
+                        + cost.elementwise(tiles * block_q, _KERNEL_ROW_OPS + d)
+                        + cost.elementwise(rows, _KERNEL_ROW_OPS + 2 * d)),
+            'values': cost.matmul(block_q, block_k, d, batch=tiles)}
+
+
+def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
+    """Ops of one DSA layer for one example, for the implementation ``cfg.impl`` chooses.
+
+    Components: 'predictor' (q̃, k̃ through the configured pipeline and precision: input and
+    weight quantization, the fused ``P·W̃``, the products for values and exact codes, the
+    re-quantization; absent for random and oracle), 'predictor_scores' (the selection scores at
+    the granularity the path needs: dense S̃ from codes and scales, pooled group or tile scores,
+    the true scores for oracle, noise for random), 'selection' (two stable argsorts or a
+    threshold pass for the reference, ``lax.top_k`` index lists on the xla and kernel paths),
+    'masking' (keep masks and pair masks), 'scores', 'softmax', 'values' (over every pair for
+    the reference, over the gathered kept keys on the xla block and vector paths, the dense
+    ``QKᵀ`` and AV with a softmax on the kept entries only for xla element, the kept tiles for
+    the kernel), 'statistics' (``kept_fraction``, the ``mse`` statistic from dense scores
+    (reference) or Gram matrices, and the sampled ``prediction_accuracy`` unless
+    ``accuracy_stat='off'``). Projections and tokens are dense's.
+    """
+    length, h, d = seq_len, dims.num_heads, dims.head_dim
+    pairs = h * length * length
+    k_max = static_keep_count(length, cfg.sparsity)
+    parts = {}
     if cfg.precision in PRECISION_BITS:
-        k = predictor_width(cfg.sigma, dims.head_dim)
-        macs['predictor'] = float(n * e * h * k + 2 * h * n * k * k + h * n * n * k)
-        macs['predictor_bits'] = float(PRECISION_BITS[cfg.precision])
-    return macs, seq_len
+        parts['predictor'] = _predictor_cost(dims, cfg, length)
+    if cfg.granularity == 'block':
+        block, keys = _block_cost(dims, cfg, length)
+        parts.update(block)
+        k_bound = keys if cfg.selection == 'topk' else length
+        # the reference reads its dense keep mask; the others a tile's slots and key validity
+        lookups = length if cfg.impl == 'reference' else 2 * keys // cfg.block_k + keys
+    elif cfg.impl == 'reference':
+        size = cfg.vector_size if cfg.granularity == 'vector' else 1
+        groups = h * -(-length // size)
+        if size > 1 and cfg.precision == 'random':
+            parts['predictor_scores'] = cost.elementwise(groups * length, RANDOM_OPS)
+        else:
+            parts['predictor_scores'] = _dense_scores_cost(dims, cfg, length)
+            if size > 1:  # group means of the dense scores
+                parts['predictor_scores'] += cost.elementwise(pairs, 2) + cost.elementwise(
+                    groups * length)
+        parts['selection'] = _row_selection_cost(groups, length, cfg, k_max, False)
+        parts['masking'] = (cost.elementwise(length * length)
+                            + cost.elementwise(pairs, _REFERENCE_MASK_OPS))
+        if cfg.selection == 'threshold':
+            parts['selection'] += cost.elementwise(pairs, _THRESHOLD_REFETCH_OPS)
+        parts.update(_attention_cost(h, length, length, d))
+        keys = lookups = length
+        k_bound = length if cfg.selection == 'threshold' else k_max
+    elif cfg.granularity == 'element':
+        parts['predictor_scores'] = _dense_scores_cost(dims, cfg, length)
+        parts['selection'] = _row_selection_cost(h * length, length, cfg, k_max, True)
+        kept = h * length * k_max
+        parts['masking'] = cost.elementwise(kept)
+        parts['scores'] = (cost.matmul(length, d, length, batch=h) + cost.elementwise(pairs)
+                           + cost.elementwise(kept, _GATHER_OPS))  # the kept scores, gathered
+        parts['softmax'] = cost.elementwise(kept, _MASKED_SOFTMAX_OPS + _SCATTER_OPS)
+        parts['values'] = cost.matmul(length, length, d, batch=h)
+        keys = k_bound = k_max
+        lookups = 2 * k_max
+    else:
+        size = cfg.vector_size
+        groups = -(-length // size)
+        if cfg.precision == 'random':
+            parts['predictor_scores'] = cost.elementwise(h * groups * length, RANDOM_OPS)
+        else:
+            f = d if cfg.precision == 'oracle' else predictor_width(cfg.sigma, d)
+            parts['predictor_scores'] = (cost.elementwise(length * h * f)
+                                         + cost.elementwise(groups * h * f)
+                                         + cost.matmul(groups, f, length, batch=h))
+        parts['selection'] = _row_selection_cost(h * groups, length, cfg, k_max, True)
+        parts['masking'] = cost.elementwise(h * groups * size * k_max)
+        parts.update(_attention_cost(h * groups, size, k_max, d))
+        keys = k_bound = k_max
+        lookups = 2 * k_max
+    statistics = cost.elementwise(h * length * keys, 2) + cost.elementwise(length * h * d)
+    if cfg.precision in PRECISION_BITS:
+        gram = cfg.impl != 'reference'
+        statistics += _mse_cost(dims, cfg, length, gram)
+    if cfg.accuracy_stat != 'off':
+        statistics += _accuracy_cost(dims, cfg, length, keys, k_bound, lookups)
+    parts['statistics'] = statistics
+    return cost.LayerCost(attention=parts, tokens=length, qkv_width=dims.qkv_dim,
+                          query_rows=length, kv_rows=length, out_rows=length, ffn_tokens=length,
+                          tokens_out=length)
 
 
 # -- the layer ----------------------------------------------------------------------------------
@@ -1226,7 +1440,7 @@ METHOD = base.AttentionMethod(
     module=DSAAttention,
     default_config=default_config,
     check=validate,
-    layer_macs=layer_macs,
+    cost=layer_cost,
     description='trainable low-rank, low-precision predictor picks the attention weights to '
                 'compute (DSA)',
     dense_equivalent={'sparsity': 0.0, 'selection': 'topk', 'granularity': 'element'},
