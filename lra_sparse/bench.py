@@ -55,8 +55,13 @@ PRESETS = {
     'dsa-element90': 'dsa:sparsity=0.9,granularity=element',
     'dsa-vector90': 'dsa:sparsity=0.9,granularity=vector',
     'spatten-keep25': 'spatten:token_keep_final=0.25',
+    'spatten-keep25-speed': 'spatten:token_keep_final=0.25,value_pruning=per_head',
     'dfss': 'dfss',
     'cta': 'cta',
+    'cta-w32': ('cta:query_bucket_width=32,key_bucket_width=32,residual_bucket_width=16,'
+                'query_capacity=0.15,key_capacity=0.15,residual_capacity=0.5'),
+    'cta-w64': ('cta:query_bucket_width=64,key_bucket_width=64,residual_bucket_width=32,'
+                'query_capacity=0.05,key_capacity=0.05,residual_capacity=0.2'),
 }
 GROUPS = {'methods': tuple(PRESETS)}
 MODES = ('eval', 'train')

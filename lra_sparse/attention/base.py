@@ -196,12 +196,9 @@ def standard_stats(stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
       stats: {name: float32 scalar} as the method returned them, with 'kept_fraction'.
 
     Returns:
-      the same plus 'sparsity'. A method that reports only 'sparsity' gets
-      'kept_fraction' = 1 - sparsity.
+      the same plus 'sparsity'.
     """
     stats = dict(stats)
-    if 'kept_fraction' not in stats:
-        stats['kept_fraction'] = 1.0 - stats['sparsity']
     stats['sparsity'] = (1.0 - stats['kept_fraction']).astype(jnp.float32)
     return stats
 
@@ -487,43 +484,6 @@ class Attention(nnx.Module):
         raise NotImplementedError(f'{type(self).__name__} must implement attend()')
 
 
-# -- cost model -----------------------------------------------------------------------------------
-# Transition: methods not yet migrated to ``AttentionMethod.cost`` state their multiply-accumulates
-# through ``layer_macs``; ``AttentionMethod.layer_cost`` converts them.
-@dataclasses.dataclass(frozen=True)
-class LayerWork:
-    """What one encoder layer computes for one example (the inputs of :func:`layer_macs`)."""
-
-    tokens: int
-    qkv_width: int
-    query_rows: int
-    kv_rows: int
-    out_rows: int
-    score_pairs: int
-    value_pairs: int
-
-
-def layer_macs(dims: AttentionDims, seq_len: int, mlp_dim: int, **work: int) -> dict[str, float]:
-    """Multiply-accumulates of one encoder layer for one example (``**work``: LayerWork deltas)."""
-    n = seq_len
-    w = dataclasses.replace(
-        LayerWork(tokens=n, qkv_width=dims.qkv_dim, query_rows=n, kv_rows=n, out_rows=n,
-                  score_pairs=n * n, value_pairs=n * n), **work)
-    e, d = dims.emb_dim, w.qkv_width
-    return {
-        'qkv_proj': float((w.query_rows + 2 * w.kv_rows) * e * d),
-        'out_proj': float(w.out_rows * d * e),
-        'scores': float(w.score_pairs * d),
-        'attention_values': float(w.value_pairs * d),
-        'ffn': float(2 * w.tokens * e * mlp_dim),
-    }
-
-
-def dense_layer_macs(dims: AttentionDims, seq_len: int, mlp_dim: int) -> dict[str, float]:
-    """MACs of one dense encoder layer for one example (transition, see :func:`layer_macs`)."""
-    return layer_macs(dims, seq_len, mlp_dim)
-
-
 @dataclasses.dataclass(frozen=True)
 class AttentionMethod:
     """A registry entry.
@@ -535,9 +495,8 @@ class AttentionMethod:
       check: raises ``ConfigError`` for a bad method field of ``config`` (the full config);
         :meth:`validate` runs it and then the implementation checks.
       cost: (dims, cfg, seq_len) -> :class:`cost.LayerCost`, the ops the implementation chosen by
-        ``cfg.impl`` executes for one example entering with ``seq_len`` tokens. Defaults to dense.
-      layer_macs: transition only: (dims, cfg, seq_len, mlp_dim) -> (MACs, tokens leaving) of a
-        method that does not state ``cost`` yet.
+        ``cfg.impl`` executes for one example entering with ``seq_len`` tokens (the deterministic
+        forward with its statistics; see :mod:`lra_sparse.attention.cost`).
       description: one line for --help and docs.
       dense_equivalent: overrides of the method's fields under which it must equal dense attention
         exactly (e.g. sparsity 0); the conformance suite checks it. None if no such setting.
@@ -550,7 +509,6 @@ class AttentionMethod:
     default_config: Callable[[], ml_collections.ConfigDict]
     check: Callable[[ml_collections.ConfigDict], None] = lambda config: None
     cost: Callable[..., cost_lib.LayerCost] | None = None
-    layer_macs: Callable[..., tuple[dict[str, float], int]] | None = None
     description: str = ''
     dense_equivalent: Mapping[str, Any] | None = None
     sweeps: Mapping[str, tuple[Mapping[str, Any], ...]] = dataclasses.field(default_factory=dict)
@@ -569,23 +527,10 @@ class AttentionMethod:
     def layer_cost(self, dims: AttentionDims, cfg: ml_collections.ConfigDict,
                    seq_len: int) -> cost_lib.LayerCost:
         """What one layer executes for one example entering with ``seq_len`` tokens."""
-        if self.cost is not None:
-            return self.cost(dims, cfg, seq_len)
-        dense = cost_lib.dense_layer_cost(dims, seq_len, cfg.get('impl', 'reference'))
-        if self.layer_macs is None:
-            return dense
-        macs, tokens_out = self.layer_macs(dims, cfg, seq_len, 1)
-        attention = {**dense.attention, 'scores': 2 * macs['scores'],
-                     'values': 2 * macs['attention_values']}
-        return dataclasses.replace(dense, attention=attention, ffn_tokens=seq_len,
-                                   tokens_out=tokens_out)
-
-    def macs(self, dims: AttentionDims, cfg: ml_collections.ConfigDict, seq_len: int,
-             mlp_dim: int) -> tuple[dict[str, float], int]:
-        """Transition: MACs of one layer and the tokens leaving it, for ``layer_macs`` methods."""
-        if self.layer_macs is None:
-            return dense_layer_macs(dims, seq_len, mlp_dim), seq_len
-        return self.layer_macs(dims, cfg, seq_len, mlp_dim)
+        if self.cost is None:
+            raise NotImplementedError(f'attention method {self.name!r} states no cost formula '
+                                      '(AttentionMethod.cost); every method must')
+        return self.cost(dims, cfg, seq_len)
 
     def chain_costs(self, dims: Sequence[AttentionDims], cfg: ml_collections.ConfigDict,
                     seq_len: int) -> list[cost_lib.LayerCost]:
