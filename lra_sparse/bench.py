@@ -68,21 +68,6 @@ MODES = ('eval', 'train')
 # Evaluation statistics recorded beside the times (aggregate over layers, when reported).
 STAT_KEYS = ('kept_fraction', 'sparsity', 'attention_cost', 'model_cost')
 
-_CONFIG = cli.define_config(help_text='Task config of every variant')
-_VARIANTS = flags.DEFINE_string(
-    'variants', 'methods', "';'-separated variants: a preset (" + ', '.join([*GROUPS, *PRESETS])
-    + ') or method[:field=value,...] (undotted fields are attention fields)')
-_REFERENCE = flags.DEFINE_string('reference', 'dense', 'The variant every ratio divides by.')
-_LENGTHS = flags.DEFINE_list('lengths', [], 'Sequence lengths (config.max_length); default: '
-                             "the config's.")
-_BATCH = flags.DEFINE_integer('batch_size', 4, 'Examples per call (sets config.batch_size).')
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timed rounds.')
-_CALLS = flags.DEFINE_integer('calls', 1, 'Timed calls per variant, mode and round.')
-_WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed calls of each compiled step.')
-_MODES = flags.DEFINE_list('modes', list(MODES), 'What to time: eval (the jitted evaluation '
-                           'forward) and/or train (the jitted train step).')
-_OUT = flags.DEFINE_string('out', None, 'Write PREFIX.json and PREFIX.md.')
-
 _FIELD_START = re.compile(r',(?=\s*[A-Za-z_][\w.]*\s*=)')
 
 
@@ -415,8 +400,32 @@ def run(argv) -> int:
     return 0
 
 
+def define_flags() -> None:
+    """Defines this command's flags; :func:`main` calls it.
+
+    Importing the module defines no flag, so it sits beside the other commands (which define
+    ``--config`` and ``--out`` too) in one process, e.g. under pytest.
+    """
+    global _CONFIG, _VARIANTS, _REFERENCE, _LENGTHS, _BATCH, _ROUNDS, _CALLS, _WARMUP, _MODES, _OUT
+    _CONFIG = cli.define_config(help_text='Task config of every variant')
+    _VARIANTS = flags.DEFINE_string(
+        'variants', 'methods', "';'-separated variants: a preset (" + ', '.join([*GROUPS, *PRESETS])
+        + ') or method[:field=value,...] (undotted fields are attention fields)')
+    _REFERENCE = flags.DEFINE_string('reference', 'dense', 'The variant every ratio divides by.')
+    _LENGTHS = flags.DEFINE_list('lengths', [], 'Sequence lengths (config.max_length); default: '
+                                 "the config's.")
+    _BATCH = flags.DEFINE_integer('batch_size', 4, 'Examples per call (sets config.batch_size).')
+    _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timed rounds.')
+    _CALLS = flags.DEFINE_integer('calls', 1, 'Timed calls per variant, mode and round.')
+    _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed calls of each compiled step.')
+    _MODES = flags.DEFINE_list('modes', list(MODES), 'What to time: eval (the jitted evaluation '
+                               'forward) and/or train (the jitted train step).')
+    _OUT = flags.DEFINE_string('out', None, 'Write PREFIX.json and PREFIX.md.')
+
+
 def main() -> None:
     """Console entry point."""
+    define_flags()
     cli.main(run)
 
 
