@@ -213,24 +213,11 @@ def kept_fraction(keep: jax.Array, valid: jax.Array) -> jax.Array:
     Returns:
       float32 scalar in [0, 1]; 1 when there are no valid pairs.
     """
-    return (1.0 - pair_sparsity(keep, valid)).astype(jnp.float32)
-
-
-def pair_sparsity(keep: jax.Array, valid: jax.Array) -> jax.Array:
-    """Fraction of valid query-key pairs that are NOT attended.
-
-    Args:
-      keep: bool broadcastable to [batch, heads, q_len, kv_len].
-      valid: bool broadcastable to the same shape (both tokens real).
-
-    Returns:
-      float32 scalar in [0, 1]; 0 when there are no valid pairs.
-    """
     shape = jnp.broadcast_shapes(keep.shape, valid.shape)
     valid = jnp.broadcast_to(valid, shape)
     kept = jnp.sum(jnp.broadcast_to(keep, shape) & valid)
     total = jnp.sum(valid)
-    return jnp.where(total > 0, 1.0 - kept / jnp.maximum(total, 1), 0.0).astype(jnp.float32)
+    return jnp.where(total > 0, kept / jnp.maximum(total, 1), 1.0).astype(jnp.float32)
 
 
 # -- implementations (``config.attention.impl``) -------------------------------------------------
@@ -492,11 +479,11 @@ class AttentionMethod:
       name: registry key (``config.attention.name``).
       module: the Attention subclass.
       default_config: returns the method's own config fields (each commented where defined).
-      check: raises ``ConfigError`` for a bad method field of ``config`` (the full config);
-        :meth:`validate` runs it and then the implementation checks.
       cost: (dims, cfg, seq_len) -> :class:`cost.LayerCost`, the ops the implementation chosen by
         ``cfg.impl`` executes for one example entering with ``seq_len`` tokens (the deterministic
         forward with its statistics; see :mod:`lra_sparse.attention.cost`).
+      check: raises ``ConfigError`` for a bad method field of ``config`` (the full config);
+        :meth:`validate` runs it and then the implementation checks.
       description: one line for --help and docs.
       dense_equivalent: overrides of the method's fields under which it must equal dense attention
         exactly (e.g. sparsity 0); the conformance suite checks it. None if no such setting.
@@ -507,8 +494,8 @@ class AttentionMethod:
     name: str
     module: type[Attention]
     default_config: Callable[[], ml_collections.ConfigDict]
+    cost: Callable[..., cost_lib.LayerCost]
     check: Callable[[ml_collections.ConfigDict], None] = lambda config: None
-    cost: Callable[..., cost_lib.LayerCost] | None = None
     description: str = ''
     dense_equivalent: Mapping[str, Any] | None = None
     sweeps: Mapping[str, tuple[Mapping[str, Any], ...]] = dataclasses.field(default_factory=dict)
@@ -527,9 +514,6 @@ class AttentionMethod:
     def layer_cost(self, dims: AttentionDims, cfg: ml_collections.ConfigDict,
                    seq_len: int) -> cost_lib.LayerCost:
         """What one layer executes for one example entering with ``seq_len`` tokens."""
-        if self.cost is None:
-            raise NotImplementedError(f'attention method {self.name!r} states no cost formula '
-                                      '(AttentionMethod.cost); every method must')
         return self.cost(dims, cfg, seq_len)
 
     def chain_costs(self, dims: Sequence[AttentionDims], cfg: ml_collections.ConfigDict,
