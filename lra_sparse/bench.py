@@ -27,12 +27,17 @@ a shared machine. The statistics of the evaluation step (``sparsity``, and ``kep
 ``attention_cost``, ``model_cost`` where the methods report them) are recorded beside.
 
 Outputs: progress lines on stderr, the markdown table on stdout, and with ``--out=PREFIX``
-``PREFIX.json`` (every round's times) and ``PREFIX.md``.
+``PREFIX.json`` (every round's times) and ``PREFIX.md``. ``--profile=DIR`` then traces one more
+call of every variant and mode with ``jax.profiler`` (``DIR/<L>-<variant>-<mode>/``, for
+TensorBoard or Perfetto) and lists the most expensive compiled operations of each in
+``DIR/profile.md`` and the JSON rows: where a variant's time goes, operation by operation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import gzip
 import json
 import os
 import re
@@ -49,11 +54,14 @@ from absl import flags
 from lra_sparse import attention as attention_lib
 from lra_sparse import cli, config_lib, data, train
 
-# Named variants (``--variants=<name>``); ``methods`` is all of them.
+# Named variants (``--variants=<name>``); ``methods`` is all of them. DSA's presets time the
+# forward without its evaluation-only diagnostic (``prediction_accuracy``, a top-k over sampled
+# rows of true scores); ``dsa-block90-accuracy`` times it with the diagnostic, as evaluation runs.
 PRESETS = {
-    'dsa-block90': 'dsa:sparsity=0.9,granularity=block,block_q=64,block_k=64',
-    'dsa-element90': 'dsa:sparsity=0.9,granularity=element',
-    'dsa-vector90': 'dsa:sparsity=0.9,granularity=vector',
+    'dsa-block90': 'dsa:sparsity=0.9,granularity=block,block_q=64,block_k=64,accuracy_stat=off',
+    'dsa-block90-accuracy': 'dsa:sparsity=0.9,granularity=block,block_q=64,block_k=64',
+    'dsa-element90': 'dsa:sparsity=0.9,granularity=element,accuracy_stat=off',
+    'dsa-vector90': 'dsa:sparsity=0.9,granularity=vector,accuracy_stat=off',
     'spatten-keep25': 'spatten:token_keep_final=0.25',
     'spatten-keep25-speed': 'spatten:token_keep_final=0.25,value_pruning=per_head',
     'dfss': 'dfss',
@@ -181,11 +189,13 @@ class Prepared:
       calls: mode -> a function running one call and returning what to wait for.
       row: the JSON row being filled (description, compile times, memory, statistics).
       times: mode -> seconds per call, one per round.
+      compiled: mode -> the compiled step (its HLO names the profiled operations).
     """
 
     calls: dict[str, Callable[[], object]]
     row: dict
     times: dict[str, list[float]]
+    compiled: dict = dataclasses.field(default_factory=dict)
 
 
 def memory(compiled) -> dict[str, int] | None:
@@ -237,7 +247,10 @@ def prepare(config: ml_collections.ConfigDict, variant: Variant, modes: Sequence
     for call in calls.values():
         for _ in range(warmup):
             jax.block_until_ready(call())
-    return Prepared(calls, row, {mode: [] for mode in calls})
+    compiled = {'eval': compiled_eval if 'eval' in modes else None,
+                'train': compiled_train if 'train' in modes else None}
+    return Prepared(calls, row, {mode: [] for mode in calls},
+                    {m: c for m, c in compiled.items() if c is not None})
 
 
 def time_call(call: Callable[[], object], count: int) -> float:
@@ -279,9 +292,113 @@ def summarize(prepared: Sequence[Prepared]) -> list[dict]:
     return rows
 
 
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<shape>\([^)]*\)|\S+) '
+                          r'(?P<opcode>[\w\-]+)\((?P<rest>.*)$', re.M)
+# Operations worth naming inside a fusion, most telling first.
+_TELLING = ('dot', 'convolution', 'custom-call', 'sort', 'scatter', 'gather', 'reduce-window',
+            'reduce', 'exponential', 'tanh', 'select', 'compare', 'transpose', 'broadcast')
+
+
+def hlo_operations(hlo_text: str) -> dict[str, dict]:
+    """What each instruction of a compiled module computes, for naming profiled operations.
+
+    Args:
+      hlo_text: ``compiled.as_text()``.
+
+    Returns:
+      {instruction name: {'shape', 'kind' (the opcode, or for a fusion the telling operations
+      it fuses, e.g. 'fusion: dot' or 'fusion: reduce, exponential'), 'jax' (the jax operation
+      it came from, when XLA recorded one)}}.
+    """
+    bodies = dict(re.findall(r'^%?([\w.\-]+) [^\n]*\{\n(.*?)^\}', hlo_text, re.M | re.S))
+    operations = {}
+    for m in _INSTRUCTION.finditer(hlo_text):
+        kind = m['opcode']
+        called = re.search(r'calls=%([\w.\-]+)', m['rest'])
+        if kind == 'fusion' and called and called[1] in bodies:
+            inside = set(re.findall(r'= (?:\([^)]*\)|\S+) ([\w\-]+)\(', bodies[called[1]]))
+            names = [op for op in _TELLING if op in inside][:2]
+            kind = 'fusion: ' + (', '.join(names) if names else 'elementwise')
+        elif kind == 'custom-call':
+            target = re.search(r'custom_call_target="([^"]+)"', m['rest'])
+            kind = f'custom-call {target[1]}' if target else kind
+        op_name = re.search(r'op_name="([^"]*)"', m['rest'])
+        jax_op = op_name[1].split('/', 1)[-1] if op_name else ''
+        operations[m['name']] = {'shape': m['shape'], 'kind': kind, 'jax': jax_op}
+    return operations
+
+
+def trace_events(trace_dir: str) -> list[dict]:
+    """The complete events ('ph' == 'X') of the trace ``jax.profiler.trace`` wrote there."""
+    paths = sorted(glob.glob(os.path.join(trace_dir, 'plugins', 'profile', '*', '*.json.gz')))
+    if not paths:
+        raise BenchError(f'no trace under {trace_dir!r}: jax.profiler wrote no Chrome trace '
+                         '(*.json.gz) there')
+    with gzip.open(paths[-1], 'rt') as f:
+        return [e for e in json.load(f).get('traceEvents', []) if e.get('ph') == 'X']
+
+
+def operation_times(events: Sequence[dict], operations: dict[str, dict],
+                    top: int) -> list[dict]:
+    """Time per compiled operation, the largest first.
+
+    Args:
+      events: trace events (an operation's events carry its name, or it in ``args['hlo_op']``).
+      operations: :func:`hlo_operations` of the step.
+      top: how many to return.
+
+    Returns:
+      [{'op', 'ms' (summed over the call's events), 'share' (of all the step's operation time;
+      operations on different threads overlap, so shares can add to more than the wall time),
+      'shape', 'kind', 'jax'}].
+    """
+    totals: dict[str, float] = {}
+    for event in events:
+        name = event.get('args', {}).get('hlo_op', event.get('name'))
+        if name in operations:
+            totals[name] = totals.get(name, 0.0) + float(event.get('dur', 0.0)) / 1e3
+    whole = sum(totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda item: -item[1])[:top]
+    return [{'op': name, 'ms': ms, 'share': ms / whole, **operations[name]} for name, ms in ranked]
+
+
+def profile(prepared: Sequence[Prepared], directory: str, top: int = 20,
+            progress: Callable[[str], None] = lambda line: None) -> None:
+    """Traces one call of every variant and mode and records its most expensive operations.
+
+    Writes ``directory/<L>-<variant>-<mode>/`` (a ``jax.profiler`` trace: TensorBoard's profile
+    plugin or https://ui.perfetto.dev open it) and adds ``row['profile'][mode]`` (see
+    :func:`operation_times`).
+    """
+    for item in prepared:
+        label = re.sub(r'[^\w.=-]+', '_', item.row['variant'])
+        for mode, call in item.calls.items():
+            trace_dir = os.path.join(directory, f'{item.row["length"]}-{label}-{mode}')
+            with jax.profiler.trace(trace_dir):
+                jax.block_until_ready(call())
+            operations = hlo_operations(item.compiled[mode].as_text())
+            item.row.setdefault('profile', {})[mode] = operation_times(
+                trace_events(trace_dir), operations, top)
+            progress(f'  profiled {item.row["variant"]} {mode}: {trace_dir}')
+
+
+def profile_markdown(result: dict) -> str:
+    """The profiled operations of every row as markdown, one table per variant and mode."""
+    lines = []
+    for row in result['rows']:
+        for mode, ops in row.get('profile', {}).items():
+            lines += [f'### L={row["length"]} {row["variant"]} ({mode})', '',
+                      '| ms | share | operation | what | shape | jax |', '|---' * 6 + '|']
+            lines += [f'| {op["ms"]:.2f} | {op["share"]:.1%} | {op["op"]} | {op["kind"]} | '
+                      f'`{op["shape"]}` | {op["jax"]} |' for op in ops]
+            lines.append('')
+    return '\n'.join(lines)
+
+
 def benchmark(spec: str, common: Sequence[tuple[str, str]], variants: Sequence[Variant],
               lengths: Sequence[int | None], *, batch_size: int = 4, rounds: int = 5,
               calls: int = 1, warmup: int = 1, modes: Sequence[str] = MODES,
+              profile_dir: str | None = None, profile_top: int = 20,
               progress: Callable[[str], None] = lambda line: None) -> dict:
     """Measures every variant at every length against the first one (the reference).
 
@@ -293,6 +410,8 @@ def benchmark(spec: str, common: Sequence[tuple[str, str]], variants: Sequence[V
       variants: the reference first, then the methods.
       lengths: values of ``config.max_length`` (None: the config's own).
       batch_size, rounds, calls, warmup, modes: see the flags.
+      profile_dir: after the rounds, trace one more call of every variant and mode there and
+        record its ``profile_top`` most expensive operations (:func:`profile`).
       progress: called with one line per step of the work.
 
     Returns:
@@ -312,12 +431,14 @@ def benchmark(spec: str, common: Sequence[tuple[str, str]], variants: Sequence[V
             progress(f'L={config.max_length} {v.label}: compiled in '
                      + ', '.join(f'{m} {s:.1f} s' for m, s in compile_s.items()))
         run_rounds(prepared, rounds, calls, progress)
+        if profile_dir:
+            profile(prepared, profile_dir, profile_top, progress)
         rows.extend(summarize(prepared))
         del prepared
     settings = {'config': spec, 'overrides': [list(o) for o in common],
                 'variants': [dataclasses.asdict(v) for v in variants], 'batch_size': batch_size,
                 'rounds': rounds, 'calls_per_round': calls, 'warmup': warmup,
-                'modes': list(modes)}
+                'modes': list(modes), 'profile_dir': profile_dir}
     return {'environment': train.environment(), 'settings': settings, 'rows': rows}
 
 
@@ -385,9 +506,14 @@ def run(argv) -> int:
     variants = [parse_variant(_REFERENCE.value), *parse_variants(_VARIANTS.value)]
     if _OUT.value:
         cli.check_output_dir(os.path.dirname(_OUT.value) or '.', '--out')
+    if _PROFILE.value:
+        cli.check_output_dir(_PROFILE.value, '--profile')
+        if _PROFILE_TOP.value < 1:
+            raise BenchError(f'--profile_top={_PROFILE_TOP.value} is not allowed: an integer >= 1')
     result = benchmark(_CONFIG.spec, _CONFIG.overrides, variants, lengths,
                        batch_size=_BATCH.value, rounds=_ROUNDS.value, calls=_CALLS.value,
                        warmup=_WARMUP.value, modes=tuple(_MODES.value),
+                       profile_dir=_PROFILE.value, profile_top=_PROFILE_TOP.value,
                        progress=lambda line: print(line, file=sys.stderr, flush=True))
     result['settings']['command'] = ' '.join(sys.argv)
     table = markdown(result)
@@ -396,6 +522,10 @@ def run(argv) -> int:
             json.dump(result, f, indent=2)
         with open(_OUT.value + '.md', 'w') as f:
             f.write(table)
+    if _PROFILE.value:
+        os.makedirs(_PROFILE.value, exist_ok=True)
+        with open(os.path.join(_PROFILE.value, 'profile.md'), 'w') as f:
+            f.write(profile_markdown(result))
     print(table, end='')
     return 0
 
@@ -407,6 +537,7 @@ def define_flags() -> None:
     ``--config`` and ``--out`` too) in one process, e.g. under pytest.
     """
     global _CONFIG, _VARIANTS, _REFERENCE, _LENGTHS, _BATCH, _ROUNDS, _CALLS, _WARMUP, _MODES, _OUT
+    global _PROFILE, _PROFILE_TOP
     _CONFIG = cli.define_config(help_text='Task config of every variant')
     _VARIANTS = flags.DEFINE_string(
         'variants', 'methods', "';'-separated variants: a preset (" + ', '.join([*GROUPS, *PRESETS])
@@ -421,6 +552,10 @@ def define_flags() -> None:
     _MODES = flags.DEFINE_list('modes', list(MODES), 'What to time: eval (the jitted evaluation '
                                'forward) and/or train (the jitted train step).')
     _OUT = flags.DEFINE_string('out', None, 'Write PREFIX.json and PREFIX.md.')
+    _PROFILE = flags.DEFINE_string(
+        'profile', None, 'After the rounds, trace one call of every variant and mode into DIR '
+        '(jax.profiler traces) and write DIR/profile.md: the most expensive compiled operations.')
+    _PROFILE_TOP = flags.DEFINE_integer('profile_top', 20, 'Operations listed per profiled call.')
 
 
 def main() -> None:

@@ -101,3 +101,47 @@ def test_cli_refuses_bad_flags_in_one_line():
     assert run.stderr.strip().splitlines() == [
         "error: --lengths='10,x' is not allowed: comma-separated positive integers, e.g. "
         '--lengths=1000,2000']
+
+
+def test_profile_names_the_operations_a_call_spends_its_time_on(tmp_path):
+    variants = bench.parse_variants('dense;dsa:sparsity=0.5')
+    result = bench.benchmark(SPEC, COMMON, variants, [32], batch_size=2, rounds=1, warmup=0,
+                             modes=('eval',), profile_dir=str(tmp_path), profile_top=50)
+    json.dumps(result)
+    for row in result['rows']:
+        ops = row['profile']['eval']
+        assert 1 <= len(ops) <= 50
+        assert [op['ms'] for op in ops] == sorted((op['ms'] for op in ops), reverse=True)
+        assert all(op['ms'] > 0 and 0 < op['share'] <= 1 and op['shape'] for op in ops)
+        assert any('dot' in op['kind'] for op in ops)  # the projections
+        trace = tmp_path / f'{row["length"]}-{row["variant"].replace(":", "_")}-eval'
+        assert list(trace.glob('plugins/profile/*/*.json.gz'))
+    text = bench.profile_markdown(result)
+    assert '### L=' in text and '| ms | share | operation | what | shape | jax |' in text
+
+
+def test_hlo_operations_describe_fusions_and_custom_calls():
+    hlo = '\n'.join([
+        '%fused_computation.1 (param_0: f32[4,8]) -> f32[4] {',
+        '  %param_0 = f32[4,8]{1,0} parameter(0)',
+        '  %exponential.1 = f32[4,8]{1,0} exponential(f32[4,8]{1,0} %param_0)',
+        '  ROOT %reduce.2 = f32[4]{0} reduce(%exponential.1, %c), dimensions={1}',
+        '}', '',
+        'ENTRY %main (p: f32[4,8]) -> f32[4] {',
+        '  %p = f32[4,8]{1,0} parameter(0)',
+        '  %custom-call.3 = (f32[4,2]{1,0}, s32[4,2]{1,0}) custom-call(%p), '
+        'custom_call_target="TopK", metadata={op_name="jit(step)/top_k"}',
+        '  ROOT %fusion.7 = f32[4]{0} fusion(%p), kind=kLoop, calls=%fused_computation.1, '
+        'metadata={op_name="jit(step)/reduce_sum"}',
+        '}'])
+    ops = bench.hlo_operations(hlo)
+    assert ops['fusion.7'] == {'shape': 'f32[4]{0}', 'kind': 'fusion: reduce, exponential',
+                               'jax': 'reduce_sum'}
+    assert ops['custom-call.3']['kind'] == 'custom-call TopK'
+    assert ops['custom-call.3']['shape'] == '(f32[4,2]{1,0}, s32[4,2]{1,0})'
+    events = [{'name': 'fusion.7', 'dur': 3000}, {'name': 'fusion.7', 'dur': 1000},
+              {'name': 'other', 'args': {'hlo_op': 'custom-call.3'}, 'dur': 1000},
+              {'name': 'ThunkExecutor::Execute', 'dur': 9000}]
+    times = bench.operation_times(events, ops, top=5)
+    assert [(t['op'], t['ms'], t['share']) for t in times] == [('fusion.7', 4.0, 0.8),
+                                                               ('custom-call.3', 1.0, 0.2)]

@@ -31,9 +31,9 @@ Implementations (the table of :class:`DSAAttention`; other pairs are refused by 
   setting. The oracle of the tests.
 * ``xla``: ``topk`` selection, every granularity. ``block``: the kept key blocks of each query
   block (the kernel's index lists, from pooled tile scores) gathered, batched matmuls, no L×L
-  array. ``vector``: ``lax.top_k`` over pooled group scores, gathered K/V. ``element``: the dense
-  S̃ and its ``lax.top_k``, softmax on the kept scores, scattered for one AV matmul. The MSE from
-  Gram matrices.
+  array. ``element``: the dense S̃ and its per-row ``lax.top_k``; ``vector``: ``lax.top_k`` over
+  pooled group scores (no L×L S̃), each group's lists shared by its rows. Both read the kept scores
+  from one ``QKᵀ``, softmax them and scatter them for one AV matmul. The MSE from Gram matrices.
 * ``pallas``: ``block`` granularity (its default, with 64 × 64 tiles), tiles powers of two >= 16
   (>= 64 compiled for a GPU), no attention dropout: the kept tiles' index lists (pooled tile
   scores) go to the block-sparse kernel (``pallas_kernels.block_sparse``); interpret mode on CPU.
@@ -719,38 +719,6 @@ def mse_loss(sq: jax.Array, total: jax.Array, mask: jax.Array, normalization: st
     return sq / jnp.maximum(examples, 1.0)
 
 
-def gather_kept_keys(k: jax.Array, v: jax.Array, sel: jax.Array, mask: jax.Array,
-                     sparsity: float) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Top-k selection per row group as index lists, and the kept K and V.
-
-    Args:
-      k, v: [batch, L, heads, head_dim].
-      sel: float32 [batch, heads, G, L] selection scores of each row group (a group is one row
-        for element granularity).
-      mask: bool [batch, L].
-      sparsity: fraction of each row's valid keys not kept.
-
-    Returns:
-      (k_sel, v_sel [batch, heads, G, k_max, head_dim], idx int32 [batch, heads, G, k_max] kept
-      keys best first, ok bool [batch, heads, G, k_max] the slot holds a kept key), k_max = the
-      kept count of a fully valid row.
-    """
-    length = k.shape[1]
-    k_max = static_keep_count(length, sparsity)
-    count = jnp.minimum(keep_count(jnp.sum(mask, axis=1), sparsity), k_max)
-    idx, ok = topk_indices(sel, mask, count, k_max)
-    gather = jax.vmap(jax.vmap(lambda t, i: t[i]))  # [L, D], [G, K] -> [G, K, D]
-    k_sel, v_sel = (gather(jnp.swapaxes(t, 1, 2), idx) for t in (k, v))
-    return k_sel, v_sel, idx, ok
-
-
-def row_groups(t: jax.Array, size: int) -> jax.Array:
-    """[batch, L, ...] -> [batch, G, size, ...], zero padded to G = ceil(L / size) groups."""
-    g = -(-t.shape[1] // size)
-    t = jnp.pad(t, [(0, 0), (0, g * size - t.shape[1])] + [(0, 0)] * (t.ndim - 2))
-    return t.reshape(t.shape[0], g, size, *t.shape[2:])
-
-
 # -- cost model -----------------------------------------------------------------------------------
 # Ops per element the passes below execute (XLA's count of jax 0.10, checked in
 # tests/test_cost.py and tests/test_attention_dsa.py).
@@ -919,9 +887,9 @@ def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
     the true scores for oracle, noise for random), 'selection' (two stable argsorts or a
     threshold pass for the reference, ``lax.top_k`` index lists on the xla and kernel paths),
     'masking' (keep masks and pair masks), 'scores', 'softmax', 'values' (over every pair for
-    the reference, over the gathered kept keys on the xla block and vector paths, the dense
-    ``QKᵀ`` and AV with a softmax on the kept entries only for xla element, the kept tiles for
-    the kernel), 'statistics' (``kept_fraction``, the ``mse`` statistic from dense scores
+    the reference, over the gathered kept key blocks on the xla block path, the dense ``QKᵀ``
+    and AV with a softmax on the kept entries only for xla element and vector, the kept tiles
+    for the kernel), 'statistics' (``kept_fraction``, the ``mse`` statistic from dense scores
     (reference) or Gram matrices, and the sampled ``prediction_accuracy`` unless
     ``accuracy_stat='off'``). Projections and tokens are dense's.
     """
@@ -955,30 +923,25 @@ def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
         parts.update(_attention_cost(h, length, length, d))
         keys = lookups = length
         k_bound = length if cfg.selection == 'threshold' else k_max
-    elif cfg.granularity == 'element':
-        parts['predictor_scores'] = _dense_scores_cost(dims, cfg, length)
-        parts['selection'] = _row_selection_cost(h * length, length, cfg, k_max, True)
+    else:  # xla element or vector: per-row index lists, the kept scores of one dense QKᵀ
+        size = cfg.vector_size if cfg.granularity == 'vector' else 1
+        groups = -(-length // size)
+        if size == 1:
+            parts['predictor_scores'] = _dense_scores_cost(dims, cfg, length)
+        elif cfg.precision == 'random':
+            parts['predictor_scores'] = cost.elementwise(h * groups * length, RANDOM_OPS)
+        else:  # pooled q̃ (block sums and means), one product per group and key
+            f = d if cfg.precision == 'oracle' else predictor_width(cfg.sigma, d)
+            parts['predictor_scores'] = (cost.elementwise(length * h * f)
+                                         + cost.elementwise(groups * h * f)
+                                         + cost.matmul(groups, f, length, batch=h))
+        parts['selection'] = _row_selection_cost(h * groups, length, cfg, k_max, True)
         kept = h * length * k_max
         parts['masking'] = cost.elementwise(kept)
         parts['scores'] = (cost.matmul(length, d, length, batch=h) + cost.elementwise(pairs)
                            + cost.elementwise(kept, _GATHER_OPS))  # the kept scores, gathered
         parts['softmax'] = cost.elementwise(kept, _MASKED_SOFTMAX_OPS + _SCATTER_OPS)
         parts['values'] = cost.matmul(length, length, d, batch=h)
-        keys = k_bound = k_max
-        lookups = 2 * k_max
-    else:
-        size = cfg.vector_size
-        groups = -(-length // size)
-        if cfg.precision == 'random':
-            parts['predictor_scores'] = cost.elementwise(h * groups * length, RANDOM_OPS)
-        else:
-            f = d if cfg.precision == 'oracle' else predictor_width(cfg.sigma, d)
-            parts['predictor_scores'] = (cost.elementwise(length * h * f)
-                                         + cost.elementwise(groups * h * f)
-                                         + cost.matmul(groups, f, length, batch=h))
-        parts['selection'] = _row_selection_cost(h * groups, length, cfg, k_max, True)
-        parts['masking'] = cost.elementwise(h * groups * size * k_max)
-        parts.update(_attention_cost(h * groups, size, k_max, d))
         keys = k_bound = k_max
         lookups = 2 * k_max
     statistics = cost.elementwise(h * length * keys, 2) + cost.elementwise(length * h * d)
@@ -1310,52 +1273,32 @@ class DSAAttention(base.Attention):
         return _Attended(o, kept, self._tile_rows(idx, ok, mask), self._row_bound(length),
                          gram_mse=True)
 
-    def _attend_gathered(self, q, k, v, scores, mask, deterministic, rng) -> _Attended:
-        """The xla path for element/vector granularity: attention over gathered kept keys only.
-
-        ``lax.top_k`` gives per row group the kept key indices (:func:`gather_kept_keys`); the
-        group scores come from pooled q̃ (vector) or the dense S̃ (element: each row needs its own
-        L scores). Scores, softmax and AV run on the gathered K and V; no L×L attention score
-        matrix. Block granularity goes to :meth:`_attend_blocks`.
-        """
-        cfg = self.cfg
-        if cfg.granularity == 'block':
+    def _attend_xla(self, q, k, v, scores, mask, deterministic, rng) -> _Attended:
+        """The xla path: kept key blocks for block granularity, per-row index lists otherwise."""
+        if self.cfg.granularity == 'block':
             return self._attend_blocks(q, k, v, scores, mask, deterministic, rng)
-        if cfg.granularity == 'element':
-            return self._attend_elements(q, k, v, scores, mask, deterministic, rng)
-        b, length, h, d = q.shape
-        size = cfg.vector_size
-        sel = scores.groups(mask, size)
-        k_sel, v_sel, idx, ok = gather_kept_keys(k, v, sel, mask, cfg.sparsity)
-        q_g = jnp.moveaxis(row_groups(q, size), 3, 1)  # [B, H, G, size, D]
-        live = ok[:, :, :, None, :] & row_groups(mask, size)[:, None, :, :, None]  # [B,H,G,s,K]
-        s = jnp.einsum('bhgrd,bhgkd->bhgrk', q_g, k_sel,
-                       preferred_element_type=jnp.float32) / math.sqrt(d)
-        probs = self.drop_probs(base.masked_softmax(s, live), deterministic, rng)
-        o = jnp.einsum('bhgrk,bhgkd->bhgrd', probs.astype(v.dtype), v_sel)
-        o = jnp.swapaxes(o.reshape(b, h, -1, d)[:, :, :length], 1, 2)
+        return self._attend_rows(q, k, v, scores, mask, deterministic, rng)
 
-        def rows_kept(rows):
-            def at(t, i):  # rows i [B, R] of t [B, H, n, K] -> [B, H, R, K]
-                return jnp.take_along_axis(t, i[:, None, :, None], axis=2)
-            return at(idx, rows // size), at(live.reshape(b, h, -1, live.shape[-1]), rows)
-        return _Attended(o, jnp.sum(live).astype(jnp.float32), rows_kept, idx.shape[-1],
-                         gram_mse=True)
+    def _attend_rows(self, q, k, v, scores, mask, deterministic, rng) -> _Attended:
+        """The xla path for element and vector granularity: ``lax.top_k`` index lists per row.
 
-    def _attend_elements(self, q, k, v, scores, mask, deterministic, rng) -> _Attended:
-        """The xla path for element granularity: per-row ``lax.top_k`` index lists.
-
-        Every row needs its own L predicted scores and a top-k over them, so the dense S̃ and its
-        ``lax.top_k`` set the cost floor. The kept scores are read from ``QKᵀ`` (one matmul) at
+        Element: every row's top-k of its own L predicted scores (the dense S̃, whose per-row
+        ``lax.top_k`` sets the cost floor). Vector: every group's top-k of its pooled scores (no
+        L×L S̃), shared by the group's rows. The kept scores are read from ``QKᵀ`` (one matmul) at
         the index lists, the softmax runs on the kept [batch, heads, L, k_max] entries only and
-        the probabilities are scattered into a zero matrix for one AV matmul: faster on CPU than
-        gathering K and V per row ([batch, heads, L, k_max, head_dim]).
+        the probabilities are scattered into a zero matrix for one AV matmul. On a CPU the two
+        dense matmuls are faster than gathering K and V per row or group ([..., k_max,
+        head_dim]): those small batched products run far below the rate of one large matmul.
         """
         cfg = self.cfg
         b, length, h, d = q.shape
+        size = cfg.vector_size if cfg.granularity == 'vector' else 1
+        sel = scores.groups(mask, size) if size > 1 else scores.dense()  # [B, H, G, L]
         k_max = static_keep_count(length, cfg.sparsity)
         count = jnp.minimum(keep_count(jnp.sum(mask, axis=1), cfg.sparsity), k_max)
-        idx, ok = topk_indices(scores.dense(), mask, count, k_max)  # [B, H, L, k_max]
+        idx, ok = topk_indices(sel, mask, count, k_max)  # [B, H, G, k_max]
+        if size > 1:  # each group's lists for its rows
+            idx, ok = (jnp.repeat(t, size, axis=2)[:, :, :length] for t in (idx, ok))
         live = ok & mask[:, None, :, None]
         s = base.attention_scores(q, k) / math.sqrt(d)
         probs = base.masked_softmax(jnp.take_along_axis(s, idx, axis=-1), live)
@@ -1372,7 +1315,7 @@ class DSAAttention(base.Attention):
 
     implementations = base.implementations(
         base.Implementation('reference', _attend_reference),
-        base.Implementation('xla', _attend_gathered, settings={'selection': base.one_of('topk')}),
+        base.Implementation('xla', _attend_xla, settings={'selection': base.one_of('topk')}),
         base.Implementation('pallas', _attend_block_kernel, settings={
             'granularity': base.one_of('block'),
             'block_q': base.Restriction(_kernel_tile, _KERNEL_TILES),
