@@ -45,6 +45,7 @@ import gzip
 import json
 import os
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -533,7 +534,7 @@ def run(argv) -> int:
                        warmup=_WARMUP.value, modes=tuple(_MODES.value),
                        profile_dir=_PROFILE.value, profile_top=_PROFILE_TOP.value,
                        progress=lambda line: print(line, file=sys.stderr, flush=True))
-    result['settings']['command'] = ' '.join(sys.argv)
+    result['settings']['command'] = shlex.join(['python', '-m', 'lra_sparse.bench', *sys.argv[1:]])
     table = markdown(result)
     if _OUT.value:
         with open(_OUT.value + '.json', 'w') as f:
