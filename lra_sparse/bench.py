@@ -229,13 +229,14 @@ def prepare(config: ml_collections.ConfigDict, variant: Variant, modes: Sequence
            'overrides': dict(variant.overrides), 'dtype': config.model.dtype,
            'length': info.seq_len, 'batch_size': config.batch_size, 'num_params': run.num_params,
            'compile_seconds': {}, 'memory': {}}
-    calls = {}
+    calls, compiled = {}, {}
     if 'eval' in modes:
         t0 = time.perf_counter()
         compiled_eval = run.eval_step.lower(holder['state'].params, holder['state'].rest,
                                             batch).compile()
         row['compile_seconds']['eval'] = time.perf_counter() - t0
         row['memory']['eval'] = memory(compiled_eval)
+        compiled['eval'] = compiled_eval
         calls['eval'] = lambda: compiled_eval(holder['state'].params, holder['state'].rest, batch)
         metrics = jax.device_get(calls['eval']())
         row['stats'] = {k: float(metrics[k]) for k in STAT_KEYS if k in metrics}
@@ -244,6 +245,7 @@ def prepare(config: ml_collections.ConfigDict, variant: Variant, modes: Sequence
         compiled_train = run.train_step.lower(holder['state'], batch).compile()
         row['compile_seconds']['train'] = time.perf_counter() - t0
         row['memory']['train'] = memory(compiled_train)
+        compiled['train'] = compiled_train
 
         def train_call():
             holder['state'], metrics = compiled_train(holder['state'], batch)  # donates state
@@ -252,10 +254,7 @@ def prepare(config: ml_collections.ConfigDict, variant: Variant, modes: Sequence
     for call in calls.values():
         for _ in range(warmup):
             jax.block_until_ready(call())
-    compiled = {'eval': compiled_eval if 'eval' in modes else None,
-                'train': compiled_train if 'train' in modes else None}
-    return Prepared(calls, row, {mode: [] for mode in calls},
-                    {m: c for m, c in compiled.items() if c is not None})
+    return Prepared(calls, row, {mode: [] for mode in calls}, compiled)
 
 
 def time_call(call: Callable[[], object], count: int) -> float:

@@ -896,6 +896,8 @@ def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
     length, h, d = seq_len, dims.num_heads, dims.head_dim
     pairs = h * length * length
     k_max = static_keep_count(length, cfg.sparsity)
+    size = cfg.vector_size if cfg.granularity == 'vector' else 1  # rows sharing one selection
+    groups = -(-length // size)
     parts = {}
     if cfg.precision in PRECISION_BITS:
         parts['predictor'] = _predictor_cost(dims, cfg, length)
@@ -906,16 +908,14 @@ def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
         # the reference reads its dense keep mask; the others a tile's slots and key validity
         lookups = length if cfg.impl == 'reference' else 2 * keys // cfg.block_k + keys
     elif cfg.impl == 'reference':
-        size = cfg.vector_size if cfg.granularity == 'vector' else 1
-        groups = h * -(-length // size)
         if size > 1 and cfg.precision == 'random':
-            parts['predictor_scores'] = cost.elementwise(groups * length, RANDOM_OPS)
+            parts['predictor_scores'] = cost.elementwise(h * groups * length, RANDOM_OPS)
         else:
             parts['predictor_scores'] = _dense_scores_cost(dims, cfg, length)
             if size > 1:  # group means of the dense scores
                 parts['predictor_scores'] += cost.elementwise(pairs, 2) + cost.elementwise(
-                    groups * length)
-        parts['selection'] = _row_selection_cost(groups, length, cfg, k_max, False)
+                    h * groups * length)
+        parts['selection'] = _row_selection_cost(h * groups, length, cfg, k_max, False)
         parts['masking'] = (cost.elementwise(length * length)
                             + cost.elementwise(pairs, _REFERENCE_MASK_OPS))
         if cfg.selection == 'threshold':
@@ -924,8 +924,6 @@ def layer_cost(dims: base.AttentionDims, cfg, seq_len: int) -> cost.LayerCost:
         keys = lookups = length
         k_bound = length if cfg.selection == 'threshold' else k_max
     else:  # xla element or vector: per-row index lists, the kept scores of one dense QKᵀ
-        size = cfg.vector_size if cfg.granularity == 'vector' else 1
-        groups = -(-length // size)
         if size == 1:
             parts['predictor_scores'] = _dense_scores_cost(dims, cfg, length)
         elif cfg.precision == 'random':
